@@ -1,0 +1,5 @@
+//! x86_64 machine model for Ferrovisor: where things live in guest memory, how CPUs are described
+//! (CPUID, MSRs, registers at entry), how kernels are entered (PVH and the Linux boot protocol) and
+//! the ACPI tables that describe the machine.
+
+pub mod layout;
