@@ -1,1 +1,10 @@
-//! Shared API types.
+//! The types every face of Ferrovisor shares: the VMM's flags, the daemon's REST API and the CLI
+//! all describe a VM with the same [`VmConfig`].
+
+#![deny(unsafe_code)]
+
+mod config;
+mod size;
+
+pub use config::{ConfigError, SerialMode, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
+pub use size::{parse_mib, SizeError};

@@ -2,4 +2,8 @@
 //! (CPUID, MSRs, registers at entry), how kernels are entered (PVH and the Linux boot protocol) and
 //! the ACPI tables that describe the machine.
 
+pub mod acpi;
+pub mod boot;
 pub mod layout;
+pub mod memory_map;
+pub mod regs;

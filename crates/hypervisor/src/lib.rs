@@ -1,1 +1,67 @@
-//! KVM layer.
+//! The thin KVM layer of Ferrovisor. The VMM and its devices talk to KVM only through these types:
+//! [`Hypervisor`] (the `/dev/kvm` handle and what the host can do), [`Vm`] (memory slots,
+//! interrupt controller, irqfds) and [`Vcpu`] (registers and the run loop, whose exits come back
+//! as a small [`VmExit`]).
+
+mod error;
+mod host;
+mod vcpu;
+mod vm;
+
+pub use error::HypervisorError;
+pub use host::{HostInfo, HostKind};
+pub use kvm_bindings;
+pub use vcpu::{Vcpu, VmExit};
+pub use vm::Vm;
+
+use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::Kvm;
+
+/// An open `/dev/kvm`.
+pub struct Hypervisor {
+    kvm: Kvm,
+    kind: HostKind,
+}
+
+impl Hypervisor {
+    /// Opens `/dev/kvm`, with a clear error when it is missing or not accessible.
+    pub fn new() -> Result<Self, HypervisorError> {
+        let kvm = Kvm::new().map_err(HypervisorError::open)?;
+        let api = kvm.get_api_version();
+        if api != 12 {
+            return Err(HypervisorError::ApiVersion(api));
+        }
+        Ok(Self {
+            kvm,
+            kind: HostKind::detect(),
+        })
+    }
+
+    /// Which kind of KVM this host has.
+    pub fn kind(&self) -> HostKind {
+        self.kind
+    }
+
+    /// The CPUID entries KVM can present to a guest on this host.
+    pub fn supported_cpuid(&self) -> Result<CpuId, HypervisorError> {
+        self.kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(HypervisorError::Cpuid)
+    }
+
+    /// Largest vCPU count KVM allows in one VM.
+    pub fn max_vcpus(&self) -> usize {
+        self.kvm.get_max_vcpus()
+    }
+
+    /// Creates an empty VM.
+    pub fn create_vm(&self) -> Result<Vm, HypervisorError> {
+        let fd = self.kvm.create_vm().map_err(HypervisorError::CreateVm)?;
+        Ok(Vm::new(fd, self.kvm.get_vcpu_mmap_size().unwrap_or(0)))
+    }
+
+    /// What the host offers, for `ferro-vmm --host-info`.
+    pub fn host_info(&self) -> HostInfo {
+        HostInfo::collect(&self.kvm, self.kind)
+    }
+}
