@@ -406,8 +406,8 @@ mod tests {
         dev.read(TMR, &mut b);
         let t1 = u32::from_le_bytes(b);
         let elapsed = t1.wrapping_sub(t0) & PM_TIMER_MASK;
-        // At least 20 ms worth (71_590 ticks), and not absurdly more.
-        assert!((71_590..3_579_545).contains(&elapsed), "{elapsed}");
+        // At least 20 ms worth (71_590 ticks); less than a 24-bit wrap (4.69 s) on a busy host.
+        assert!((71_590..0x0100_0000).contains(&elapsed), "{elapsed}");
     }
 
     #[test]
