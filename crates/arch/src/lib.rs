@@ -4,6 +4,7 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod cpuid;
 pub mod layout;
 pub mod memory_map;
 pub mod regs;
