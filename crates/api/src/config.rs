@@ -21,7 +21,9 @@ pub enum ConfigError {
     #[error("--cpus {0} is out of range: a VM has 1 to {MAX_VCPUS} vCPUs")]
     Cpus(u32),
     /// The memory size is out of range.
-    #[error("--memory {0} MiB is out of range: a VM has {MIN_MEMORY_MIB} MiB to {MAX_MEMORY_MIB} MiB")]
+    #[error(
+        "--memory {0} MiB is out of range: a VM has {MIN_MEMORY_MIB} MiB to {MAX_MEMORY_MIB} MiB"
+    )]
     Memory(u64),
     /// The serial setting is not understood.
     #[error("--serial '{0}' is not one of stdio, file:PATH, none")]
@@ -138,7 +140,8 @@ impl VmConfig {
             path: path.to_path_buf(),
             message: message.lines().next().unwrap_or_default().to_string(),
         };
-        let json = path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
+        let json =
+            path.extension().is_some_and(|e| e == "json") || text.trim_start().starts_with('{');
         let cfg: Self = if json {
             serde_json::from_str(&text).map_err(|e| parse_err(e.to_string()))?
         } else {

@@ -40,7 +40,7 @@ pub fn parse_mib(text: &str) -> Result<u64, SizeError> {
     let mib = match unit {
         "" | "m" => Some(n),
         "k" => {
-            if n % 1024 != 0 {
+            if !n.is_multiple_of(1024) {
                 return Err(SizeError::Invalid(text.to_string()));
             }
             Some(n / 1024)

@@ -124,7 +124,11 @@ impl HostInfo {
         let _ = writeln!(s, "kind: {}", self.kind.name());
         let _ = writeln!(s, "module: {}", self.module);
         let _ = writeln!(s, "api_version: {}", self.api_version);
-        let _ = writeln!(s, "vcpus: recommended {} max {}", self.vcpus.0, self.vcpus.1);
+        let _ = writeln!(
+            s,
+            "vcpus: recommended {} max {}",
+            self.vcpus.0, self.vcpus.1
+        );
         for (name, present) in &self.caps {
             let _ = writeln!(s, "cap.{name}: {}", if *present { "yes" } else { "no" });
         }

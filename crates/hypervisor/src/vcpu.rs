@@ -1,10 +1,10 @@
 //! One virtual CPU: its architectural state and the run loop's exits.
 
+use kvm_bindings::kvm_msr_entry;
 use kvm_bindings::{
     kvm_fpu, kvm_lapic_state, kvm_regs, kvm_sregs, CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH,
     KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
-use kvm_bindings::kvm_msr_entry;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::HypervisorError;
@@ -79,7 +79,9 @@ impl Vcpu {
 
     /// Sets the CPUID the guest sees.
     pub fn set_cpuid(&self, cpuid: &CpuId) -> Result<(), HypervisorError> {
-        self.fd.set_cpuid2(cpuid).map_err(self.err("KVM_SET_CPUID2"))
+        self.fd
+            .set_cpuid2(cpuid)
+            .map_err(self.err("KVM_SET_CPUID2"))
     }
 
     /// Reads the general-purpose registers.

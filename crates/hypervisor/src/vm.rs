@@ -69,14 +69,13 @@ impl Vm {
         };
         // SAFETY: the caller guarantees the host range is a live mapping that outlives the VM,
         // which is what KVM_SET_USER_MEMORY_REGION requires.
-        unsafe { self.fd.set_user_memory_region(region) }.map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))
     }
 
     /// Makes a signal on `fd` raise interrupt line `gsi`.
     pub fn register_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), HypervisorError> {
-        self.fd
-            .register_irqfd(fd, gsi)
-            .map_err(vm_err("KVM_IRQFD"))
+        self.fd.register_irqfd(fd, gsi).map_err(vm_err("KVM_IRQFD"))
     }
 
     /// Creates vCPU `id` (its APIC id).

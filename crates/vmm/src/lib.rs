@@ -1,1 +1,19 @@
-//! VMM.
+//! `ferro-vmm`: one process that runs one x86_64 VM on KVM.
+//!
+//! The path from a [`ferro_api::VmConfig`] to a running guest:
+//! [`builder::build`] allocates guest memory ([`memory`]), loads the kernel and initrd
+//! ([`kernel`]), writes ACPI tables and boot structures, puts the legacy devices on the port bus
+//! ([`machine`]) and creates the vCPUs; [`runner::run`] starts one thread per vCPU
+//! ([`vcpu::run_vcpu`], the KVM_RUN loop) and waits in the event loop for the guest to power
+//! off, reset, panic or for a signal.
+
+pub mod builder;
+pub mod console;
+pub mod error;
+pub mod kernel;
+pub mod machine;
+pub mod memory;
+pub mod runner;
+pub mod vcpu;
+
+pub use error::{ExitStatus, VmmError};

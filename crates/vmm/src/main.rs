@@ -1,1 +1,117 @@
-fn main() {}
+//! `ferro-vmm`: runs one VM from flags or a config file, with no daemon.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use ferro_api::{parse_mib, SerialMode, VmConfig};
+use ferro_vmm::builder::{self, BuildOptions};
+use ferro_vmm::kernel::BootProtocol;
+use ferro_vmm::{runner, ExitStatus, VmmError};
+
+/// Run one virtual machine on KVM.
+///
+/// Exit status: 0 when the guest powers off or reboots, 1 on an error (bad input, no KVM),
+/// 2 on a triple fault, 3 on a guest panic (pvpanic), 4 when KVM cannot run the guest,
+/// 130 on SIGINT or Ctrl-A x, 143 on SIGTERM.
+#[derive(Parser, Debug)]
+#[command(name = "ferro-vmm", version)]
+struct Args {
+    /// Kernel: a PVH ELF, a Linux vmlinux or a Linux bzImage.
+    #[arg(long, required_unless_present_any = ["config", "host_info"])]
+    kernel: Option<PathBuf>,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Number of vCPUs (1..=32).
+    #[arg(long)]
+    cpus: Option<u32>,
+    /// Guest memory: MiB as a number (512) or with a suffix (512M, 2G).
+    #[arg(long, value_parser = parse_size)]
+    memory: Option<u64>,
+    /// Serial console: stdio, file:PATH or none.
+    #[arg(long)]
+    serial: Option<SerialMode>,
+    /// Read the VM's settings from a TOML or JSON file; flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Enter ELF kernels through the Linux 64-bit boot protocol even if they have a PVH note.
+    #[arg(long)]
+    linux_boot: bool,
+    /// Print which KVM this host has and the capabilities that matter, then exit.
+    #[arg(long)]
+    host_info: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    parse_mib(s).map_err(|e| e.to_string())
+}
+
+fn config(args: &Args) -> Result<VmConfig, VmmError> {
+    let mut cfg = match &args.config {
+        Some(path) => VmConfig::from_file(path)?,
+        None => VmConfig::new(args.kernel.clone().unwrap_or_default()),
+    };
+    if let Some(k) = &args.kernel {
+        cfg.kernel = k.clone();
+    }
+    if let Some(i) = &args.initrd {
+        cfg.initrd = Some(i.clone());
+    }
+    if let Some(c) = &args.cmdline {
+        cfg.cmdline = c.clone();
+    }
+    if let Some(n) = args.cpus {
+        cfg.cpus = n;
+    }
+    if let Some(m) = args.memory {
+        cfg.memory_mib = m;
+    }
+    if let Some(s) = &args.serial {
+        cfg.serial = s.clone();
+    }
+    Ok(cfg)
+}
+
+fn run(args: &Args) -> Result<ExitStatus, VmmError> {
+    if args.host_info {
+        let hv = ferro_hypervisor::Hypervisor::new()?;
+        print!("{}", hv.host_info().report());
+        for f in ferro_arch::cpuid::hidden_features(match hv.kind() {
+            ferro_hypervisor::HostKind::Hardware => ferro_arch::cpuid::Backend::Hardware,
+            ferro_hypervisor::HostKind::Nested => ferro_arch::cpuid::Backend::Nested,
+            ferro_hypervisor::HostKind::Pvm => ferro_arch::cpuid::Backend::Pvm,
+        }) {
+            println!("hidden: {} ({})", f.name, f.reason);
+        }
+        return Ok(ExitStatus::Ok);
+    }
+    let cfg = config(args)?;
+    let opts = BuildOptions {
+        protocol: if args.linux_boot {
+            BootProtocol::Linux
+        } else {
+            BootProtocol::Auto
+        },
+    };
+    let vm = builder::build(&cfg, opts)?;
+    runner::run(vm, cfg.serial == SerialMode::Stdio)
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let status = match run(&args) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("ferro-vmm: {e}");
+            ExitStatus::Error
+        }
+    };
+    let _ = std::io::stdout().flush();
+    // vCPU threads may still be inside KVM_RUN; exiting the process ends them with the VM.
+    std::process::exit(status as i32)
+}

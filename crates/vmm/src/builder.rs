@@ -1,0 +1,187 @@
+//! From a [`VmConfig`] to a VM whose vCPUs are ready to run: memory, kernel, initrd, command
+//! line, ACPI tables, boot structures, legacy devices, and vCPU state.
+
+use std::sync::Arc;
+
+use ferro_api::VmConfig;
+use ferro_arch::acpi::{write_acpi_tables, AcpiConfig};
+use ferro_arch::boot::{write_linux_boot_params, write_pvh_start_info, LinuxBoot};
+use ferro_arch::cpuid::{configure_cpuid, Backend, CpuidConfig};
+use ferro_arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START};
+use ferro_arch::regs::{self, Entry};
+use ferro_hypervisor::{HostKind, Hypervisor, Vcpu, Vm};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::kernel::{self, BootProtocol, KernelEntry};
+use crate::machine::{self, ExitLatch, Machine};
+use crate::memory::{self, GuestMemory};
+use crate::{console, VmmError};
+
+/// Choices that are not part of the VM's identity.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BuildOptions {
+    /// How to enter ELF kernels.
+    pub protocol: BootProtocol,
+}
+
+/// A VM ready to run. Fields drop in order: vCPUs and the VM before the memory they use.
+pub struct BuiltVm {
+    /// The vCPUs, index = APIC id; vCPU 0 is the boot processor.
+    pub vcpus: Vec<Vcpu>,
+    /// Legacy devices.
+    pub machine: Machine,
+    /// Where the end of the VM is announced.
+    pub latch: Arc<ExitLatch>,
+    /// The KVM VM.
+    pub vm: Vm,
+    /// Guest RAM.
+    pub memory: GuestMemory,
+    /// The /dev/kvm handle.
+    pub hypervisor: Hypervisor,
+}
+
+fn backend(kind: HostKind) -> Backend {
+    match kind {
+        HostKind::Hardware => Backend::Hardware,
+        HostKind::Nested => Backend::Nested,
+        HostKind::Pvm => Backend::Pvm,
+    }
+}
+
+/// Builds the VM `cfg` describes.
+pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
+    cfg.validate()?;
+    if cfg.cmdline.len() >= CMDLINE_MAX_SIZE || cfg.cmdline.contains('\0') {
+        return Err(VmmError::Cmdline(format!(
+            "it must be shorter than {CMDLINE_MAX_SIZE} bytes and contain no NUL"
+        )));
+    }
+    // Check the files before touching KVM, so bad input fails the same way everywhere.
+    for (what, path) in [
+        ("kernel", Some(&cfg.kernel)),
+        ("initrd", cfg.initrd.as_ref()),
+    ] {
+        if let Some(p) = path {
+            std::fs::metadata(p).map_err(|source| VmmError::ReadFile {
+                what,
+                path: p.clone(),
+                source,
+            })?;
+        }
+    }
+    let serial_out = console::output(&cfg.serial)?;
+
+    let hypervisor = Hypervisor::new()?;
+    let vm = hypervisor.create_vm()?;
+    vm.setup_platform()?;
+    let (mem, layout) = memory::create(&vm, cfg.memory_mib)?;
+
+    let kernel = kernel::load_kernel(&mem, &cfg.kernel, opts.protocol)?;
+    if let Some(h) = kernel.header {
+        if cfg.cmdline.len() >= h.cmdline_size as usize && h.cmdline_size != 0 {
+            return Err(VmmError::Cmdline(format!(
+                "the kernel accepts at most {} bytes",
+                { h.cmdline_size }
+            )));
+        }
+    }
+    let mut cmdline = cfg.cmdline.clone().into_bytes();
+    cmdline.push(0);
+    mem.write_slice(&cmdline, GuestAddress(CMDLINE_START))
+        .map_err(|e| VmmError::Cmdline(e.to_string()))?;
+
+    let initrd = match &cfg.initrd {
+        Some(path) => {
+            let mut ceiling = layout.low_end();
+            if let Some(h) = kernel.header {
+                ceiling = ceiling.min(u64::from(h.initrd_addr_max) + 1);
+            }
+            Some(kernel::load_initrd(&mem, path, kernel.end, ceiling)?)
+        }
+        None => None,
+    };
+
+    let rsdp = write_acpi_tables(
+        &mem,
+        &AcpiConfig {
+            num_cpus: cfg.cpus as u8,
+            oem_id: *b"FERRO ",
+        },
+    )
+    .map_err(|e| VmmError::Acpi(e.to_string()))?;
+    let map = layout.memory_map();
+    regs::write_gdt(&mem)?;
+    let entry = match kernel.entry {
+        KernelEntry::Pvh(entry) => {
+            let info = write_pvh_start_info(&mem, GuestAddress(CMDLINE_START), rsdp, initrd, &map)?;
+            Entry::Pvh {
+                entry,
+                start_info: info.0,
+            }
+        }
+        KernelEntry::Linux64(entry) => {
+            regs::write_page_tables(&mem)?;
+            let zp = write_linux_boot_params(
+                &mem,
+                &LinuxBoot {
+                    header: kernel.header,
+                    cmdline: (GuestAddress(CMDLINE_START), cfg.cmdline.len()),
+                    initrd,
+                    map: &map,
+                    rsdp,
+                },
+            )?;
+            Entry::Linux64 {
+                entry,
+                zero_page: zp.0,
+            }
+        }
+    };
+
+    let latch = Arc::new(ExitLatch::new()?);
+    let machine = machine::build(&vm, &layout, latch.clone(), serial_out)?;
+    let vcpus = create_vcpus(&hypervisor, &vm, cfg.cpus, entry)?;
+    Ok(BuiltVm {
+        vcpus,
+        machine,
+        latch,
+        vm,
+        memory: mem,
+        hypervisor,
+    })
+}
+
+fn create_vcpus(hv: &Hypervisor, vm: &Vm, count: u32, entry: Entry) -> Result<Vec<Vcpu>, VmmError> {
+    let supported = hv.supported_cpuid()?;
+    let msrs = regs::boot_msrs();
+    let mut vcpus = Vec::with_capacity(count as usize);
+    for id in 0..count {
+        let vcpu = vm.create_vcpu(id)?;
+        let mut cpuid = supported.clone();
+        configure_cpuid(
+            &mut cpuid,
+            &CpuidConfig {
+                cpu_index: id,
+                cpu_count: count,
+                backend: backend(hv.kind()),
+                tsc_khz: vcpu.tsc_khz(),
+            },
+        )
+        .map_err(|e| VmmError::Cpuid(e.to_string()))?;
+        vcpu.set_cpuid(&cpuid)?;
+        vcpu.set_msrs(&msrs)?;
+        let mut lapic = vcpu.lapic()?;
+        regs::setup_lint(&mut lapic);
+        vcpu.set_lapic(&lapic)?;
+        if id == 0 {
+            // Application processors wait for INIT/SIPI from the guest; only the BSP is set up.
+            let mut sregs = vcpu.sregs()?;
+            regs::setup_sregs(&mut sregs, entry);
+            vcpu.set_sregs(&sregs)?;
+            vcpu.set_regs(&regs::entry_regs(entry))?;
+            vcpu.set_fpu(&regs::boot_fpu())?;
+        }
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}

@@ -1,0 +1,147 @@
+//! The legacy PC around the CPUs: COM1, i8042 (reset only), CMOS/RTC, ACPI power management,
+//! the 0xcf9 reset port, pvpanic and a sink for POST codes, all on one port I/O bus; and the
+//! latch through which a guest request (power-off, reset, panic) or a vCPU failure ends the VM.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Arc, Mutex};
+
+use ferro_arch::layout::ports;
+use ferro_arch::memory_map::RamLayout;
+use ferro_devices::{
+    AcpiPmDevice, CmosDevice, GuestRequest, GuestRequestSink, I8042Device, PioBus, PioDevice,
+    PvPanicDevice, ResetDevice, SerialDevice, SinkDevice,
+};
+use ferro_hypervisor::Vm;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::{ExitStatus, VmmError};
+
+/// Records the first reason the VM must end and wakes the event loop.
+pub struct ExitLatch {
+    status: AtomicI32,
+    event: EventFd,
+}
+
+const NO_EXIT: i32 = -1;
+
+impl ExitLatch {
+    /// A latch nobody has pulled yet.
+    pub fn new() -> Result<Self, VmmError> {
+        Ok(Self {
+            status: AtomicI32::new(NO_EXIT),
+            event: EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?,
+        })
+    }
+
+    /// Asks for the VM to end with `status`; the first request wins.
+    pub fn request(&self, status: ExitStatus) {
+        if self
+            .status
+            .compare_exchange(NO_EXIT, status as i32, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            // A failed write means the counter is saturated: the loop is woken already.
+            let _ = self.event.write(1);
+        }
+    }
+
+    /// The status asked for, if any.
+    pub fn status(&self) -> Option<ExitStatus> {
+        match self.status.load(Ordering::Acquire) {
+            0 => Some(ExitStatus::Ok),
+            2 => Some(ExitStatus::TripleFault),
+            3 => Some(ExitStatus::GuestPanic),
+            4 => Some(ExitStatus::KvmFailure),
+            130 => Some(ExitStatus::Interrupted),
+            143 => Some(ExitStatus::Terminated),
+            NO_EXIT => None,
+            _ => Some(ExitStatus::Error),
+        }
+    }
+
+    /// Whether the VM is ending.
+    pub fn is_set(&self) -> bool {
+        self.status.load(Ordering::Relaxed) != NO_EXIT
+    }
+
+    /// The event the loop waits on.
+    pub fn event(&self) -> &EventFd {
+        &self.event
+    }
+}
+
+impl GuestRequestSink for ExitLatch {
+    fn guest_request(&self, req: GuestRequest) {
+        self.request(match req {
+            GuestRequest::PowerOff | GuestRequest::Reset => ExitStatus::Ok,
+            GuestRequest::Panic => ExitStatus::GuestPanic,
+        });
+    }
+}
+
+/// The legacy devices of one VM.
+pub struct Machine {
+    /// The port I/O bus the vCPUs dispatch to.
+    pub bus: Arc<PioBus>,
+    /// COM1, for console input.
+    pub serial: Arc<Mutex<SerialDevice>>,
+    /// ACPI PM, for the power button.
+    pub acpi_pm: Arc<Mutex<AcpiPmDevice>>,
+}
+
+fn dev_err(e: impl std::fmt::Display) -> VmmError {
+    VmmError::Devices(e.to_string())
+}
+
+/// Creates the legacy devices, wires their interrupts through irqfds and puts them on a bus.
+pub fn build(
+    vm: &Vm,
+    layout: &RamLayout,
+    latch: Arc<ExitLatch>,
+    serial_out: Box<dyn Write + Send>,
+) -> Result<Machine, VmmError> {
+    let requests: Arc<dyn GuestRequestSink> = latch;
+    let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+    vm.register_irqfd(&com1_irq, ports::COM1_IRQ)?;
+    let sci = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+    vm.register_irqfd(&sci, ports::SCI_IRQ)?;
+
+    let serial = Arc::new(Mutex::new(SerialDevice::new(com1_irq, serial_out)));
+    let acpi_pm = Arc::new(Mutex::new(AcpiPmDevice::new(sci, requests.clone())));
+    let cmos = CmosDevice::new(layout.low, layout.high);
+    let sink = Arc::new(Mutex::new(SinkDevice::new()));
+
+    let mut bus = PioBus::new();
+    let mut add = |base: u16, len: u16, dev: Arc<Mutex<dyn PioDevice>>| {
+        bus.insert(base, len, dev).map_err(dev_err)
+    };
+    add(ports::COM1, 8, serial.clone())?;
+    add(ports::PM1A_EVT_BLK, ports::PM_BLK_LEN, acpi_pm.clone())?;
+    add(
+        ports::I8042_DATA,
+        5,
+        Arc::new(Mutex::new(I8042Device::new(requests.clone()))),
+    )?;
+    add(ports::CMOS_INDEX, 2, Arc::new(Mutex::new(cmos)))?;
+    add(
+        ports::RESET_REG,
+        1,
+        Arc::new(Mutex::new(ResetDevice::new(requests.clone()))),
+    )?;
+    add(
+        ports::PVPANIC,
+        1,
+        Arc::new(Mutex::new(PvPanicDevice::new(requests))),
+    )?;
+    // POST codes and probes of absent COM2..COM4 are swallowed cheaply.
+    add(ports::POST, 1, sink.clone())?;
+    for base in [0x2f8, 0x3e8, 0x2e8] {
+        add(base, 8, sink.clone())?;
+    }
+    Ok(Machine {
+        bus: Arc::new(bus),
+        serial,
+        acpi_pm,
+    })
+}

@@ -1,0 +1,45 @@
+//! Guest RAM: anonymous host memory, split around the 32-bit MMIO hole and registered with KVM.
+
+use ferro_arch::memory_map::RamLayout;
+use ferro_hypervisor::Vm;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::VmmError;
+
+/// The guest's memory.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+
+/// Allocates `mib` MiB of guest RAM (reserved lazily: untouched pages cost nothing) and maps it
+/// into the VM.
+pub fn create(vm: &Vm, mib: u64) -> Result<(GuestMemory, RamLayout), VmmError> {
+    let layout = RamLayout::new(mib << 20);
+    let ranges: Vec<(GuestAddress, usize)> = layout
+        .ranges()
+        .into_iter()
+        .map(|(a, s)| (GuestAddress(a), s as usize))
+        .collect();
+    let mem = GuestMemory::from_ranges(&ranges).map_err(|e| VmmError::Memory {
+        mib,
+        reason: e.to_string(),
+    })?;
+    for (slot, region) in mem.iter().enumerate() {
+        let host = region
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| VmmError::Memory {
+                mib,
+                reason: e.to_string(),
+            })?;
+        // SAFETY: `host` is the start of this region's mmap of `region.len()` bytes, owned by
+        // `mem`, which the caller keeps alive for as long as the VM runs (the process ends with
+        // the VM; memory is never unmapped before).
+        unsafe {
+            vm.map_memory(
+                slot as u32,
+                region.start_addr().0,
+                region.len(),
+                host as u64,
+            )?;
+        }
+    }
+    Ok((mem, layout))
+}

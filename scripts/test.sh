@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs Ferrovisor's whole test suite on this machine: unit tests, the probe guest on /dev/kvm,
+# and the Linux guest inside the KVM lab. Installs what it needs first (cached after one run).
+#
+#   scripts/test.sh            everything
+#   scripts/test.sh --fast     skip the KVM-lab tests (Linux guests under emulated AMD-V)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+fast=0
+[ "${1:-}" = "--fast" ] && fast=1
+
+bash scripts/deps.sh
+if ! command -v cargo >/dev/null; then
+    echo "test.sh: cargo is not installed (https://rustup.rs)" >&2
+    exit 1
+fi
+
+echo "== building (release) =="
+cargo build --release -p ferro-vmm
+bash guest/probe/build-probe.sh >/dev/null
+if [ "$fast" = 0 ]; then
+    echo "== building the Linux test guest =="
+    bash guest/linux/build.sh
+else
+    export FERRO_SKIP_LAB=1
+fi
+
+echo "== lint =="
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -q -- -D warnings
+
+echo "== cargo test =="
+# The e2e tests boot many VMs; two at a time suits a 2-core machine.
+cargo test --workspace -- --test-threads=2
