@@ -16,8 +16,8 @@
 //! scanners look), FACS (64-byte aligned), DSDT, FADT, the XSDT-listed system tables (MADT, and
 //! later MCFG), XSDT; SDTs are 8-byte aligned. Nothing is written unless everything fits.
 //!
-//! To add a table, append it in [`system_tables`]; to add a device, append its AML in
-//! [`sb_devices`].
+//! To add a table (MCFG for a PCIe ECAM), append it in `system_tables`; to add a device, append
+//! its AML in `sb_devices`, both fed from [`AcpiConfig`].
 
 use acpi_tables::aml;
 use acpi_tables::facs::FACS;

@@ -476,14 +476,15 @@ fn leaves(
     entries.iter_mut().filter(move |e| e.function == leaf)
 }
 
-/// Sub-leaf `subleaf` of `leaf` (a leaf without sub-leaves matches any index).
+/// Sub-leaf `subleaf` of `leaf`; an entry KVM marks as having no sub-leaves stands for sub-leaf 0.
 fn entry(
     entries: &mut [kvm_cpuid_entry2],
     leaf: u32,
     subleaf: u32,
 ) -> Option<&mut kvm_cpuid_entry2> {
+    let has_no_subleaves = |e: &kvm_cpuid_entry2| e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0;
     entries.iter_mut().find(|e| {
-        e.function == leaf && (e.index == subleaf || e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX == 0)
+        e.function == leaf && (e.index == subleaf || (subleaf == 0 && has_no_subleaves(e)))
     })
 }
 
