@@ -244,7 +244,10 @@ mod tests {
     #[test]
     fn gdt_entries_decode() {
         let code64 = segment_from_gdt(BOOT_GDT[2], CODE64_SELECTOR);
-        assert_eq!((code64.l, code64.db, code64.type_, code64.present), (1, 0, 0xb, 1));
+        assert_eq!(
+            (code64.l, code64.db, code64.type_, code64.present),
+            (1, 0, 0xb, 1)
+        );
         assert_eq!(code64.limit, 0xffff_ffff);
         let code32 = segment_from_gdt(BOOT_GDT[1], CODE32_SELECTOR);
         assert_eq!((code32.l, code32.db, code32.g), (0, 1, 1));
@@ -262,7 +265,7 @@ mod tests {
         // The last 2 MiB page below 4 GiB.
         let pd3: u64 = m.read_obj(GuestAddress(PDPTE_START + 24)).unwrap();
         let last: u64 = m.read_obj(GuestAddress((pd3 & !0xfff) + 511 * 8)).unwrap();
-        assert_eq!(last, (4u64 << 30) - (2 << 20) | 0x83);
+        assert_eq!(last, ((4u64 << 30) - (2 << 20)) | 0x83);
     }
 
     #[test]

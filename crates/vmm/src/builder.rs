@@ -62,7 +62,7 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
         ("initrd", cfg.initrd.as_ref()),
     ] {
         if let Some(p) = path {
-            std::fs::metadata(p).map_err(|source| VmmError::ReadFile {
+            std::fs::File::open(p).map_err(|source| VmmError::ReadFile {
                 what,
                 path: p.clone(),
                 source,
