@@ -73,8 +73,10 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
 
     let hypervisor = Hypervisor::new()?;
     let vm = hypervisor.create_vm()?;
-    vm.setup_platform()?;
+    // Memory slots first: on some KVMs (PVM measured: 5-7 ms against 0.15 ms) the first slot
+    // added after the in-kernel irqchip waits for a grace period that nothing else needs.
     let (mem, layout) = memory::create(&vm, cfg.memory_mib)?;
+    vm.setup_platform()?;
 
     let kernel = kernel::load_kernel(&mem, &cfg.kernel, opts.protocol)?;
     if let Some(h) = kernel.header {
