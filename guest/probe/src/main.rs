@@ -13,10 +13,16 @@ mod acpi;
 mod boot;
 mod cpu;
 mod exit;
+mod kvmclock;
 mod mem;
+mod paging;
 mod phys;
 mod pvh;
+mod rtc;
 mod serial;
+mod smp;
+mod trap;
+mod user;
 
 use exit::Exit;
 use serial::Line;
@@ -61,9 +67,28 @@ fn parse_cmdline(cmd: &[u8]) -> Opts {
     o
 }
 
+/// RAM ranges above the probe image, clipped to the mapped part of the address space.
+fn free_ram(si: &pvh::StartInfo) -> user::MemTest {
+    let mut m = user::MemTest { ranges: [(0, 0); user::MAX_RANGES], n: 0, bytes: 0 };
+    let floor = (core::ptr::addr_of!(boot::__image_end) as u64 + 0x1f_ffff) & !0x1f_ffff;
+    for e in si.entries() {
+        if e.kind != 1 || m.n == user::MAX_RANGES {
+            continue;
+        }
+        let s = e.addr.max(floor);
+        let end = e.addr.saturating_add(e.size).min(phys::mapped_end()) & !7;
+        if s < end {
+            m.ranges[m.n] = (s, end);
+            m.n += 1;
+        }
+    }
+    m
+}
+
 /// Entry from `boot.rs` on the BSP, in long mode, with the boot stack.
 #[no_mangle]
 extern "sysv64" fn kmain(start_info: u32) -> ! {
+    trap::init();
     let si = pvh::StartInfo::read(start_info as u64);
     if !si.valid {
         Line::new().s("pvh=bad_magic");
@@ -71,14 +96,17 @@ extern "sysv64" fn kmain(start_info: u32) -> ! {
     Line::new().s("cmdline=").b(si.cmdline);
     let opts = parse_cmdline(si.cmdline);
 
-    let mut ram = 0u64;
+    let (mut ram, mut ram_end) = (0u64, 0u64);
     for e in si.entries() {
         Line::new().s("e820=").hex(e.addr).s(",").hex(e.size).s(",").dec(e.kind as u64);
         if e.kind == 1 {
             ram += e.size;
+            ram_end = ram_end.max(e.addr.saturating_add(e.size));
         }
     }
     Line::new().s("mem_ram_bytes=").dec(ram);
+    paging::map_high(ram_end);
+    let kvmclock = kvmclock::init();
 
     let rsdp = acpi::find_rsdp(si.rsdp);
     let mut acpi = acpi::Acpi::parse(rsdp);
@@ -86,8 +114,7 @@ extern "sysv64" fn kmain(start_info: u32) -> ! {
     Line::new().s("acpi_oem=").b(acpi.oem_trimmed());
     Line::new().s("acpi_cpus=").dec(acpi.cpus_counted as u64);
     if acpi.dsdt.0 != 0 {
-        let v = acpi::find_s5(acpi.dsdt.0);
-        acpi.s5 = (v <= 0xff).then_some(v as u8);
+        acpi.s5 = user::find_s5(acpi.dsdt.0);
     }
     {
         let mut l = Line::new();
@@ -103,10 +130,53 @@ extern "sysv64" fn kmain(start_info: u32) -> ! {
             None => l.s("none"),
         };
     }
+    Line::new().s("kvmclock=").dec(kvmclock as u64);
+
+    let online = if opts.smp && acpi.ncpus > 1 { smp::start_aps(&acpi) } else { 1 };
+    Line::new().s("cpus_online=").dec(online as u64);
+
+    let t = rtc::read();
+    {
+        let mut l = Line::new();
+        l.s("rtc=").dec(t.year as u64).s("-");
+        two(&mut l, t.month).s("-");
+        two(&mut l, t.day).s(" ");
+        two(&mut l, t.hour).s(":");
+        two(&mut l, t.min).s(":");
+        two(&mut l, t.sec);
+    }
+    Line::new().s("user=").s(if user::ping_ok() { "ok" } else { "fail" });
+
+    if let Some(n) = opts.pio {
+        let ns = user::pio(n).unwrap_or(0);
+        let per_sec = if ns == 0 { 0 } else { (n as u128 * 1_000_000_000 / ns as u128) as u64 };
+        Line::new().s("pio_exits=").dec(n).s(" pio_ns=").dec(ns).s(" pio_per_sec=").dec(per_sec);
+    }
+    let free = free_ram(&si);
+    if let Some(rounds) = opts.work {
+        let buf = free.ranges[..free.n].iter().find(|r| r.1 - r.0 >= user::WORK_BYTES).map(|r| r.0);
+        let mut w = user::Work { rounds, buf: buf.unwrap_or(0), sum: 0, ns: 0 };
+        if buf.is_none() || !user::work(&mut w) {
+            w.sum = 0;
+        }
+        Line::new().s("work_rounds=").dec(rounds).s(" work_ns=").dec(w.ns).s(" work_sum=").hex(w.sum);
+    }
+    if let Some(mib) = opts.memtest {
+        let mut m = free;
+        m.bytes = mib.saturating_mul(1 << 20);
+        match user::memtest(&m) {
+            Ok(()) => Line::new().s("memtest=ok"),
+            Err(a) => Line::new().s("memtest=fail:").hex(a),
+        };
+    }
 
     Line::new().s("probe=done");
     Line::new().s("probe=exit:").s(opts.exit.name());
     exit::exit(opts.exit, &acpi)
+}
+
+fn two(l: &mut Line, v: u8) -> &mut Line {
+    l.dec((v / 10) as u64).dec((v % 10) as u64)
 }
 
 #[panic_handler]
