@@ -64,8 +64,6 @@ pub struct Cpu {
 
 /// Everything the probe takes from ACPI.
 pub struct Acpi {
-    /// RSDP address.
-    pub rsdp: u64,
     /// OEM id from the RSDP.
     pub oem: [u8; 6],
     /// Enabled processors, in MADT order.
@@ -116,7 +114,6 @@ impl Acpi {
     /// Parses the tables reachable from the RSDP at `rsdp`.
     pub fn parse(rsdp: u64) -> Acpi {
         let mut a = Acpi {
-            rsdp,
             oem: [b' '; 6],
             cpus: [Cpu { apic_id: 0 }; MAX_CPUS],
             ncpus: 0,
@@ -138,7 +135,7 @@ impl Acpi {
         let xsdt = if rev >= 2 { phys::r64(rsdp + 24) } else { 0 };
         let (root, esize) = if xsdt != 0 { (xsdt, 8) } else { (phys::r32(rsdp + 16) as u64, 4) };
         let len = phys::r32(root + 4) as u64;
-        if root == 0 || len < 36 || len > 0x10000 {
+        if root == 0 || !(36..=0x10000).contains(&len) {
             return a;
         }
         let mut p = root + 36;

@@ -10,20 +10,12 @@ use core::arch::global_asm;
 
 /// Kernel code selector (64-bit).
 pub const KCODE64: u16 = 0x08;
-/// User code selector (64-bit), RPL 3.
-pub const UCODE64: u16 = 0x28 | 3;
-/// User data selector, RPL 3.
-pub const UDATA: u16 = 0x20 | 3;
 /// TSS selector.
 pub const TSS_SEL: u16 = 0x30;
 
 extern "C" {
     /// The GDT (9 descriptors).
     pub static mut gdt: [u64; 9];
-    /// Physical address of the `hvm_start_info` the loader passed in EBX.
-    pub static boot_info_ptr: u32;
-    /// Top-level page table.
-    pub static mut pml4: [u64; 512];
     /// The page-directory-pointer table covering 0..512 GiB (entries 0..3 point at static PDs).
     pub static mut pdpt: [u64; 512];
     /// Spare page directories for 2 MiB mappings above 4 GiB (60 of them, not zeroed).

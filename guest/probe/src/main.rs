@@ -32,6 +32,7 @@ struct Opts {
     exit: Exit,
     smp: bool,
     pio: Option<u64>,
+    pio_kernel: bool,
     work: Option<u64>,
     memtest: Option<u64>,
 }
@@ -51,7 +52,7 @@ fn parse_num(v: &[u8]) -> Option<u64> {
 }
 
 fn parse_cmdline(cmd: &[u8]) -> Opts {
-    let mut o = Opts { exit: Exit::Poweroff, smp: true, pio: None, work: None, memtest: None };
+    let mut o = Opts { exit: Exit::Poweroff, smp: true, pio: None, pio_kernel: false, work: None, memtest: None };
     for tok in cmd.split(|&c| c == b' ' || c == b'\t' || c == b'\n') {
         let Some(eq) = tok.iter().position(|&c| c == b'=') else { continue };
         let (k, v) = (&tok[..eq], &tok[eq + 1..]);
@@ -59,6 +60,7 @@ fn parse_cmdline(cmd: &[u8]) -> Opts {
             b"exit" => o.exit = Exit::parse(v).unwrap_or(Exit::Poweroff),
             b"smp" => o.smp = v != b"off",
             b"pio" => o.pio = parse_num(v),
+            b"pio_cpl" => o.pio_kernel = v == b"0",
             b"work" => o.work = parse_num(v),
             b"memtest" => o.memtest = parse_num(v),
             _ => {}
@@ -148,7 +150,7 @@ extern "sysv64" fn kmain(start_info: u32) -> ! {
     Line::new().s("user=").s(if user::ping_ok() { "ok" } else { "fail" });
 
     if let Some(n) = opts.pio {
-        let ns = user::pio(n).unwrap_or(0);
+        let ns = if opts.pio_kernel { user::pio_kernel(n) } else { user::pio(n).unwrap_or(0) };
         let per_sec = if ns == 0 { 0 } else { (n as u128 * 1_000_000_000 / ns as u128) as u64 };
         Line::new().s("pio_exits=").dec(n).s(" pio_ns=").dec(ns).s(" pio_per_sec=").dec(per_sec);
     }

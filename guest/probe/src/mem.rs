@@ -53,6 +53,11 @@ bcmp:
     dec %rdx
     jnz 1b
 2:  ret
+
+    /* Referenced by the precompiled `core` in unoptimised builds; never called (panic=abort). */
+    .global rust_eh_personality
+rust_eh_personality:
+    ud2
 "#,
     options(att_syntax)
 );

@@ -32,15 +32,6 @@ pub fn r8(addr: u64) -> u8 {
     unsafe { (addr as *const u8).read_volatile() }
 }
 
-/// Reads a little-endian u16 at any alignment (0 when unmapped).
-pub fn r16(addr: u64) -> u16 {
-    if !ok(addr, 2) {
-        return 0;
-    }
-    // SAFETY: mapped (checked above); read_unaligned has no alignment requirement.
-    unsafe { (addr as *const u16).read_unaligned() }
-}
-
 /// Reads a little-endian u32 at any alignment (0 when unmapped).
 pub fn r32(addr: u64) -> u32 {
     if !ok(addr, 4) {

@@ -11,8 +11,6 @@ const CMDLINE_MAX: u64 = 0x10000;
 pub struct StartInfo {
     /// Whether the magic matched.
     pub valid: bool,
-    /// Structure version.
-    pub version: u32,
     /// Command line bytes (without the NUL).
     pub cmdline: &'static [u8],
     /// RSDP physical address (0 if not given).
@@ -39,7 +37,7 @@ impl StartInfo {
     pub fn read(paddr: u64) -> StartInfo {
         let magic = phys::r32(paddr);
         if magic != MAGIC {
-            return StartInfo { valid: false, version: 0, cmdline: &[], rsdp: 0, memmap: 0, memmap_entries: 0 };
+            return StartInfo { valid: false, cmdline: &[], rsdp: 0, memmap: 0, memmap_entries: 0 };
         }
         let version = phys::r32(paddr + 4);
         let cmd = phys::r64(paddr + 24);
@@ -53,7 +51,7 @@ impl StartInfo {
         }
         let (memmap, memmap_entries) =
             if version >= 1 { (phys::r64(paddr + 40), phys::r32(paddr + 48)) } else { (0, 0) };
-        StartInfo { valid: true, version, cmdline, rsdp: phys::r64(paddr + 32), memmap, memmap_entries }
+        StartInfo { valid: true, cmdline, rsdp: phys::r64(paddr + 32), memmap, memmap_entries }
     }
 
     /// Memory map entry `i`.

@@ -186,7 +186,7 @@ pub fn start_aps(acpi: &Acpi) -> u32 {
         pause();
         spins += 1;
         if kvmclock::enabled() {
-            if spins % 64 == 0 && kvmclock::now_ns() > deadline {
+            if spins.is_multiple_of(64) && kvmclock::now_ns() > deadline {
                 break;
             }
         } else if spins > 200_000_000 {

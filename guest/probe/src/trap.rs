@@ -19,7 +19,6 @@ extern "C" {
     static isr_stubs: u8;
     static mut tss: [u8; TSS_SIZE];
     static mut idt: [u64; 2 * 129];
-    static mut user_kernel_rsp: u64;
     fn syscall_entry();
     fn user_call_asm(f: extern "sysv64" fn(u64) -> u64, arg: u64, stack_top: u64) -> u64;
 }
@@ -212,7 +211,7 @@ pub fn init() {
             let dpl = if v == 3 { 3 } else { 0 };
             i.add(v as usize).write_volatile(gate(stubs + v * 16, dpl));
         }
-        i.add(0x80).write_volatile(gate(syscall_entry as usize as u64, 3));
+        i.add(0x80).write_volatile(gate(syscall_entry as *const () as u64, 3));
     }
     let idtr: [u16; 5] = {
         let b = core::ptr::addr_of!(idt) as u64;
@@ -227,7 +226,7 @@ pub fn init() {
     const LSTAR: u32 = 0xc000_0082;
     const SFMASK: u32 = 0xc000_0084;
     crate::cpu::wrmsr(STAR, (0x18u64 << 48) | ((boot::KCODE64 as u64) << 32));
-    crate::cpu::wrmsr(LSTAR, syscall_entry as usize as u64);
+    crate::cpu::wrmsr(LSTAR, syscall_entry as *const () as u64);
     // TF, IF, DF, IOPL, NT, AC cleared on entry.
     crate::cpu::wrmsr(SFMASK, 0x4_7700);
 }
@@ -242,18 +241,13 @@ pub fn user_call(f: extern "sysv64" fn(u64) -> u64, arg: u64) -> Result<u64, Use
     let r = unsafe { user_call_asm(f, arg, stack) };
     let v = USER_FAULT[0].load(Ordering::Relaxed);
     if v != u64::MAX {
-        serial::Line::new()
-            .s("user_fault=")
-            .hex(v)
-            .s(",rip:")
-            .hex(USER_FAULT[1].load(Ordering::Relaxed))
-            .s(",cr2:")
-            .hex(USER_FAULT[2].load(Ordering::Relaxed));
-        return Err(UserFault {
+        let f = UserFault {
             vector: v,
             rip: USER_FAULT[1].load(Ordering::Relaxed),
             cr2: USER_FAULT[2].load(Ordering::Relaxed),
-        });
+        };
+        serial::Line::new().s("user_fault=").hex(f.vector).s(",rip:").hex(f.rip).s(",cr2:").hex(f.cr2);
+        return Err(f);
     }
     Ok(r)
 }
