@@ -5,7 +5,7 @@
 # kernel inside loads its own kvm-amd from the initramfs, so KVM users (ferro-vmm, QEMU -accel
 # kvm) run inside the lab as on an AMD machine. See lab/README.md.
 #
-#   lab/lab.sh run [--timeout SECS] [--mem MiB] [--smp N] [--with-qemu] [--add SRC[:DEST]]... SCRIPT
+#   lab/lab.sh run [--timeout SECS] [--mem MiB] [--smp N] [--with-qemu] [--add SRC[:DEST]]... SCRIPT|-
 #   lab/lab.sh shell [--mem MiB] [--smp N] [--with-qemu] [--add SRC[:DEST]]...
 #   lab/lab.sh check
 #   lab/lab.sh build            (build the cached parts only)
@@ -47,6 +47,14 @@ usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2; exit 2; }
 key_of() { sha256sum | cut -c1-16; }
 
 # ---------------------------------------------------------------- base segment (cached)
+# Cached segments are built under a lock, so concurrent lab runs (parallel tests) do not race.
+lock_lab() {
+    mkdir -p "$LAB"
+    exec 8>"$LAB/.lock"
+    flock 8
+}
+unlock_lab() { flock -u 8; }
+
 build_base() {
     "$REPO/guest/linux/build.sh" >&2
     local krel key out=$LAB/base.cpio
@@ -58,7 +66,10 @@ build_base() {
     log "building base initramfs"
     local t0 work
     t0=$(date +%s.%N)
-    mkdir -p "$LAB"
+    lock_lab
+    if [[ -s $out && -f $LAB/base.stamp && $(cat "$LAB/base.stamp") == "$key" ]]; then
+        unlock_lab; return     # another run built it while we waited
+    fi
     work=$(mktemp -d "$LAB/.work.XXXXXX")
     "$REPO/guest/linux/modules.sh" "$GUEST/pkgroot" "$krel" "$GUEST/modcache" "${LAB_MODULES[@]}" > "$work/modules"
     awk '{print "/" $1}' "$work/modules" > "$work/lab-modules.order"
@@ -84,6 +95,7 @@ build_base() {
     mv "$work/base" "$out"
     echo "$key" > "$LAB/base.stamp"
     rm -rf "$work"
+    unlock_lab
     log "base initramfs built in $(elapsed "$t0") s ($(du -h "$out" | cut -f1))"
 }
 
@@ -118,9 +130,13 @@ build_qemu() {
     if [[ -s $out && -f $LAB/qemu.stamp && $(cat "$LAB/qemu.stamp") == "$key" ]]; then
         return
     fi
-    log "building qemu segment"
     local t0
     t0=$(date +%s.%N)
+    lock_lab
+    if [[ -s $out && -f $LAB/qemu.stamp && $(cat "$LAB/qemu.stamp") == "$key" ]]; then
+        unlock_lab; return
+    fi
+    log "building qemu segment"
     {
         manifest_file usr/bin/qemu-system-x86_64 "$bin"
         # Accelerator modules are loaded at run time (TCG fallback); KVM is built in.
@@ -134,10 +150,12 @@ build_qemu() {
             done
             [[ $found == 1 ]] || log "note: firmware $name not found on the host, skipped"
         done
-    } > "$LAB/qemu.manifest"
+    } > "$LAB/qemu.manifest.tmp"
+    mv "$LAB/qemu.manifest.tmp" "$LAB/qemu.manifest"
     python3 "$MKCPIO" -o "$out.tmp" "$LAB/qemu.manifest"
     mv "$out.tmp" "$out"
     echo "$key" > "$LAB/qemu.stamp"
+    unlock_lab
     log "qemu segment built in $(elapsed "$t0") s ($(du -h "$out" | cut -f1))"
 }
 
@@ -173,6 +191,7 @@ parse_opts() {
             --add) ADDS+=("$2"); shift 2 ;;
             --add=*) ADDS+=("${1#--add=}"); shift ;;
             -h|--help) usage ;;
+            -) REST+=("$1"); shift ;;          # SCRIPT from stdin
             -*) echo "lab: unknown option $1" >&2; usage ;;
             *) REST+=("$1"); shift ;;
         esac
@@ -199,6 +218,8 @@ prepare() {
     [[ $WITH_QEMU == 1 ]] && segs+=("$LAB/qemu.cpio")
     cat "${segs[@]}" "$RUNDIR/run.cpio" > "$RUNDIR/initrd"
     rm -f "$RUNDIR/run.cpio"
+    # The initrd is big (the base alone is ~75 MB): delete it when we exit, keep the log.
+    trap 'rm -f "$RUNDIR/initrd"' EXIT
     LOG=$RUNDIR/console.log
 }
 
@@ -212,6 +233,24 @@ qemu_cmd() {
           -append "console=ttyS0 quiet panic=-1 ${LAB_CMDLINE:-}")
 }
 
+# lab_status QEMU_EXIT: the lab's exit status from the console log (and a reason on stderr).
+lab_status() {
+    local qrc=$1 status reason
+    status=$(grep -a '^LAB-EXIT=[0-9]*$' "$LOG" | tail -n 1 | cut -d= -f2 || true)
+    reason=$(grep -a '^LAB-FAIL: ' "$LOG" | head -n 1 | cut -d' ' -f2- || true)
+    if [[ $qrc == 124 || $qrc == 137 ]]; then
+        echo "lab: timed out after $TIMEOUT s" >&2; echo 124
+    elif [[ -n $status ]]; then
+        echo "$status"
+    elif [[ -n $reason ]]; then
+        echo "lab: $reason" >&2; echo 125
+    elif [[ $qrc != 0 ]]; then
+        echo "lab: QEMU failed (exit $qrc) before the lab finished" >&2; echo 125
+    else
+        echo "lab: the lab ended without LAB-EXIT (kernel panic or reboot?)" >&2; echo 125
+    fi
+}
+
 cmd_run() {
     REST=()
     parse_opts "$@"
@@ -219,34 +258,24 @@ cmd_run() {
     local script=${REST[0]}
     if [[ $script == - ]]; then
         mkdir -p "$LAB"
-        script=$LAB/stdin-script.sh
+        script=$(mktemp "$LAB/stdin-script.XXXXXX")
         cat > "$script"
     fi
     [[ -f $script ]] || fail "script $script not found"
     command -v "$QEMU" >/dev/null || fail "$QEMU not found (run scripts/deps.sh)"
     prepare "$(readlink -f "$script")"
+    [[ ${REST[0]} == - ]] && rm -f "$script"    # packed into the run archive already
     qemu_cmd
-    local t0 rc=0 qrc status reason
+    local t0 rc=0 qrc
     t0=$(date +%s.%N)
     # Stream the console live (sed -u: unbuffered, drops the serial line's CRs) and keep a log.
-    # stdin is /dev/null so the lab never reads the caller's terminal.
+    # stdin is /dev/null so the lab never reads the caller's terminal. --foreground keeps QEMU
+    # in our process group, so Ctrl-C reaches it (and ends it) instead of orphaning it.
     set +e
-    timeout -k 10 "$TIMEOUT" "${QCMD[@]}" -serial stdio -monitor none < /dev/null | sed -u 's/\r$//' | tee "$LOG"
+    timeout --foreground -k 10 "$TIMEOUT" "${QCMD[@]}" -serial stdio -monitor none < /dev/null | sed -u 's/\r$//' | tee "$LOG"
     qrc=${PIPESTATUS[0]}
     set -e
-    status=$(grep -a '^LAB-EXIT=[0-9]*$' "$LOG" | tail -n 1 | cut -d= -f2 || true)
-    reason=$(grep -a '^LAB-FAIL: ' "$LOG" | head -n 1 | cut -d' ' -f2- || true)
-    if [[ $qrc == 124 || $qrc == 137 ]]; then
-        echo "lab: timed out after $TIMEOUT s" >&2; rc=124
-    elif [[ -n $status ]]; then
-        rc=$status
-    elif [[ -n $reason ]]; then
-        echo "lab: $reason" >&2; rc=125
-    elif [[ $qrc != 0 ]]; then
-        echo "lab: QEMU failed (exit $qrc) before the lab finished" >&2; rc=125
-    else
-        echo "lab: the lab ended without LAB-EXIT (kernel panic or reboot?)" >&2; rc=125
-    fi
+    rc=$(lab_status "$qrc")
     echo "lab: ${script##*/}: exit $rc after $(elapsed "$t0") s; console log: $LOG" >&2
     return "$rc"
 }
@@ -261,7 +290,11 @@ cmd_shell() {
     prepare "$LAB/shell-script.sh"
     qemu_cmd
     # mux=on gives QEMU's Ctrl-A escapes (Ctrl-A X quits); signal=off passes Ctrl-C to the lab.
-    "${QCMD[@]}" -chardev stdio,id=con,mux=on,signal=off,logfile="$LOG" -serial chardev:con -mon chardev=con
+    local qrc=0
+    "${QCMD[@]}" -chardev stdio,id=con,mux=on,signal=off,logfile="$LOG" -serial chardev:con -mon chardev=con || qrc=$?
+    # The log has the serial line's CRs; lab_status greps whole lines.
+    sed -i 's/\r$//' "$LOG"
+    return "$(lab_status "$qrc")"
 }
 
 cmd_check() {

@@ -66,6 +66,13 @@ fi
 
 t0=$(date +%s.%N)
 mkdir -p "$CACHE" "$OUT"
+# Concurrent builds (parallel tests) serialize here; the second one finds the stamp fresh.
+exec 9>"$OUT/.lock"
+flock 9
+if [[ -f $OUT/.stamp && $(cat "$OUT/.stamp") == "$KEY" ]]; then
+    log "up to date ($KPKG $KVER, built concurrently)"
+    exit 0
+fi
 rm -f "$OUT/.stamp"
 
 # apt-get download names files with the epoch's colon URL-encoded.
