@@ -227,7 +227,7 @@ prepare() {
 # bzImage under TCG (~1 s). qboot instead of SeaBIOS is faster and prints nothing.
 # -no-reboot: a lab kernel panic (panic=-1) ends QEMU instead of looping.
 qemu_cmd() {
-    QCMD=("$QEMU" -accel tcg -cpu max -M q35 -m "$MEM" -smp "$SMP"
+    QCMD=("$QEMU" -accel tcg -cpu "${LAB_CPU:-max}" -M q35 -m "$MEM" -smp "$SMP"
           -bios /usr/share/qemu/qboot.rom -nodefaults -no-user-config -display none -no-reboot
           -kernel "$GUEST/vmlinux" -initrd "$RUNDIR/initrd"
           -append "console=ttyS0 quiet panic=-1 ${LAB_CMDLINE:-}")
