@@ -25,7 +25,7 @@ MODULES=(virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_p
          virtio_blk failover net_failover virtio_net virtio_rng virtio_balloon
          vsock vmw_vsock_virtio_transport_common vmw_vsock_virtio_transport pvpanic pvpanic_mmio)
 
-log() { echo "guest: $*"; }
+log() { echo "guest: $*" >&2; }   # stderr: stdout of some functions is captured
 
 # Resolve the versioned kernel package the meta package points to, and candidate versions.
 resolve() {
