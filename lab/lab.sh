@@ -123,7 +123,7 @@ manifest_file() {
 
 # ---------------------------------------------------------------- qemu segment (cached)
 build_qemu() {
-    local bin out=$LAB/qemu.cpio key fw name dir found
+    local bin out=$LAB/qemu.cpio key name dir found m
     bin=$(command -v qemu-system-x86_64) || fail "--with-qemu: qemu-system-x86_64 is not installed (run scripts/deps.sh)"
     bin=$(readlink -f "$bin")
     key=$( { stat -c '%s %Y' "$bin"; echo "${QEMU_FIRMWARE[*]}"; declare -f build_qemu manifest_file ldd_deps; } | key_of)
@@ -140,9 +140,8 @@ build_qemu() {
     {
         manifest_file usr/bin/qemu-system-x86_64 "$bin"
         # Accelerator modules are loaded at run time (TCG fallback); KVM is built in.
-        for m in /usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so; do
-            [[ -f $m ]] && manifest_file "$m" "$m"
-        done
+        m=/usr/lib/x86_64-linux-gnu/qemu/accel-tcg-x86_64.so
+        if [[ -f $m ]]; then manifest_file "$m" "$m"; fi
         for name in "${QEMU_FIRMWARE[@]}"; do
             found=0
             for dir in /usr/share/qemu /usr/share/seabios /usr/lib/ipxe/qemu; do
@@ -206,6 +205,7 @@ prepare() {
     RUNDIR=$LAB/runs/$(date +%Y%m%d-%H%M%S)-$$
     mkdir -p "$RUNDIR"
     # Keep the 20 newest runs.
+    # shellcheck disable=SC2012  # our own directory names: no odd characters
     ls -1dt "$LAB"/runs/*/ 2>/dev/null | tail -n +21 | xargs -r rm -rf
     {
         echo "file lab/script.sh $script 0755"
