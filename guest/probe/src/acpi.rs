@@ -2,9 +2,6 @@
 
 use crate::phys;
 
-/// Most CPUs recorded from the MADT.
-pub const MAX_CPUS: usize = 256;
-
 /// A Generic Address Structure.
 #[derive(Clone, Copy)]
 pub struct Gas {
@@ -55,25 +52,14 @@ impl Gas {
     }
 }
 
-/// One processor from the MADT.
-#[derive(Clone, Copy)]
-pub struct Cpu {
-    /// Local APIC (or x2APIC) id.
-    pub apic_id: u32,
-}
-
 /// Everything the probe takes from ACPI.
 pub struct Acpi {
     /// OEM id from the RSDP.
     pub oem: [u8; 6],
-    /// Enabled processors, in MADT order.
-    pub cpus: [Cpu; MAX_CPUS],
-    /// Number of valid `cpus` entries.
-    pub ncpus: usize,
-    /// Enabled processors counted (may exceed `MAX_CPUS`).
-    pub cpus_counted: u32,
-    /// MADT local APIC address.
-    pub lapic: u64,
+    /// MADT address (0 if none).
+    pub madt: u64,
+    /// Enabled processors in the MADT.
+    pub ncpus: u32,
     /// FADT address (0 if none).
     pub fadt: u64,
     /// FADT flags.
@@ -115,10 +101,8 @@ impl Acpi {
     pub fn parse(rsdp: u64) -> Acpi {
         let mut a = Acpi {
             oem: [b' '; 6],
-            cpus: [Cpu { apic_id: 0 }; MAX_CPUS],
+            madt: 0,
             ncpus: 0,
-            cpus_counted: 0,
-            lapic: 0xfee0_0000,
             fadt: 0,
             fadt_flags: 0,
             dsdt: (0, 0),
@@ -152,32 +136,32 @@ impl Acpi {
     }
 
     fn parse_madt(&mut self, t: u64) {
-        let len = phys::r32(t + 4) as u64;
-        self.lapic = phys::r32(t + 36) as u64;
+        self.madt = t;
+        self.ncpus = self.cpus().count() as u32;
+    }
+
+    /// APIC ids of the enabled processors (MADT types 0 and 9), in MADT order. Walks the table
+    /// each time: cheaper at CPL0 than keeping (and copying) a list.
+    pub fn cpus(&self) -> impl Iterator<Item = u32> {
+        let t = self.madt;
+        let end = if t == 0 { 0 } else { t + phys::r32(t + 4) as u64 };
         let mut p = t + 44;
-        while p + 2 <= t + len {
-            let (kind, elen) = (phys::r8(p), phys::r8(p + 1) as u64);
-            if elen < 2 {
-                break;
-            }
-            let cpu = match kind {
-                0 if phys::r32(p + 4) & 1 != 0 => Some(phys::r8(p + 3) as u32),
-                9 if phys::r32(p + 8) & 1 != 0 => Some(phys::r32(p + 4)),
-                5 => {
-                    self.lapic = phys::r64(p + 4);
-                    None
+        core::iter::from_fn(move || {
+            while p + 2 <= end {
+                let (kind, elen) = (phys::r8(p), phys::r8(p + 1) as u64);
+                if elen < 2 {
+                    return None;
                 }
-                _ => None,
-            };
-            if let Some(apic_id) = cpu {
-                self.cpus_counted += 1;
-                if self.ncpus < MAX_CPUS {
-                    self.cpus[self.ncpus] = Cpu { apic_id };
-                    self.ncpus += 1;
+                let at = p;
+                p += elen;
+                match kind {
+                    0 if phys::r32(at + 4) & 1 != 0 => return Some(phys::r8(at + 3) as u32),
+                    9 if phys::r32(at + 8) & 1 != 0 => return Some(phys::r32(at + 4)),
+                    _ => {}
                 }
             }
-            p += elen;
-        }
+            None
+        })
     }
 
     fn parse_fadt(&mut self, t: u64) {
@@ -220,9 +204,9 @@ impl Acpi {
 }
 
 /// Finds the SLP_TYP value of `_S5_` in AML bytes `[addr, addr + len)`: `_S5_`, PackageOp,
-/// PkgLength, NumElements, then the first element. Returns 0xff00 | 0 when absent, else the value.
-/// Plain data walk, safe to run at CPL3 (`extern "sysv64"` so `user::call` can run it).
-pub extern "sysv64" fn find_s5(dsdt: u64) -> u64 {
+/// PkgLength, NumElements, then the first element. Returns the value, or 0xff00 when absent.
+/// A plain data walk, so it can run at CPL3.
+pub fn find_s5(dsdt: u64) -> u64 {
     let len = phys::r32(dsdt + 4) as u64;
     let aml = phys::bytes(dsdt, len);
     let mut i = 36;

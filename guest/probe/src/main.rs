@@ -114,10 +114,10 @@ extern "sysv64" fn kmain(start_info: u32) -> ! {
     let mut acpi = acpi::Acpi::parse(rsdp);
     Line::new().s("rsdp=").hex(rsdp);
     Line::new().s("acpi_oem=").b(acpi.oem_trimmed());
-    Line::new().s("acpi_cpus=").dec(acpi.cpus_counted as u64);
-    if acpi.dsdt.0 != 0 {
-        acpi.s5 = user::find_s5(acpi.dsdt.0);
-    }
+    Line::new().s("acpi_cpus=").dec(acpi.ncpus as u64);
+    // One trip to CPL3 both proves user mode works and scans the DSDT for `_S5_`.
+    let (user_ok, s5) = user::boot_check(acpi.dsdt.0);
+    acpi.s5 = s5;
     {
         let mut l = Line::new();
         l.s("acpi_pm=");
@@ -147,7 +147,7 @@ extern "sysv64" fn kmain(start_info: u32) -> ! {
         two(&mut l, t.min).s(":");
         two(&mut l, t.sec);
     }
-    Line::new().s("user=").s(if user::ping_ok() { "ok" } else { "fail" });
+    Line::new().s("user=").s(if user_ok { "ok" } else { "fail" });
 
     if let Some(n) = opts.pio {
         let ns = if opts.pio_kernel { user::pio_kernel(n) } else { user::pio(n).unwrap_or(0) };

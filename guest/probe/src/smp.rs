@@ -6,7 +6,9 @@ use crate::cpu::{cpuid, pause, rdmsr, wrmsr};
 use crate::serial::Line;
 use crate::{kvmclock, phys};
 use core::arch::global_asm;
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use crate::trap::{LAPIC_EOI, LAPIC_X2, WAKE_COUNT, WAKE_VECTOR};
+use core::arch::asm;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// Where the trampoline is copied (page aligned, below 1 MiB: SIPI vector 0x08).
 const TRAMPOLINE: u64 = 0x8000;
@@ -107,6 +109,10 @@ ap_stacks:
 static REPORTED: [AtomicU64; 16] = [const { AtomicU64::new(0) }; 16];
 /// APs that printed their line.
 static ONLINE: AtomicU32 = AtomicU32::new(0);
+/// Whether the BSP sleeps in `hlt` while it waits (then each AP sends it a wake-up IPI).
+static BSP_SLEEPS: AtomicBool = AtomicBool::new(false);
+/// The BSP's APIC id.
+static BSP_ID: AtomicU32 = AtomicU32::new(0);
 
 /// This CPU's APIC id (x2APIC id when CPUID leaf 0xB has it).
 pub fn apic_id() -> u32 {
@@ -130,6 +136,9 @@ extern "sysv64" fn ap_main() -> ! {
     }
     ONLINE.fetch_add(1, Ordering::AcqRel);
     drop(line);
+    if BSP_SLEEPS.load(Ordering::Acquire) {
+        Lapic::current().ipi(BSP_ID.load(Ordering::Relaxed), 0x4000 | WAKE_VECTOR as u32);
+    }
     crate::cpu::halt_forever()
 }
 
@@ -139,9 +148,72 @@ struct Lapic {
 }
 
 impl Lapic {
-    fn get() -> Lapic {
+    /// This CPU's LAPIC (mode and base from IA32_APIC_BASE).
+    fn current() -> Lapic {
         let v = rdmsr(0x1b);
         Lapic { x2: v & (1 << 10) != 0, base: v & 0x000f_ffff_ffff_f000 }
+    }
+
+    fn read(&self, reg: u32) -> u32 {
+        if self.x2 {
+            rdmsr(0x800 + (reg >> 4)) as u32
+        } else {
+            phys::r32(self.base + reg as u64)
+        }
+    }
+
+    fn write(&self, reg: u32, val: u32) {
+        if self.x2 {
+            wrmsr(0x800 + (reg >> 4), val as u64);
+        } else {
+            phys::write(self.base + reg as u64, 4, val as u64);
+        }
+    }
+
+    /// Software-enables the LAPIC, tells the wake ISR how to EOI, and checks with a self-IPI
+    /// that interrupts reach this CPU. Only then is it safe to wait in `hlt`.
+    fn enable_and_test(&self) -> bool {
+        // Firmware (SeaBIOS on q35) may have left the 8259s routed through LINT0 with the PIT
+        // ticking: mask both PICs and the LINTs so that only the wake vector can arrive.
+        crate::cpu::outb(0x21, 0xff);
+        crate::cpu::outb(0xa1, 0xff);
+        self.write(0x350, 1 << 16);
+        self.write(0x360, 1 << 16);
+        LAPIC_X2.store(self.x2, Ordering::Relaxed);
+        LAPIC_EOI.store(self.base + 0xb0, Ordering::Relaxed);
+        self.write(0xf0, self.read(0xf0) | 0x100 | WAKE_VECTOR as u32); // SVR: enable
+        let before = WAKE_COUNT.load(Ordering::Acquire);
+        self.ipi(0, (1 << 18) | 0x4000 | WAKE_VECTOR as u32); // shorthand: self
+        // SAFETY: the IDT has a handler for WAKE_VECTOR and nothing else can arrive (PICs and
+        // LINTs masked above, the timer LVT is masked after reset); interrupts are open only
+        // for the short poll below.
+        unsafe { asm!("sti", options(nostack)) };
+        let mut seen = false;
+        for _ in 0..5000 {
+            if WAKE_COUNT.load(Ordering::Acquire) != before {
+                seen = true;
+                break;
+            }
+            pause();
+        }
+        // SAFETY: closes the window opened above.
+        unsafe { asm!("cli", options(nostack)) };
+        seen
+    }
+
+    /// Periodic LAPIC timer on the wake vector (`count` bus cycles, divide by 1), or off.
+    fn timer(&self, count: Option<u32>) {
+        match count {
+            Some(c) => {
+                self.write(0x3e0, 0xb);
+                self.write(0x320, (1 << 17) | WAKE_VECTOR as u32);
+                self.write(0x380, c);
+            }
+            None => {
+                self.write(0x320, 1 << 16);
+                self.write(0x380, 0);
+            }
+        }
     }
 
     fn ipi(&self, dest: u32, lo: u32) {
@@ -168,33 +240,50 @@ pub fn start_aps(acpi: &Acpi) -> u32 {
     unsafe {
         core::ptr::copy_nonoverlapping(core::ptr::addr_of!(ap_tramp_start), TRAMPOLINE as *mut u8, len)
     };
-    let lapic = Lapic::get();
+    let lapic = Lapic::current();
+    BSP_ID.store(me, Ordering::Relaxed);
+    let sleep = lapic.enable_and_test();
+    BSP_SLEEPS.store(sleep, Ordering::Release);
     let mut started = 0u32;
-    for c in &acpi.cpus[..acpi.ncpus] {
-        if c.apic_id == me || started as usize >= MAX_APS || (!lapic.x2 && c.apic_id > 0xff) {
+    for id in acpi.cpus() {
+        if id == me || started as usize >= MAX_APS || (!lapic.x2 && id > 0xff) {
             continue;
         }
-        lapic.ipi(c.apic_id, 0x4500); // INIT, assert
-        lapic.ipi(c.apic_id, 0x4600 | (TRAMPOLINE >> 12) as u32); // SIPI
-        lapic.ipi(c.apic_id, 0x4600 | (TRAMPOLINE >> 12) as u32); // SIPI again
+        lapic.ipi(id, 0x4500); // INIT, assert
+        lapic.ipi(id, 0x4600 | (TRAMPOLINE >> 12) as u32); // SIPI
+        lapic.ipi(id, 0x4600 | (TRAMPOLINE >> 12) as u32); // SIPI again
         started += 1;
     }
-    // Generous: 5 s of kvmclock, or a large number of spins without it.
+    // Generous: 5 s of kvmclock; without it, 500 timer ticks (~10 ms each on KVM's 1 GHz APIC
+    // bus) when sleeping, or a large number of spins.
     let deadline = kvmclock::now_ns() + 5_000_000_000;
     let mut spins = 0u64;
+    if sleep {
+        lapic.timer(Some(10_000_000));
+    }
     while ONLINE.load(Ordering::Acquire) < started {
-        pause();
         spins += 1;
-        if kvmclock::enabled() {
-            if spins.is_multiple_of(64) && kvmclock::now_ns() > deadline {
-                break;
-            }
-        } else if spins > 200_000_000 {
+        if sleep {
+            // SAFETY: `sti; hlt` is atomic with respect to interrupts (STI shadow), so a wake-up
+            // IPI sent after the check above still ends the `hlt`; the periodic timer bounds the
+            // sleep in any case. The wake ISR only counts and EOIs.
+            unsafe { asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+        } else {
+            pause();
+        }
+        let expired = if kvmclock::enabled() {
+            (sleep || spins.is_multiple_of(64)) && kvmclock::now_ns() > deadline
+        } else {
+            spins > if sleep { 500 + MAX_APS as u64 } else { 200_000_000 }
+        };
+        if expired {
             break;
         }
     }
-    for c in &acpi.cpus[..acpi.ncpus] {
-        let id = c.apic_id;
+    if sleep {
+        lapic.timer(None);
+    }
+    for id in acpi.cpus() {
         if id == me {
             continue;
         }

@@ -13,12 +13,13 @@
 use crate::boot;
 use crate::serial;
 use core::arch::{asm, global_asm};
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 extern "C" {
     static isr_stubs: u8;
     static mut tss: [u8; TSS_SIZE];
-    static mut idt: [u64; 2 * 129];
+    static mut idt: [u64; 2 * 256];
+    fn wake_isr();
     fn syscall_entry();
     fn user_call_asm(f: extern "sysv64" fn(u64) -> u64, arg: u64, stack_top: u64) -> u64;
 }
@@ -74,6 +75,28 @@ user_resume:
     pop %rbx
     ret
 
+    /* The wake-up interrupt (APs' IPIs and the BSP's LAPIC timer while it waits for them):
+       count it, EOI (x2APIC MSR or xAPIC MMIO), return. */
+    .global wake_isr
+wake_isr:
+    push %rax
+    push %rcx
+    push %rdx
+    lock incl WAKE_COUNT(%rip)
+    cmpb $0, LAPIC_X2(%rip)
+    jne 1f
+    mov LAPIC_EOI(%rip), %rax
+    movl $0, (%rax)
+    jmp 2f
+1:  mov $0x80b, %ecx
+    xor %eax, %eax
+    xor %edx, %edx
+    wrmsr
+2:  pop %rdx
+    pop %rcx
+    pop %rax
+    iretq
+
     .global user_call_asm
 user_call_asm:
     push %rbx
@@ -103,10 +126,11 @@ user_entry:
     .balign 16
     .global idt
 idt:
-    .fill 2 * 129, 8, 0
+    .fill 2 * 256, 8, 0
     .global user_kernel_rsp
 user_kernel_rsp:
     .quad 0
+
     .balign 16
     .global tss
 tss:
@@ -173,6 +197,18 @@ pub struct UserFault {
     pub cr2: u64,
 }
 
+/// Vector of the wake-up interrupt (see `smp`).
+pub const WAKE_VECTOR: u8 = 0xf0;
+/// Wake-up interrupts taken (incremented by `wake_isr`).
+#[no_mangle]
+pub static WAKE_COUNT: AtomicU32 = AtomicU32::new(0);
+/// Whether the BSP's LAPIC is in x2APIC mode (`wake_isr` EOIs through the MSR then).
+#[no_mangle]
+pub static LAPIC_X2: AtomicBool = AtomicBool::new(false);
+/// Address of the xAPIC EOI register (used by `wake_isr`).
+#[no_mangle]
+pub static LAPIC_EOI: AtomicU64 = AtomicU64::new(0xfee0_00b0);
+
 /// TSS size: the 104-byte 64-bit TSS, an 8 KiB I/O bitmap, and its terminating 0xff byte.
 const TSS_SIZE: usize = 104 + 8192 + 1;
 
@@ -212,10 +248,11 @@ pub fn init() {
             i.add(v as usize).write_volatile(gate(stubs + v * 16, dpl));
         }
         i.add(0x80).write_volatile(gate(syscall_entry as *const () as u64, 3));
+        i.add(WAKE_VECTOR as usize).write_volatile(gate(wake_isr as *const () as u64, 0));
     }
     let idtr: [u16; 5] = {
         let b = core::ptr::addr_of!(idt) as u64;
-        [(129 * 16 - 1) as u16, b as u16, (b >> 16) as u16, (b >> 32) as u16, (b >> 48) as u16]
+        [(256 * 16 - 1) as u16, b as u16, (b >> 16) as u16, (b >> 32) as u16, (b >> 48) as u16]
     };
     // SAFETY: the IDT and TSS were just initialised and live for the whole run.
     unsafe {

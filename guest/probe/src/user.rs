@@ -10,14 +10,31 @@ fn ping_reply(x: u64) -> u64 {
     x.rotate_left(13) ^ 0x5eed_f00d_cafe_d00d
 }
 
-extern "sysv64" fn ping(x: u64) -> u64 {
-    ping_reply(x)
+/// Arguments and result of `boot_user`.
+#[repr(C)]
+struct BootCheck {
+    dsdt: u64,
+    cookie: u64,
+    s5: u64,
 }
 
-/// Enters CPL3 and comes back: the `user=ok` check.
-pub fn ping_ok() -> bool {
-    let x = 0x1234_5678_9abc_def0;
-    matches!(user_call(ping, x), Ok(v) if v == ping_reply(x))
+extern "sysv64" fn boot_user(arg: u64) -> u64 {
+    // SAFETY: `arg` is the address of a live `BootCheck` on the kernel stack (identity mapped,
+    // user accessible) that the kernel does not touch until this call returns.
+    let b = unsafe { &mut *(arg as *mut BootCheck) };
+    b.s5 = if b.dsdt != 0 { crate::acpi::find_s5(b.dsdt) } else { 0xff00 };
+    ping_reply(b.cookie)
+}
+
+/// Goes to CPL3 and back once: returns whether that worked (`user=ok`) and the DSDT's `_S5_`
+/// SLP_TYP (scanned at CPL3; at CPL0 if user mode failed).
+pub fn boot_check(dsdt: u64) -> (bool, Option<u8>) {
+    let mut b = BootCheck { dsdt, cookie: 0x1234_5678_9abc_def0, s5: 0xff00 };
+    let ok = matches!(user_call(boot_user, &mut b as *mut BootCheck as u64), Ok(v) if v == ping_reply(b.cookie));
+    if !ok && dsdt != 0 {
+        b.s5 = crate::acpi::find_s5(dsdt);
+    }
+    (ok, (b.s5 <= 0xff).then_some(b.s5 as u8))
 }
 
 extern "sysv64" fn pio_loop(n: u64) -> u64 {
@@ -146,10 +163,4 @@ pub fn memtest(m: &MemTest) -> Result<(), u64> {
         Ok(a) => Err(a),
         Err(f) => Err(f.cr2),
     }
-}
-
-/// Scans the DSDT for `_S5_` at CPL3 (falls back to CPL0 if user mode is unavailable).
-pub fn find_s5(dsdt: u64) -> Option<u8> {
-    let v = user_call(crate::acpi::find_s5, dsdt).unwrap_or_else(|_| crate::acpi::find_s5(dsdt));
-    (v <= 0xff).then_some(v as u8)
 }
