@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
+use crate::devices::{DiskConfig, NetConfig, VsockConfig};
 use crate::size::parse_mib;
 
 /// Most vCPUs a VM may have.
@@ -94,6 +95,21 @@ pub struct VmConfig {
     /// The first serial port.
     #[serde(default)]
     pub serial: SerialMode,
+    /// virtio-blk disks, in PCI slot order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs, in PCI slot order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
+    /// A virtio-rng entropy device.
+    #[serde(default)]
+    pub rng: bool,
+    /// A virtio-vsock device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock: Option<VsockConfig>,
+    /// A virtio-balloon device.
+    #[serde(default)]
+    pub balloon: bool,
 }
 
 fn default_cpus() -> u32 {
@@ -127,6 +143,11 @@ impl VmConfig {
             cpus: default_cpus(),
             memory_mib: default_memory(),
             serial: SerialMode::default(),
+            disks: Vec::new(),
+            nets: Vec::new(),
+            rng: false,
+            vsock: None,
+            balloon: false,
         }
     }
 

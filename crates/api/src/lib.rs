@@ -4,7 +4,9 @@
 #![deny(unsafe_code)]
 
 mod config;
+mod devices;
 mod size;
 
 pub use config::{ConfigError, SerialMode, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
+pub use devices::{DeviceError, DiskConfig, DiskFormat, MacAddr, NetConfig, VsockConfig};
 pub use size::{parse_mib, SizeError};

@@ -150,6 +150,17 @@ impl Vcpu {
         self.fd.get_tsc_khz().ok().filter(|&k| k > 0)
     }
 
+    /// Sets or clears KVM's immediate-exit flag: while set, KVM_RUN returns at once (EINTR).
+    pub fn set_immediate_exit(&mut self, exit: bool) {
+        self.fd.set_kvm_immediate_exit(u8::from(exit));
+    }
+
+    /// The address of this vCPU's immediate-exit flag in the shared `kvm_run` page, for a
+    /// signal handler on the vCPU's own thread to set. It stays valid while this `Vcpu` lives.
+    pub fn immediate_exit_ptr(&mut self) -> *mut u8 {
+        &mut self.fd.get_kvm_run().immediate_exit as *mut u8
+    }
+
     /// Runs the vCPU until the next exit that needs the VMM.
     pub fn run(&mut self) -> Result<VmExit<'_>, HypervisorError> {
         let id = self.id;

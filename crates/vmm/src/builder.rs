@@ -69,6 +69,16 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
             })?;
         }
     }
+    if !cfg.disks.is_empty()
+        || !cfg.nets.is_empty()
+        || cfg.rng
+        || cfg.vsock.is_some()
+        || cfg.balloon
+    {
+        return Err(VmmError::Devices(
+            "virtio devices are not available in this build yet".into(),
+        ));
+    }
     let serial_out = console::output(&cfg.serial)?;
 
     let hypervisor = Hypervisor::new()?;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use ferro_api::{parse_mib, SerialMode, VmConfig};
+use ferro_api::{parse_mib, DiskConfig, NetConfig, SerialMode, VmConfig, VsockConfig};
 use ferro_vmm::builder::{self, BuildOptions};
 use ferro_vmm::kernel::BootProtocol;
 use ferro_vmm::{runner, ExitStatus, VmmError};
@@ -36,6 +36,21 @@ struct Args {
     /// Serial console: stdio, file:PATH or none.
     #[arg(long)]
     serial: Option<SerialMode>,
+    /// A virtio-blk disk: path=FILE[,format=raw|qcow2][,readonly=on][,serial=S]. Repeatable.
+    #[arg(long = "disk")]
+    disks: Vec<DiskConfig>,
+    /// A virtio-net NIC on a tap: tap=NAME[,mac=MAC][,bridge=BR], or `auto`. Repeatable.
+    #[arg(long = "net")]
+    nets: Vec<NetConfig>,
+    /// A virtio-rng entropy device.
+    #[arg(long)]
+    rng: bool,
+    /// A virtio-vsock device: cid=N,uds=PATH.
+    #[arg(long)]
+    vsock: Option<VsockConfig>,
+    /// A virtio-balloon device.
+    #[arg(long)]
+    balloon: bool,
     /// Read the VM's settings from a TOML or JSON file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -73,6 +88,14 @@ fn config(args: &Args) -> Result<VmConfig, VmmError> {
     }
     if let Some(s) = &args.serial {
         cfg.serial = s.clone();
+    }
+    // Device flags add to what the file lists.
+    cfg.disks.extend(args.disks.iter().cloned());
+    cfg.nets.extend(args.nets.iter().cloned());
+    cfg.rng |= args.rng;
+    cfg.balloon |= args.balloon;
+    if let Some(v) = &args.vsock {
+        cfg.vsock = Some(v.clone());
     }
     Ok(cfg)
 }

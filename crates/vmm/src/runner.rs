@@ -6,7 +6,9 @@ use std::os::fd::AsRawFd;
 
 use crate::builder::BuiltVm;
 use crate::console::{EscapeFilter, RawTerminal};
-use crate::vcpu::run_vcpu;
+use std::sync::Arc;
+
+use crate::vcpu::{install_kick_handler, run_vcpu, VcpuControl};
 use crate::{ExitStatus, VmmError};
 
 /// Stack size of a vCPU thread: the loop needs little, and 32 of them should stay small.
@@ -43,6 +45,8 @@ fn signal_fd() -> Result<std::fs::File, VmmError> {
 /// Runs the VM until it ends and returns how.
 pub fn run(vm: BuiltVm, console_input: bool) -> Result<ExitStatus, VmmError> {
     let mut sigfd = signal_fd()?;
+    install_kick_handler()?;
+    let control = Arc::new(VcpuControl::new(vm.vcpus.len()));
     let BuiltVm {
         vcpus,
         machine,
@@ -54,10 +58,11 @@ pub fn run(vm: BuiltVm, console_input: bool) -> Result<ExitStatus, VmmError> {
     for vcpu in vcpus {
         let bus = machine.bus.clone();
         let latch = latch.clone();
+        let control = control.clone();
         std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id()))
             .stack_size(VCPU_STACK)
-            .spawn(move || run_vcpu(vcpu, bus, latch))
+            .spawn(move || run_vcpu(vcpu, bus, latch, control))
             .map_err(VmmError::io("cannot start a vCPU thread"))?;
     }
 
