@@ -35,6 +35,7 @@ struct Opts {
     pio_kernel: bool,
     work: Option<u64>,
     memtest: Option<u64>,
+    input: Option<u64>,
 }
 
 fn parse_num(v: &[u8]) -> Option<u64> {
@@ -52,7 +53,7 @@ fn parse_num(v: &[u8]) -> Option<u64> {
 }
 
 fn parse_cmdline(cmd: &[u8]) -> Opts {
-    let mut o = Opts { exit: Exit::Poweroff, smp: true, pio: None, pio_kernel: false, work: None, memtest: None };
+    let mut o = Opts { exit: Exit::Poweroff, smp: true, pio: None, pio_kernel: false, work: None, memtest: None, input: None };
     for tok in cmd.split(|&c| c == b' ' || c == b'\t' || c == b'\n') {
         let Some(eq) = tok.iter().position(|&c| c == b'=') else { continue };
         let (k, v) = (&tok[..eq], &tok[eq + 1..]);
@@ -63,6 +64,7 @@ fn parse_cmdline(cmd: &[u8]) -> Opts {
             b"pio_cpl" => o.pio_kernel = v == b"0",
             b"work" => o.work = parse_num(v),
             b"memtest" => o.memtest = parse_num(v),
+            b"input" => o.input = parse_num(v),
             _ => {}
         }
     }
@@ -170,6 +172,16 @@ extern "sysv64" fn kmain(start_info: u32) -> ! {
             Ok(()) => Line::new().s("memtest=ok"),
             Err(a) => Line::new().s("memtest=fail:").hex(a),
         };
+    }
+
+    if let Some(n) = opts.input {
+        let mut buf = [0u8; serial::INPUT_MAX];
+        let want = (n as usize).min(buf.len());
+        let got = serial::read_input(&mut buf[..want], 10_000_000_000);
+        Line::new().s("input=").escaped(&buf[..got]);
+        if got < want {
+            Line::new().s("input_timeout=").dec(got as u64);
+        }
     }
 
     Line::new().s("probe=done");

@@ -38,6 +38,18 @@ impl Line {
         self
     }
 
+    /// Appends bytes: printable ASCII as is, anything else (and the backslash) as `\xNN`.
+    pub fn escaped(&mut self, s: &[u8]) -> &mut Self {
+        for &c in s {
+            if (0x20..0x7f).contains(&c) && c != b'\\' {
+                outb(COM1, c);
+            } else {
+                raw(&[b'\\', b'x', b"0123456789abcdef"[(c >> 4) as usize], b"0123456789abcdef"[(c & 15) as usize]]);
+            }
+        }
+        self
+    }
+
     /// Appends `0x` and a lower-case hexadecimal number.
     pub fn hex(&mut self, v: u64) -> &mut Self {
         let mut buf = [0u8; 18];
@@ -51,6 +63,31 @@ impl Drop for Line {
         outb(COM1, b'\n');
         LOCK.store(false, Ordering::Release);
     }
+}
+
+/// Most bytes `input=` reads.
+pub const INPUT_MAX: usize = 256;
+
+/// Reads up to `buf.len()` bytes from COM1 (polling LSR.DR), giving up after `timeout_ns` of
+/// kvmclock (or a fixed number of polls without it). Returns how many arrived.
+pub fn read_input(buf: &mut [u8], timeout_ns: u64) -> usize {
+    let clock = crate::kvmclock::enabled();
+    let deadline = crate::kvmclock::now_ns().saturating_add(timeout_ns);
+    let mut polls = 0u64;
+    let mut n = 0;
+    while n < buf.len() {
+        if crate::cpu::inb(COM1 + 5) & 1 != 0 {
+            buf[n] = crate::cpu::inb(COM1);
+            n += 1;
+            continue;
+        }
+        polls += 1;
+        let expired = if clock { crate::kvmclock::now_ns() > deadline } else { polls > 500_000 };
+        if expired {
+            break;
+        }
+    }
+    n
 }
 
 /// Writes bytes without taking the lock (fault paths).
