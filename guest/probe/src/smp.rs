@@ -181,7 +181,9 @@ impl Lapic {
         self.write(0x360, 1 << 16);
         LAPIC_X2.store(self.x2, Ordering::Relaxed);
         LAPIC_EOI.store(self.base + 0xb0, Ordering::Relaxed);
-        self.write(0xf0, self.read(0xf0) | 0x100 | WAKE_VECTOR as u32); // SVR: enable
+        // SVR: software enable; spurious interrupts also go to the wake vector (its ISR's EOI is
+        // harmless for them), so no vector without an IDT entry can be raised.
+        self.write(0xf0, (self.read(0xf0) & !0xff) | 0x100 | WAKE_VECTOR as u32);
         let before = WAKE_COUNT.load(Ordering::Acquire);
         self.ipi(0, (1 << 18) | 0x4000 | WAKE_VECTOR as u32); // shorthand: self
         // SAFETY: the IDT has a handler for WAKE_VECTOR and nothing else can arrive (PICs and
