@@ -3,7 +3,7 @@
 //! instructions: on hosts where CPL0 is emulated each instruction costs about half a microsecond.
 //!
 //! Layout of the GDT (also used by the AP trampoline and by user mode):
-//! 0x08 kernel code 64, 0x10 kernel data, 0x18 user code 32 (STAR base), 0x20 user data,
+//! 0x08 kernel code 64, 0x10 kernel data, 0x18 user code 32 (unused), 0x20 user data,
 //! 0x28 user code 64, 0x30 TSS (16 bytes, filled in by `cpu::init`), 0x40 kernel code 32.
 
 use core::arch::global_asm;
@@ -78,7 +78,7 @@ pvh_start32:
     mov %eax, %cr4
     mov $pml4, %eax
     mov %eax, %cr3
-    /* EFER: LME | SCE */
+    /* EFER: LME (and SCE, harmless: syscall is not used) */
     mov $0xc0000080, %ecx
     rdmsr
     or $0x101, %eax

@@ -45,7 +45,7 @@ pub fn rdmsr(msr: u32) -> u64 {
 /// Writes a model-specific register.
 #[inline(always)]
 pub fn wrmsr(msr: u32, val: u64) {
-    // SAFETY: callers write MSRs whose effect they own (syscall setup, kvmclock, x2APIC ICR);
+    // SAFETY: callers write MSRs whose effect they own (kvmclock, APIC base, x2APIC registers);
     // none of them changes memory the compiler knows about.
     unsafe {
         asm!("wrmsr", in("ecx") msr, in("eax") val as u32, in("edx") (val >> 32) as u32,

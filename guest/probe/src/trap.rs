@@ -1,14 +1,15 @@
-//! TSS, IDT, the syscall MSRs, and the switch to CPL3 and back (`user_call`).
+//! TSS, IDT, and the switch to CPL3 and back (`user_call`).
 //!
 //! `user_call(f, arg)` saves the kernel's callee-saved registers and stack pointer, `iretq`s to
 //! CPL3 (IOPL 3, interrupts off) where it calls `f(arg)` on the user stack, and comes back when
 //! `f` returns or when it faults (the exception handler unwinds to the saved kernel state).
 //!
-//! The way back is `int3` through a DPL3 gate. `syscall` (LSTAR) and `int 0x80` (DPL3 gate) are
-//! wired up too and work on ordinary KVM, but on a PVM host (non-PVM guest) `int 0x80` raises #UD
-//! and `syscall` lands in LSTAR without leaving user privilege; exceptions from CPL3, `int3`
-//! included, are delivered through the IDT everywhere. Likewise IOPL 3 is not honoured by PVM,
-//! so user-mode port I/O is allowed by the TSS I/O bitmap (which PVM's emulation consults).
+//! The way back is `int3` through a DPL3 gate (an `int 0x80` gate with DPL3 returns the same
+//! way). `syscall` is deliberately not used: on a PVM host (non-PVM guest) `syscall` lands in
+//! LSTAR without leaving user privilege and `int 0x80` raises #UD, while exceptions from CPL3,
+//! `int3` included, are delivered through the IDT everywhere (also, PVM only accepts a STAR whose
+//! user selectors match the host's). Likewise IOPL 3 is not honoured by PVM, so user-mode port
+//! I/O is allowed by the TSS I/O bitmap (which PVM's emulation of the trapped `out` consults).
 
 use crate::boot;
 use crate::serial;
@@ -20,12 +21,12 @@ extern "C" {
     static mut tss: [u8; TSS_SIZE];
     static mut idt: [u64; 2 * 256];
     fn wake_isr();
-    fn syscall_entry();
+    fn int80_entry();
     fn user_call_asm(f: extern "sysv64" fn(u64) -> u64, arg: u64, stack_top: u64) -> u64;
 }
 
 // Exception stubs (16 bytes each so the IDT can be filled by index), the common exception path,
-// the syscall / int 0x80 return path and the CPL3 entry trampoline.
+// the return path from CPL3 and the CPL3 entry trampoline.
 global_asm!(
     r#"
     .section .text.trap, "ax", @progbits
@@ -58,10 +59,10 @@ isr_common:
     mov $-1, %rax
     jmp user_resume
 
-    /* Return from CPL3 with the result in RDI: `syscall`, `int 0x80`, or `int3` (vector 3 from
-       CPL3, the path used because it works on every host tried). */
-    .global syscall_entry
-syscall_entry:
+    /* Return from CPL3 with the result in RDI: `int3` (vector 3 from CPL3, the path used because
+       it works on every host tried) or `int 0x80`. The frame on the trap stack is dropped. */
+    .global int80_entry
+int80_entry:
 user_return:
     mov user_kernel_rsp(%rip), %rsp
     mov %rdi, %rax
@@ -220,7 +221,7 @@ fn gate(handler: u64, dpl: u64) -> [u64; 2] {
     [lo, handler >> 32]
 }
 
-/// Loads the TSS and the IDT and sets up `syscall`. BSP only.
+/// Loads the TSS and the IDT. BSP only.
 pub fn init() {
     let trap_top = core::ptr::addr_of!(boot::trap_stack_top) as u64;
     // SAFETY: `tss`, `gdt` and `idt` are static tables only this function writes, before any
@@ -247,7 +248,7 @@ pub fn init() {
             let dpl = if v == 3 { 3 } else { 0 };
             i.add(v as usize).write_volatile(gate(stubs + v * 16, dpl));
         }
-        i.add(0x80).write_volatile(gate(syscall_entry as *const () as u64, 3));
+        i.add(0x80).write_volatile(gate(int80_entry as *const () as u64, 3));
         i.add(WAKE_VECTOR as usize).write_volatile(gate(wake_isr as *const () as u64, 0));
     }
     let idtr: [u16; 5] = {
@@ -259,13 +260,6 @@ pub fn init() {
         asm!("lidt [{}]", in(reg) idtr.as_ptr(), options(nostack, readonly, preserves_flags));
         asm!("ltr {0:x}", in(reg) boot::TSS_SEL, options(nostack, nomem, preserves_flags));
     }
-    const STAR: u32 = 0xc000_0081;
-    const LSTAR: u32 = 0xc000_0082;
-    const SFMASK: u32 = 0xc000_0084;
-    crate::cpu::wrmsr(STAR, (0x18u64 << 48) | ((boot::KCODE64 as u64) << 32));
-    crate::cpu::wrmsr(LSTAR, syscall_entry as *const () as u64);
-    // TF, IF, DF, IOPL, NT, AC cleared on entry.
-    crate::cpu::wrmsr(SFMASK, 0x4_7700);
 }
 
 /// Runs `f(arg)` at CPL3 on the user stack; Err if it faulted.
