@@ -1,0 +1,862 @@
+//! ferro-bench: measures ferro-vmm against QEMU on /dev/kvm (probe guest) and in the KVM lab
+//! (Linux guest), alternating the systems run by run, and rewrites docs/benchmarks.md.
+//!
+//!   cargo run --release -p ferro-bench -- [--runs N] [--only vmm|lab] [--no-build]
+//!       [--pio N] [--timeout SECS] [--lab-runs N] [--out PATH]
+
+mod lab;
+mod parse;
+mod proc;
+mod report;
+mod stats;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context, Result};
+
+use report::{Metric, Results, Row, Sut};
+use stats::Target;
+
+/// Guest memory of every VM, MiB.
+const MEM_MIB: u64 = 256;
+/// The probe's command line for the boot metrics.
+const BOOT_CMDLINE: &str = "exit=poweroff smp=off";
+/// The probe's command line for the RSS breakdown (it halts; we sample and kill it).
+const HALT_CMDLINE: &str = "exit=halt smp=off";
+
+#[derive(Debug, Clone)]
+pub struct Args {
+    pub runs: usize,
+    pub lab_runs: Option<usize>,
+    pub only: Option<String>,
+    pub build: bool,
+    pub pio: u64,
+    pub timeout: Duration,
+    pub out: Option<PathBuf>,
+    pub repo: Option<PathBuf>,
+}
+
+const USAGE: &str =
+    "usage: ferro-bench [--runs N (7)] [--only vmm|lab] [--no-build] [--pio N (200000)]
+                   [--timeout SECS (30)] [--lab-runs N (= --runs)] [--out PATH] [--repo DIR]
+Runs ferro-vmm and its comparators alternately, N measured runs each after one warm-up, and
+rewrites docs/benchmarks.md with the medians.";
+
+fn parse_args(argv: &[String]) -> Result<Args> {
+    let mut a = Args {
+        runs: 7,
+        lab_runs: None,
+        only: None,
+        build: true,
+        pio: 200_000,
+        timeout: Duration::from_secs(30),
+        out: None,
+        repo: None,
+    };
+    let mut it = argv.iter();
+    while let Some(flag) = it.next() {
+        let (flag, inline) = match flag.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+            _ => (flag.clone(), None),
+        };
+        let mut val = || -> Result<String> {
+            match &inline {
+                Some(v) => Ok(v.clone()),
+                None => it
+                    .next()
+                    .cloned()
+                    .with_context(|| format!("{flag} needs a value\n{USAGE}")),
+            }
+        };
+        match flag.as_str() {
+            "--runs" => a.runs = val()?.parse().context("--runs: not a number")?,
+            "--lab-runs" => a.lab_runs = Some(val()?.parse().context("--lab-runs: not a number")?),
+            "--only" => {
+                let v = val()?;
+                if v != "vmm" && v != "lab" {
+                    bail!("--only takes vmm or lab, not {v}\n{USAGE}");
+                }
+                a.only = Some(v);
+            }
+            "--no-build" => a.build = false,
+            "--pio" => a.pio = val()?.parse().context("--pio: not a number")?,
+            "--timeout" => {
+                a.timeout = Duration::from_secs(val()?.parse().context("--timeout: not a number")?)
+            }
+            "--out" => a.out = Some(PathBuf::from(val()?)),
+            "--repo" => a.repo = Some(PathBuf::from(val()?)),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}\n{USAGE}"),
+        }
+    }
+    if a.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    Ok(a)
+}
+
+/// `name` on $PATH, or the path itself if it contains a slash.
+pub fn which(name: &str) -> Option<PathBuf> {
+    if name.contains('/') {
+        let p = PathBuf::from(name);
+        return is_executable(&p).then_some(p);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| is_executable(p))
+    })
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+fn log(msg: impl AsRef<str>) {
+    eprintln!("ferro-bench: {}", msg.as_ref());
+}
+
+fn strings(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// Runs a build step; on failure keeps going with an existing `product` if there is one.
+fn build_step(desc: &str, program: &Path, args: &[&str], product: &Path) -> Result<()> {
+    log(format!(
+        "building {desc}: {} {}",
+        program.display(),
+        args.join(" ")
+    ));
+    let out = proc::output(program, &strings(args), Duration::from_secs(1800));
+    let problem = match out {
+        Ok(o) if o.status == proc::Status::Exited(0) => None,
+        Ok(o) => Some(format!(
+            "{}: {}",
+            o.status,
+            parse::last_lines(&o.output(), 6)
+        )),
+        Err(e) => Some(format!("{e:#}")),
+    };
+    if let Some(p) = problem {
+        if product.exists() {
+            log(format!(
+                "warning: building {desc} failed ({p}); using the existing {}",
+                product.display()
+            ));
+        } else {
+            bail!(
+                "building {desc} failed and {} does not exist: {p}",
+                product.display()
+            );
+        }
+    }
+    if !product.exists() {
+        bail!("{} is missing after building {desc}", product.display());
+    }
+    Ok(())
+}
+
+/// Everything the vmm benchmarks need to launch.
+pub struct Env {
+    pub repo: PathBuf,
+    pub ferro: PathBuf,
+    pub probe: PathBuf,
+    pub qemu: Option<PathBuf>,
+    pub cc: Option<PathBuf>,
+    pub work: PathBuf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Machine {
+    Microvm,
+    Q35,
+}
+
+fn qemu_args(m: Machine, probe: &Path, cmdline: &str) -> Vec<String> {
+    let mut a = strings(&["-accel", "kvm", "-cpu", "host,-arch-capabilities", "-M"]);
+    match m {
+        Machine::Microvm => a.push("microvm,x-option-roms=off,rtc=on".into()),
+        Machine::Q35 => a.extend(strings(&["q35", "-no-reboot"])),
+    }
+    a.extend(strings(&[
+        "-m",
+        &MEM_MIB.to_string(),
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-kernel",
+    ]));
+    a.push(probe.display().to_string());
+    a.push("-append".into());
+    a.push(cmdline.into());
+    a
+}
+
+fn ferro_args(probe: &Path, cmdline: &str) -> Vec<String> {
+    let mut a = vec!["--kernel".to_string(), probe.display().to_string()];
+    a.extend(strings(&[
+        "--cmdline",
+        cmdline,
+        "--cpus",
+        "1",
+        "--memory",
+        &MEM_MIB.to_string(),
+        "--serial",
+        "stdio",
+    ]));
+    a
+}
+
+/// The program and arguments that boot the probe with `cmdline` on `sut`.
+fn probe_command(env: &Env, sut: Sut, cmdline: &str) -> Option<(PathBuf, Vec<String>)> {
+    match sut {
+        Sut::Ferro => Some((env.ferro.clone(), ferro_args(&env.probe, cmdline))),
+        Sut::Microvm => env
+            .qemu
+            .clone()
+            .map(|q| (q, qemu_args(Machine::Microvm, &env.probe, cmdline))),
+        Sut::Q35 => env
+            .qemu
+            .clone()
+            .map(|q| (q, qemu_args(Machine::Q35, &env.probe, cmdline))),
+        Sut::Bare => None,
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Why a probe run does not count, if it does not.
+fn probe_run_problem(o: &proc::Outcome, expect: &proc::Status) -> Option<String> {
+    if &o.status != expect {
+        return Some(format!(
+            "{}: {}",
+            o.status,
+            parse::last_lines(&o.output(), 3)
+        ));
+    }
+    if !o.stdout.contains("probe=start") {
+        return Some(format!(
+            "no probe=start on the console: {}",
+            parse::last_lines(&o.output(), 3)
+        ));
+    }
+    None
+}
+
+/// Metrics 1-3: first serial byte, process exit, peak RSS; ferro-vmm, QEMU microvm and QEMU
+/// q35 in turn, round after round (round 0 is the warm-up).
+fn bench_boot(env: &Env, args: &Args, r: &mut Results) {
+    let suts = [Sut::Ferro, Sut::Microvm, Sut::Q35];
+    for round in 0..=args.runs {
+        for &sut in &suts {
+            let Some((prog, a)) = probe_command(env, sut, BOOT_CMDLINE) else {
+                continue;
+            };
+            let res = proc::run(&proc::Spec {
+                program: &prog,
+                args: &a,
+                timeout: args.timeout,
+                markers: &["probe=start"],
+                smaps_at: None,
+                echo: false,
+            });
+            let tag = if round == 0 {
+                "warm-up".to_string()
+            } else {
+                format!("{round}/{}", args.runs)
+            };
+            let o = match res {
+                Ok(o) => o,
+                Err(e) => {
+                    log(format!("boot {tag} {}: {e:#}", sut.label()));
+                    for m in [
+                        Metric::FirstByte,
+                        Metric::ProbeStart,
+                        Metric::Exit,
+                        Metric::MaxRss,
+                    ] {
+                        r.fail(m, sut, format!("{e:#}"));
+                    }
+                    continue;
+                }
+            };
+            if let Some(p) = probe_run_problem(&o, &proc::Status::Exited(0)) {
+                log(format!("boot {tag} {}: FAILED: {p}", sut.label()));
+                if round > 0 {
+                    for m in [
+                        Metric::FirstByte,
+                        Metric::ProbeStart,
+                        Metric::Exit,
+                        Metric::MaxRss,
+                    ] {
+                        r.fail(m, sut, p.clone());
+                    }
+                }
+                continue;
+            }
+            let first = o.first_byte.map(ms);
+            let start = o.markers[0].map(ms);
+            let exit = ms(o.exited);
+            let rss = o.maxrss_kib as f64 / 1024.0;
+            log(format!(
+                "boot {tag} {}: first byte {} ms, probe=start {} ms, exit {exit:.1} ms, maxrss {rss:.2} MiB",
+                sut.label(),
+                first.map_or("-".into(), |v| format!("{v:.2}")),
+                start.map_or("-".into(), |v| format!("{v:.2}")),
+            ));
+            if round == 0 {
+                continue;
+            }
+            if let Some(v) = first {
+                r.add(Metric::FirstByte, sut, v);
+            }
+            if let Some(v) = start {
+                r.add(Metric::ProbeStart, sut, v);
+            }
+            r.add(Metric::Exit, sut, exit);
+            r.add(Metric::MaxRss, sut, rss);
+        }
+    }
+}
+
+/// Metric 3b: the VMM's resident memory without the guest's RAM, sampled from smaps once the
+/// probe has halted (`exit=halt`), then the VMM is killed.
+fn bench_rss(env: &Env, args: &Args, r: &mut Results) {
+    let suts = [Sut::Ferro, Sut::Microvm, Sut::Q35];
+    for round in 0..=args.runs {
+        for &sut in &suts {
+            let Some((prog, a)) = probe_command(env, sut, HALT_CMDLINE) else {
+                continue;
+            };
+            let tag = if round == 0 {
+                "warm-up".to_string()
+            } else {
+                format!("{round}/{}", args.runs)
+            };
+            let o = match proc::run(&proc::Spec {
+                program: &prog,
+                args: &a,
+                timeout: args.timeout,
+                markers: &[],
+                smaps_at: Some("probe=exit:halt"),
+                echo: false,
+            }) {
+                Ok(o) => o,
+                Err(e) => {
+                    r.fail(Metric::RssNoGuest, sut, format!("{e:#}"));
+                    continue;
+                }
+            };
+            let problem = probe_run_problem(&o, &proc::Status::Sampled);
+            let smaps = o
+                .smaps
+                .as_deref()
+                .map(|t| parse::parse_smaps(t, MEM_MIB << 20));
+            let problem = problem.or_else(|| match smaps {
+                None => Some("could not read /proc/PID/smaps".into()),
+                Some(s) if s.guest_mappings != 1 => Some(format!(
+                    "found {} mappings that look like guest RAM (expected 1)",
+                    s.guest_mappings
+                )),
+                _ => None,
+            });
+            if let Some(p) = problem {
+                log(format!("rss {tag} {}: FAILED: {p}", sut.label()));
+                if round > 0 {
+                    r.fail(Metric::RssNoGuest, sut, p.clone());
+                    r.fail(Metric::GuestRss, sut, p);
+                }
+                continue;
+            }
+            let s = smaps.expect("checked above");
+            let rest = (s.total_kib - s.guest_kib) as f64 / 1024.0;
+            let guest = s.guest_kib as f64 / 1024.0;
+            log(format!(
+                "rss {tag} {}: total {:.2} MiB, guest RAM {guest:.2} MiB, rest {rest:.2} MiB",
+                sut.label(),
+                s.total_kib as f64 / 1024.0
+            ));
+            if round > 0 {
+                r.add(Metric::RssNoGuest, sut, rest);
+                r.add(Metric::GuestRss, sut, guest);
+            }
+        }
+    }
+}
+
+/// Compiles benches/bare/kvm_pio_loop.c; the binary's path or why not.
+fn build_bare(env: &Env) -> std::result::Result<PathBuf, String> {
+    let cc = env.cc.as_ref().ok_or("no C compiler (cc) on PATH")?;
+    let src = env.repo.join("benches/bare/kvm_pio_loop.c");
+    let bin = env.work.join("kvm_pio_loop");
+    let a = vec![
+        "-O2".to_string(),
+        "-o".into(),
+        bin.display().to_string(),
+        src.display().to_string(),
+    ];
+    match proc::output(cc, &a, Duration::from_secs(120)) {
+        Ok(o) if o.status == proc::Status::Exited(0) => Ok(bin),
+        Ok(o) => Err(format!("cc failed: {}", parse::last_lines(&o.output(), 3))),
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+/// Metric 4: port-I/O exits per second (the probe's own count from its user-mode loop), ferro-vmm
+/// and QEMU microvm in turn, plus the bare C loop as the floor of the host.
+fn bench_pio(env: &Env, args: &Args, r: &mut Results) {
+    let bare = match build_bare(env) {
+        Ok(b) => Some(b),
+        Err(why) => {
+            log(format!("bare KVM loop not measured: {why}"));
+            r.skip(Metric::Pio, Sut::Bare, why);
+            None
+        }
+    };
+    let cmdline = format!("exit=poweroff smp=off pio={}", args.pio);
+    // The loop runs for seconds on a slow host: allow more than the boot timeout.
+    let timeout = args.timeout.max(Duration::from_secs(30)) * 2;
+    for round in 0..=args.runs {
+        let tag = if round == 0 {
+            "warm-up".to_string()
+        } else {
+            format!("{round}/{}", args.runs)
+        };
+        for sut in [Sut::Ferro, Sut::Microvm, Sut::Bare] {
+            let (prog, a) = match sut {
+                Sut::Bare => match &bare {
+                    Some(b) => (b.clone(), vec!["1".to_string()]),
+                    None => continue,
+                },
+                _ => match probe_command(env, sut, &cmdline) {
+                    Some(c) => c,
+                    None => continue,
+                },
+            };
+            let o = match proc::output(&prog, &a, timeout) {
+                Ok(o) => o,
+                Err(e) => {
+                    r.fail(Metric::Pio, sut, format!("{e:#}"));
+                    continue;
+                }
+            };
+            let value = if sut == Sut::Bare {
+                parse::bare_pio_per_sec(&o.stdout)
+            } else {
+                parse::probe_pio_per_sec(&o.stdout)
+            };
+            let problem = if o.status != proc::Status::Exited(0) {
+                Some(format!(
+                    "{}: {}",
+                    o.status,
+                    parse::last_lines(&o.output(), 3)
+                ))
+            } else if value.is_none() {
+                Some(if sut == Sut::Bare {
+                    format!("no bare_per_sec in: {}", parse::last_lines(&o.output(), 3))
+                } else {
+                    "the probe printed no pio_per_sec (does it support pio= yet?)".to_string()
+                })
+            } else {
+                None
+            };
+            if let Some(p) = problem {
+                log(format!("pio {tag} {}: FAILED: {p}", sut.label()));
+                if round > 0 {
+                    r.fail(Metric::Pio, sut, p);
+                }
+                continue;
+            }
+            let v = value.expect("checked above");
+            log(format!("pio {tag} {}: {v:.0} exits/s", sut.label()));
+            if round > 0 {
+                r.add(Metric::Pio, sut, v);
+            }
+        }
+    }
+}
+
+/// The host lines of the report.
+fn host_lines(env: Option<&Env>, repo: &Path) -> Vec<String> {
+    let mut lines = Vec::new();
+    let ferro = env
+        .map(|e| e.ferro.clone())
+        .unwrap_or_else(|| repo.join("target/release/ferro-vmm"));
+    match proc::output(
+        &ferro,
+        &["--host-info".to_string()],
+        Duration::from_secs(10),
+    ) {
+        Ok(o) if o.status == proc::Status::Exited(0) => {
+            for l in parse::host_info_head(&o.stdout, 3) {
+                lines.push(format!("`{l}`"));
+            }
+        }
+        Ok(o) => lines.push(format!(
+            "ferro-vmm --host-info failed: {}",
+            parse::last_lines(&o.output(), 2)
+        )),
+        Err(e) => lines.push(format!("ferro-vmm --host-info: {e:#}")),
+    }
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| parse::cpu_model(&c))
+        .unwrap_or_else(|| "unknown".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    lines.push(format!("CPU: {cpu} ({cores} CPUs available)"));
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    lines.push(format!("kernel: {kernel}"));
+    if let Some(q) = env
+        .and_then(|e| e.qemu.clone())
+        .or_else(|| which("qemu-system-x86_64"))
+    {
+        if let Ok(o) = proc::output(&q, &["--version".to_string()], Duration::from_secs(10)) {
+            if let Some(l) = o.stdout.lines().next() {
+                lines.push(format!("comparator: {l}"));
+            }
+        }
+    }
+    if let Ok(s) = std::fs::read_to_string("/proc/loadavg") {
+        let la: Vec<&str> = s.split_whitespace().take(3).collect();
+        lines.push(format!("load average at the end: {}", la.join(" ")));
+    }
+    lines
+}
+
+fn now_utc() -> String {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let (y, mo, d, h, mi, s) = stats::utc_from_unix(secs);
+    format!("{y:04}-{mo:02}-{d:02} {h:02}:{mi:02}:{s:02} UTC")
+}
+
+fn git_head(repo: &Path) -> String {
+    let a = strings(&[
+        "-C",
+        &repo.display().to_string(),
+        "rev-parse",
+        "--short",
+        "HEAD",
+    ]);
+    match proc::output(Path::new("git"), &a, Duration::from_secs(10)) {
+        Ok(o) if o.status == proc::Status::Exited(0) => o.stdout.trim().to_string(),
+        _ => "unknown".into(),
+    }
+}
+
+const VMM_ROWS: [Row; 11] = [
+    Row::new(Metric::FirstByte, Sut::Microvm, Target::RatioAtMost(0.1)),
+    Row::new(Metric::FirstByte, Sut::Q35, Target::Info),
+    Row::new(Metric::ProbeStart, Sut::Microvm, Target::Info),
+    Row::new(Metric::Exit, Sut::Microvm, Target::RatioAtMost(0.3)),
+    Row::new(Metric::Exit, Sut::Q35, Target::Info),
+    Row::new(Metric::MaxRss, Sut::Microvm, Target::ValueAtMost(4.0)),
+    Row::new(Metric::MaxRss, Sut::Q35, Target::Info),
+    Row::new(Metric::RssNoGuest, Sut::Microvm, Target::Info),
+    Row::new(Metric::GuestRss, Sut::Microvm, Target::Info),
+    Row::new(Metric::Pio, Sut::Microvm, Target::RatioAtLeast(1.05)),
+    Row::new(Metric::Pio, Sut::Bare, Target::Info),
+];
+
+const LAB_ROWS: [Row; 3] = [
+    Row::new(Metric::LabMarker, Sut::Microvm, Target::RatioAtMost(0.9)),
+    Row::new(Metric::LabFirstByte, Sut::Microvm, Target::Info),
+    Row::new(Metric::LabExit, Sut::Microvm, Target::Info),
+];
+
+fn vmm_section(r: &Results, args: &Args, date: &str, head: &str) -> String {
+    let metrics = [
+        Metric::FirstByte,
+        Metric::ProbeStart,
+        Metric::Exit,
+        Metric::MaxRss,
+        Metric::RssNoGuest,
+        Metric::GuestRss,
+        Metric::Pio,
+    ];
+    let qemu_pio = r.median(Metric::Pio, Sut::Microvm);
+    let bare = r.median(Metric::Pio, Sut::Bare);
+    let mut s = format!(
+        "## Probe guest on /dev/kvm\n\n\
+         Measured {date} at commit {head}; {} alternating runs per system after one warm-up each;\n\
+         probe cmdline `{BOOT_CMDLINE}` (boot rows), `{HALT_CMDLINE}` (RSS without guest RAM),\n\
+         `exit=poweroff smp=off pio={}` (port I/O); {MEM_MIB} MiB, 1 vCPU.\n\n",
+        args.runs, args.pio
+    );
+    s.push_str(&report::summary_table(r, &VMM_ROWS));
+    if let Some(q) = stats::ratio(qemu_pio, bare) {
+        s.push_str(&format!(
+            "\nQEMU microvm reaches {} of the bare loop's port-I/O exit rate.\n",
+            stats::fmt_ratio(q)
+        ));
+    }
+    s.push_str("\nAll samples:\n\n");
+    s.push_str(&report::spread_table(r, &metrics));
+    s
+}
+
+fn lab_section(r: &Results, lab: &lab::LabOutcome, date: &str, head: &str) -> String {
+    let mut s = format!(
+        "## Linux guest in the KVM lab\n\n\
+         Measured {date} at commit {head}; {} alternating runs per system after one warm-up each,\n\
+         inside the lab (QEMU TCG with emulated AMD-V; nested KVM is slow, only ratios matter).\n\
+         Guest: /guest/vmlinux + /guest/initramfs.cpio.gz, `{}`, 256 MiB, 1 vCPU.\n",
+        lab.runs,
+        lab::LINUX_CMDLINE
+    );
+    for l in &lab.info {
+        s.push_str(&format!("Lab: {l}\n"));
+    }
+    s.push('\n');
+    s.push_str(&report::summary_table(r, &LAB_ROWS));
+    s.push_str("\nAll samples:\n\n");
+    s.push_str(&report::spread_table(
+        r,
+        &[Metric::LabFirstByte, Metric::LabMarker, Metric::LabExit],
+    ));
+    if !lab.notes.is_empty() {
+        s.push('\n');
+        for n in &lab.notes {
+            s.push_str(&format!("- {n}\n"));
+        }
+    }
+    s
+}
+
+const INTRO: &str = "# Benchmarks
+
+Generated by `ferro-bench` (benches/); do not edit by hand. Run it from the repository root:
+
+    cargo run --release -p ferro-bench -- [--runs 7] [--only vmm|lab]
+
+It builds `ferro-vmm` (`cargo build --release -p ferro-vmm`) and the probe guest
+(`bash guest/probe/build-probe.sh`), then runs ferro-vmm and its comparators **alternately**
+(ferro-vmm, QEMU microvm, QEMU q35, ferro-vmm, ...), one warm-up run each and then N measured
+runs, and reports **medians**. Every child is killed after a timeout; a failed run is listed and
+left out of the medians.
+
+What is measured, on the host's /dev/kvm with the probe guest (guest/probe, a PVH no_std kernel
+that prints `probe=start` first):
+- **first serial byte**: from just before the spawn of the VMM to the first byte read from its
+  stdout pipe (the guest's COM1 on stdio); `probe=start` line: to the end of that line.
+- **process exit**: from the spawn to the VMM's exit (wait4 through a pidfd), guest power-off.
+- **peak RSS**: ru_maxrss of the VMM from wait4. **RSS without guest RAM**: with `exit=halt`,
+  /proc/PID/smaps is read once the probe has halted, and the Rss of the guest-RAM mapping (the
+  one anonymous mapping of the guest's size) is subtracted from the total.
+- **port-I/O exits/s**: the probe's own `pio_per_sec` (N `out 0x80` from guest user mode), and
+  as the host's floor a bare C KVM_RUN loop (benches/bare/kvm_pio_loop.c, real mode,
+  `out 0x80, al; jmp` for 1 s).
+
+In the KVM lab (lab/lab.sh, when its prerequisites exist), a Linux guest is timed from the spawn
+to its first userspace line `linux-init: start` by a static C helper (benches/lab/bench-timer.c).
+";
+
+fn main() {
+    if let Err(e) = real_main() {
+        eprintln!("ferro-bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn real_main() -> Result<()> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let args = parse_args(&argv)?;
+    let repo = match &args.repo {
+        Some(r) => r.clone(),
+        None => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .context("no repository root")?
+            .to_path_buf(),
+    };
+    let repo = repo
+        .canonicalize()
+        .with_context(|| format!("repository {}", repo.display()))?;
+    std::env::set_current_dir(&repo)?;
+    let out_path = args
+        .out
+        .clone()
+        .unwrap_or_else(|| repo.join("docs/benchmarks.md"));
+    let work = repo.join("target/ferro-bench");
+    std::fs::create_dir_all(&work)?;
+
+    let do_vmm = args.only.as_deref() != Some("lab");
+    let do_lab = args.only.as_deref() != Some("vmm");
+
+    let ferro = repo.join("target/release/ferro-vmm");
+    let probe = repo.join("guest/probe/target/release/probe");
+    if args.build {
+        let cargo = std::env::var_os("CARGO")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("cargo"));
+        build_step(
+            "ferro-vmm",
+            &cargo,
+            &["build", "--release", "-p", "ferro-vmm"],
+            &ferro,
+        )?;
+        if do_vmm {
+            build_step(
+                "the probe guest",
+                Path::new("bash"),
+                &["guest/probe/build-probe.sh"],
+                &probe,
+            )?;
+        }
+    }
+    if !is_executable(&ferro) {
+        bail!(
+            "ferro-vmm binary missing: {} (build it with cargo build --release -p ferro-vmm)",
+            ferro.display()
+        );
+    }
+    let qemu = which("qemu-system-x86_64");
+    if qemu.is_none() {
+        log("error: qemu-system-x86_64 not found on PATH: the QEMU columns stay empty");
+    }
+    let env = Env {
+        repo: repo.clone(),
+        ferro,
+        probe,
+        qemu,
+        cc: which("cc"),
+        work,
+    };
+
+    let old_doc = std::fs::read_to_string(&out_path).unwrap_or_default();
+    let date = now_utc();
+    let head = git_head(&repo);
+    let mut r = Results::default();
+
+    let vmm = if do_vmm {
+        if !env.probe.exists() {
+            bail!(
+                "probe guest missing: {} (build it with bash guest/probe/build-probe.sh)",
+                env.probe.display()
+            );
+        }
+        if env.qemu.is_none() {
+            for m in [
+                Metric::FirstByte,
+                Metric::ProbeStart,
+                Metric::Exit,
+                Metric::MaxRss,
+                Metric::RssNoGuest,
+                Metric::GuestRss,
+                Metric::Pio,
+            ] {
+                for s in [Sut::Microvm, Sut::Q35] {
+                    r.skip(m, s, "qemu-system-x86_64 not found on PATH");
+                }
+            }
+        }
+        log(format!("vmm: boot metrics, {} runs", args.runs));
+        bench_boot(&env, &args, &mut r);
+        log("vmm: RSS without guest RAM");
+        bench_rss(&env, &args, &mut r);
+        log(format!("vmm: port I/O, pio={}", args.pio));
+        bench_pio(&env, &args, &mut r);
+        Some(report::section(
+            "vmm",
+            &vmm_section(&r, &args, &date, &head),
+        ))
+    } else {
+        None
+    };
+
+    let lab = if do_lab {
+        let lab_runs = args.lab_runs.unwrap_or(args.runs);
+        let outcome = lab::run(&env, lab_runs, &mut r);
+        Some(report::section(
+            "lab",
+            &lab_section(&r, &outcome, &date, &head),
+        ))
+    } else {
+        None
+    };
+
+    let placeholder = |name: &str, title: &str| {
+        report::section(
+            name,
+            &format!("## {title}\n\nNot measured yet: run ferro-bench with `--only {name}`.\n"),
+        )
+    };
+    let vmm = vmm
+        .or_else(|| report::old_section(&old_doc, "vmm"))
+        .unwrap_or_else(|| placeholder("vmm", "Probe guest on /dev/kvm"));
+    let lab = lab
+        .or_else(|| report::old_section(&old_doc, "lab"))
+        .unwrap_or_else(|| placeholder("lab", "Linux guest in the KVM lab"));
+
+    let mut doc = String::from(INTRO);
+    doc.push_str(&format!(
+        "\n## Host\n\nLast run: {date}, commit {head}.\n\n"
+    ));
+    for l in host_lines(Some(&env), &repo) {
+        doc.push_str(&format!("- {l}\n"));
+    }
+    doc.push('\n');
+    doc.push_str(&vmm);
+    doc.push('\n');
+    doc.push_str(&lab);
+    if let Some(dir) = out_path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&out_path, &doc).with_context(|| format!("writing {}", out_path.display()))?;
+    log(format!("wrote {}", out_path.display()));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Result<Args> {
+        parse_args(&strings(v))
+    }
+
+    #[test]
+    fn arguments() {
+        let a = args(&[]).unwrap();
+        assert_eq!(a.runs, 7);
+        assert!(a.build && a.only.is_none());
+        let a = args(&["--runs", "3", "--only=lab", "--no-build", "--pio", "1000"]).unwrap();
+        assert_eq!(a.runs, 3);
+        assert_eq!(a.only.as_deref(), Some("lab"));
+        assert!(!a.build);
+        assert_eq!(a.pio, 1000);
+        assert!(args(&["--only", "x"]).is_err());
+        assert!(args(&["--runs"]).is_err());
+        assert!(args(&["--runs", "0"]).is_err());
+        assert!(args(&["--bogus"]).is_err());
+    }
+
+    #[test]
+    fn commands() {
+        let p = Path::new("/p/probe");
+        let q = qemu_args(Machine::Q35, p, "exit=poweroff smp=off");
+        let joined = q.join(" ");
+        assert!(joined.contains("-M q35 -no-reboot -m 256 -smp 1"));
+        assert!(joined.ends_with("-kernel /p/probe -append exit=poweroff smp=off"));
+        let m = qemu_args(Machine::Microvm, p, "x").join(" ");
+        assert!(m.contains("-cpu host,-arch-capabilities -M microvm,x-option-roms=off,rtc=on"));
+        let f = ferro_args(p, "a b").join(" ");
+        assert_eq!(
+            f,
+            "--kernel /p/probe --cmdline a b --cpus 1 --memory 256 --serial stdio"
+        );
+    }
+}

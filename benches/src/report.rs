@@ -1,0 +1,301 @@
+//! The samples of a bench run and docs/benchmarks.md.
+
+use std::collections::BTreeMap;
+
+use crate::stats::{fmt_ratio, fmt_value, median, min_max, ratio, Target, Verdict};
+
+/// A system under test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Sut {
+    Ferro,
+    Microvm,
+    Q35,
+    Bare,
+}
+
+impl Sut {
+    pub fn label(self) -> &'static str {
+        match self {
+            Sut::Ferro => "ferro-vmm",
+            Sut::Microvm => "QEMU microvm",
+            Sut::Q35 => "QEMU q35",
+            Sut::Bare => "bare C KVM_RUN loop",
+        }
+    }
+}
+
+/// A measured quantity.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Metric {
+    FirstByte,
+    ProbeStart,
+    Exit,
+    MaxRss,
+    RssNoGuest,
+    GuestRss,
+    Pio,
+    LabFirstByte,
+    LabMarker,
+    LabExit,
+}
+
+impl Metric {
+    pub fn label(self) -> &'static str {
+        match self {
+            Metric::FirstByte => "first serial byte",
+            Metric::ProbeStart => "`probe=start` line",
+            Metric::Exit => "process exit",
+            Metric::MaxRss => "peak RSS (ru_maxrss)",
+            Metric::RssNoGuest => "RSS without guest RAM",
+            Metric::GuestRss => "guest RAM resident",
+            Metric::Pio => "port-I/O exits/s",
+            Metric::LabFirstByte => "Linux: first serial byte",
+            Metric::LabMarker => "Linux: to `linux-init: start`",
+            Metric::LabExit => "Linux: process exit",
+        }
+    }
+
+    pub fn unit(self) -> &'static str {
+        match self {
+            Metric::MaxRss | Metric::RssNoGuest | Metric::GuestRss => "MiB",
+            Metric::Pio => "/s",
+            _ => "ms",
+        }
+    }
+}
+
+/// Samples and failures of one run of the tool.
+#[derive(Default, Debug)]
+pub struct Results {
+    pub samples: BTreeMap<(Metric, Sut), Vec<f64>>,
+    pub failures: BTreeMap<(Metric, Sut), Vec<String>>,
+    /// Why a whole system or metric was not measured (e.g. a missing binary).
+    pub skipped: BTreeMap<(Metric, Sut), String>,
+}
+
+impl Results {
+    pub fn add(&mut self, m: Metric, s: Sut, v: f64) {
+        self.samples.entry((m, s)).or_default().push(v);
+    }
+
+    pub fn fail(&mut self, m: Metric, s: Sut, why: impl Into<String>) {
+        self.failures.entry((m, s)).or_default().push(why.into());
+    }
+
+    pub fn skip(&mut self, m: Metric, s: Sut, why: impl Into<String>) {
+        self.skipped.entry((m, s)).or_insert_with(|| why.into());
+    }
+
+    pub fn median(&self, m: Metric, s: Sut) -> Option<f64> {
+        self.samples.get(&(m, s)).and_then(|v| median(v))
+    }
+
+    /// Why (m, s) has no samples, if it has none.
+    pub fn why_missing(&self, m: Metric, s: Sut) -> Option<String> {
+        if self.median(m, s).is_some() {
+            return None;
+        }
+        if let Some(f) = self.failures.get(&(m, s)).and_then(|f| f.first()) {
+            return Some(f.clone());
+        }
+        if let Some(w) = self.skipped.get(&(m, s)) {
+            return Some(w.clone());
+        }
+        Some("not run".to_string())
+    }
+}
+
+/// One row of a summary table: `ours` compared with `theirs` against `target`.
+#[derive(Clone, Copy, Debug)]
+pub struct Row {
+    pub metric: Metric,
+    pub ours: Sut,
+    pub theirs: Sut,
+    pub target: Target,
+}
+
+impl Row {
+    pub const fn new(metric: Metric, theirs: Sut, target: Target) -> Row {
+        Row {
+            metric,
+            ours: Sut::Ferro,
+            theirs,
+            target,
+        }
+    }
+}
+
+/// Markdown table cells must not contain `|` or newlines.
+fn cell(s: &str) -> String {
+    let s = s.replace('|', "/").replace(['\n', '\r'], " ");
+    if s.chars().count() > 160 {
+        let t: String = s.chars().take(157).collect();
+        format!("{t}...")
+    } else {
+        s
+    }
+}
+
+fn value_cell(r: &Results, m: Metric, s: Sut) -> String {
+    match r.median(m, s) {
+        Some(v) => fmt_value(v, m.unit()),
+        None => cell(&format!(
+            "not measured: {}",
+            r.why_missing(m, s).unwrap_or_default()
+        )),
+    }
+}
+
+/// The summary table for `rows`.
+pub fn summary_table(r: &Results, rows: &[Row]) -> String {
+    let mut t = String::from(
+        "| metric | ferro-vmm median | comparator median | ratio | target | pass/fail |\n\
+         | --- | --- | --- | --- | --- | --- |\n",
+    );
+    for row in rows {
+        let ours = r.median(row.metric, row.ours);
+        let theirs = r.median(row.metric, row.theirs);
+        let rat = ratio(ours, theirs)
+            .map(fmt_ratio)
+            .unwrap_or_else(|| "—".into());
+        let verdict: Verdict = row.target.judge(ours, theirs);
+        t.push_str(&format!(
+            "| {} (vs {}) | {} | {} | {} | {} | {} |\n",
+            row.metric.label(),
+            row.theirs.label(),
+            value_cell(r, row.metric, row.ours),
+            value_cell(r, row.metric, row.theirs),
+            rat,
+            row.target.describe(row.metric.unit()),
+            verdict.label()
+        ));
+    }
+    t
+}
+
+/// Every (metric, system) with n, min, median, max and failed runs.
+pub fn spread_table(r: &Results, metrics: &[Metric]) -> String {
+    let mut t = String::from(
+        "| metric | system | runs | min | median | max | failed runs |\n\
+         | --- | --- | --- | --- | --- | --- | --- |\n",
+    );
+    let mut keys: Vec<(Metric, Sut)> = r
+        .samples
+        .keys()
+        .chain(r.failures.keys())
+        .copied()
+        .filter(|(m, _)| metrics.contains(m))
+        .collect();
+    keys.sort();
+    keys.dedup();
+    for (m, s) in keys {
+        let v = r.samples.get(&(m, s)).cloned().unwrap_or_default();
+        let f = r.failures.get(&(m, s)).map(|f| f.len()).unwrap_or(0);
+        let (lo, hi) = match min_max(&v) {
+            Some((lo, hi)) => (fmt_value(lo, m.unit()), fmt_value(hi, m.unit())),
+            None => ("—".into(), "—".into()),
+        };
+        let med = median(&v)
+            .map(|x| fmt_value(x, m.unit()))
+            .unwrap_or_else(|| "—".into());
+        let failed = match r.failures.get(&(m, s)).and_then(|f| f.first()) {
+            Some(first) => cell(&format!("{f}: {first}")),
+            None => "0".into(),
+        };
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            m.label(),
+            s.label(),
+            v.len(),
+            lo,
+            med,
+            hi,
+            failed
+        ));
+    }
+    t
+}
+
+/// The marker pair around a generated section of docs/benchmarks.md.
+fn markers(name: &str) -> (String, String) {
+    (
+        format!("<!-- ferro-bench:{name}:begin -->"),
+        format!("<!-- ferro-bench:{name}:end -->"),
+    )
+}
+
+/// Wraps `body` in the section markers of `name`.
+pub fn section(name: &str, body: &str) -> String {
+    let (b, e) = markers(name);
+    format!("{b}\n{}\n{e}\n", body.trim_end())
+}
+
+/// The section `name` (markers included) of an earlier docs/benchmarks.md, if it has one.
+pub fn old_section(doc: &str, name: &str) -> Option<String> {
+    let (b, e) = markers(name);
+    let start = doc.find(&b)?;
+    let end = doc[start..].find(&e)? + start + e.len();
+    Some(format!("{}\n", &doc[start..end]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sections_round_trip() {
+        let doc = format!(
+            "# intro\n{}\nmiddle\n{}",
+            section("vmm", "table A\n"),
+            section("lab", "table B")
+        );
+        assert_eq!(
+            old_section(&doc, "vmm").unwrap(),
+            "<!-- ferro-bench:vmm:begin -->\ntable A\n<!-- ferro-bench:vmm:end -->\n"
+        );
+        assert!(old_section(&doc, "lab").unwrap().contains("table B"));
+        assert!(old_section(&doc, "other").is_none());
+        assert!(old_section("<!-- ferro-bench:vmm:begin --> no end", "vmm").is_none());
+    }
+
+    #[test]
+    fn tables() {
+        let mut r = Results::default();
+        for v in [2.0, 3.0, 2.5] {
+            r.add(Metric::FirstByte, Sut::Ferro, v);
+        }
+        for v in [30.0, 40.0, 35.0] {
+            r.add(Metric::FirstByte, Sut::Microvm, v);
+        }
+        r.fail(Metric::FirstByte, Sut::Q35, "exit status 1: boom");
+        r.skip(Metric::Pio, Sut::Microvm, "qemu-system-x86_64 not found");
+        r.add(Metric::Pio, Sut::Ferro, 1000.0);
+        let rows = [
+            Row::new(Metric::FirstByte, Sut::Microvm, Target::RatioAtMost(0.1)),
+            Row::new(Metric::FirstByte, Sut::Q35, Target::Info),
+            Row::new(Metric::Pio, Sut::Microvm, Target::RatioAtLeast(1.05)),
+        ];
+        let t = summary_table(&r, &rows);
+        assert!(t.contains(
+            "| first serial byte (vs QEMU microvm) | 2.50 ms | 35.0 ms | 0.071× | ≤ 0.10× | pass |"
+        ));
+        assert!(t.contains("not measured: exit status 1: boom | — | — | info |"));
+        assert!(
+            t.contains("not measured: qemu-system-x86_64 not found | — | ≥ 1.05× | not measured |")
+        );
+        let s = spread_table(&r, &[Metric::FirstByte]);
+        assert!(
+            s.contains("| first serial byte | ferro-vmm | 3 | 2.00 ms | 2.50 ms | 3.00 ms | 0 |")
+        );
+        assert!(
+            s.contains("| first serial byte | QEMU q35 | 0 | — | — | — | 1: exit status 1: boom |")
+        );
+        assert!(!s.contains("port-I/O"));
+    }
+
+    #[test]
+    fn cells_are_sanitised() {
+        assert_eq!(cell("a|b\nc"), "a/b c");
+        assert_eq!(cell(&"x".repeat(200)).chars().count(), 160);
+    }
+}
