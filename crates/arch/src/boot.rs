@@ -100,7 +100,11 @@ pub fn write_pvh_start_info<M: GuestMemoryBackend>(
         version: 1,
         flags: 0,
         nr_modules: u32::from(initrd.is_some()),
-        modlist_paddr: if initrd.is_some() { PVH_MODLIST_START } else { 0 },
+        modlist_paddr: if initrd.is_some() {
+            PVH_MODLIST_START
+        } else {
+            0
+        },
         cmdline_paddr: cmdline.0,
         rsdp_paddr: rsdp.0,
         memmap_paddr: PVH_MEMMAP_START,

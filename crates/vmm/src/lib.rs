@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod machine;
 pub mod memory;
 pub mod runner;
+pub mod teardown;
 pub mod vcpu;
 
 pub use error::{ExitStatus, VmmError};

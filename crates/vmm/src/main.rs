@@ -1,6 +1,5 @@
 //! `ferro-vmm`: runs one VM from flags or a config file, with no daemon.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -134,7 +133,6 @@ fn main() -> ExitCode {
             ExitStatus::Error
         }
     };
-    let _ = std::io::stdout().flush();
     // vCPU threads may still be inside KVM_RUN; exiting the process ends them with the VM.
-    std::process::exit(status as i32)
+    ferro_vmm::teardown::exit(status as i32)
 }

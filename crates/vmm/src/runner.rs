@@ -51,10 +51,12 @@ pub fn run(vm: BuiltVm, console_input: bool) -> Result<ExitStatus, VmmError> {
         vcpus,
         machine,
         latch,
-        vm: _vm,
-        memory: _memory,
-        hypervisor: _hv,
+        vm,
+        memory,
+        hypervisor,
     } = vm;
+    // Never dropped: tearing the VM down is left to the process exit (see teardown.rs).
+    let _keep = std::mem::ManuallyDrop::new((vm, memory, hypervisor));
     for vcpu in vcpus {
         let bus = machine.bus.clone();
         let latch = latch.clone();
