@@ -424,30 +424,44 @@ fn bench_pio(env: &Env, args: &Args, r: &mut Results) {
             None
         }
     };
-    let cmdline = format!("exit=poweroff smp=off pio={}", args.pio);
+    let user = format!("exit=poweroff smp=off pio={}", args.pio);
+    let kernel = format!("exit=poweroff smp=off pio={} pio_cpl=0", args.pio);
     // The loop runs for seconds on a slow host: allow more than the boot timeout.
     let timeout = args.timeout.max(Duration::from_secs(30)) * 2;
+    // One round: the CPL3 loop on both VMMs, the bare loop, the CPL0 loop on both VMMs.
+    let order = [
+        (Sut::Ferro, Metric::Pio, &user),
+        (Sut::Microvm, Metric::Pio, &user),
+        (Sut::Bare, Metric::Pio, &user),
+        (Sut::Ferro, Metric::PioKernel, &kernel),
+        (Sut::Microvm, Metric::PioKernel, &kernel),
+    ];
     for round in 0..=args.runs {
         let tag = if round == 0 {
             "warm-up".to_string()
         } else {
             format!("{round}/{}", args.runs)
         };
-        for sut in [Sut::Ferro, Sut::Microvm, Sut::Bare] {
+        for &(sut, metric, cmdline) in &order {
             let (prog, a) = match sut {
                 Sut::Bare => match &bare {
                     Some(b) => (b.clone(), vec!["1".to_string()]),
                     None => continue,
                 },
-                _ => match probe_command(env, sut, &cmdline) {
+                _ => match probe_command(env, sut, cmdline) {
                     Some(c) => c,
                     None => continue,
                 },
             };
+            let what = if metric == Metric::PioKernel {
+                "pio (CPL0)"
+            } else {
+                "pio"
+            };
             let o = match proc::output(&prog, &a, timeout) {
                 Ok(o) => o,
                 Err(e) => {
-                    r.fail(Metric::Pio, sut, format!("{e:#}"));
+                    r.fail(metric, sut, format!("{e:#}"));
                     continue;
                 }
             };
@@ -472,16 +486,16 @@ fn bench_pio(env: &Env, args: &Args, r: &mut Results) {
                 None
             };
             if let Some(p) = problem {
-                log(format!("pio {tag} {}: FAILED: {p}", sut.label()));
+                log(format!("{what} {tag} {}: FAILED: {p}", sut.label()));
                 if round > 0 {
-                    r.fail(Metric::Pio, sut, p);
+                    r.fail(metric, sut, p);
                 }
                 continue;
             }
             let v = value.expect("checked above");
-            log(format!("pio {tag} {}: {v:.0} exits/s", sut.label()));
+            log(format!("{what} {tag} {}: {v:.0} exits/s", sut.label()));
             if round > 0 {
-                r.add(Metric::Pio, sut, v);
+                r.add(metric, sut, v);
             }
         }
     }
@@ -552,13 +566,35 @@ fn git_head(repo: &Path) -> String {
         "--short",
         "HEAD",
     ]);
-    match proc::output(Path::new("git"), &a, Duration::from_secs(10)) {
+    let head = match proc::output(Path::new("git"), &a, Duration::from_secs(10)) {
         Ok(o) if o.status == proc::Status::Exited(0) => o.stdout.trim().to_string(),
-        _ => "unknown".into(),
+        _ => return "unknown".into(),
+    };
+    let a = strings(&["-C", &repo.display().to_string(), "status", "--porcelain"]);
+    let dirty = match proc::output(Path::new("git"), &a, Duration::from_secs(10)) {
+        Ok(o) if o.status == proc::Status::Exited(0) => dirty_paths(&o.stdout),
+        _ => Vec::new(),
+    };
+    if dirty.is_empty() {
+        head
+    } else {
+        format!("{head} (+ uncommitted changes in {})", dirty.join(", "))
     }
 }
 
-const VMM_ROWS: [Row; 11] = [
+/// The changed tracked files of `git status --porcelain` that can affect the measurement
+/// (this tool's own files and its output excluded).
+fn dirty_paths(porcelain: &str) -> Vec<String> {
+    porcelain
+        .lines()
+        .filter(|l| l.len() > 3 && !l.starts_with("??"))
+        .map(|l| l[3..].trim().to_string())
+        .filter(|p| !p.starts_with("benches/") && p != "docs/benchmarks.md")
+        .filter(|p| p != "Cargo.toml" && p != "Cargo.lock")
+        .collect()
+}
+
+const VMM_ROWS: [Row; 13] = [
     Row::new(Metric::FirstByte, Sut::Microvm, Target::RatioAtMost(0.1)),
     Row::new(Metric::FirstByte, Sut::Q35, Target::Info),
     Row::new(Metric::ProbeStart, Sut::Microvm, Target::Info),
@@ -570,6 +606,8 @@ const VMM_ROWS: [Row; 11] = [
     Row::new(Metric::GuestRss, Sut::Microvm, Target::Info),
     Row::new(Metric::Pio, Sut::Microvm, Target::RatioAtLeast(1.05)),
     Row::new(Metric::Pio, Sut::Bare, Target::Info),
+    Row::new(Metric::PioKernel, Sut::Microvm, Target::Info),
+    Row::new(Metric::PioKernel, Sut::Bare, Target::Info),
 ];
 
 const LAB_ROWS: [Row; 3] = [
@@ -587,6 +625,7 @@ fn vmm_section(r: &Results, args: &Args, date: &str, head: &str) -> String {
         Metric::RssNoGuest,
         Metric::GuestRss,
         Metric::Pio,
+        Metric::PioKernel,
     ];
     let qemu_pio = r.median(Metric::Pio, Sut::Microvm);
     let bare = r.median(Metric::Pio, Sut::Bare);
@@ -757,6 +796,7 @@ fn real_main() -> Result<()> {
                 Metric::RssNoGuest,
                 Metric::GuestRss,
                 Metric::Pio,
+                Metric::PioKernel,
             ] {
                 for s in [Sut::Microvm, Sut::Q35] {
                     r.skip(m, s, "qemu-system-x86_64 not found on PATH");
@@ -842,6 +882,13 @@ mod tests {
         assert!(args(&["--runs"]).is_err());
         assert!(args(&["--runs", "0"]).is_err());
         assert!(args(&["--bogus"]).is_err());
+    }
+
+    #[test]
+    fn dirty() {
+        let st = " M crates/arch/src/boot.rs\n?? scratch/\n M benches/src/main.rs\nM  docs/benchmarks.md\n";
+        assert_eq!(dirty_paths(st), vec!["crates/arch/src/boot.rs"]);
+        assert!(dirty_paths("").is_empty());
     }
 
     #[test]

@@ -34,6 +34,7 @@ pub enum Metric {
     RssNoGuest,
     GuestRss,
     Pio,
+    PioKernel,
     LabFirstByte,
     LabMarker,
     LabExit,
@@ -49,6 +50,7 @@ impl Metric {
             Metric::RssNoGuest => "RSS without guest RAM",
             Metric::GuestRss => "guest RAM resident",
             Metric::Pio => "port-I/O exits/s",
+            Metric::PioKernel => "port-I/O exits/s, probe loop at CPL0",
             Metric::LabFirstByte => "Linux: first serial byte",
             Metric::LabMarker => "Linux: to `linux-init: start`",
             Metric::LabExit => "Linux: process exit",
@@ -58,7 +60,7 @@ impl Metric {
     pub fn unit(self) -> &'static str {
         match self {
             Metric::MaxRss | Metric::RssNoGuest | Metric::GuestRss => "MiB",
-            Metric::Pio => "/s",
+            Metric::Pio | Metric::PioKernel => "/s",
             _ => "ms",
         }
     }
