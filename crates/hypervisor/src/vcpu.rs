@@ -16,15 +16,19 @@ pub enum VmExit<'a> {
     IoIn {
         /// Port number.
         port: u16,
-        /// Bytes to fill (1, 2 or 4).
+        /// Bytes to fill: `size` bytes per access, several accesses for a `rep ins`.
         data: &'a mut [u8],
+        /// Width of one access (1, 2 or 4).
+        size: usize,
     },
     /// The guest wrote an I/O port.
     IoOut {
         /// Port number.
         port: u16,
-        /// Bytes written.
+        /// Bytes written: `size` bytes per access, several accesses for a `rep outs`.
         data: &'a [u8],
+        /// Width of one access (1, 2 or 4).
+        size: usize,
     },
     /// The guest read unbacked memory; fill `data`.
     MmioRead {
@@ -60,11 +64,26 @@ pub enum VmExit<'a> {
 pub struct Vcpu {
     id: u32,
     fd: VcpuFd,
+    run: *const kvm_bindings::kvm_run,
 }
 
+// SAFETY: `run` points into the vCPU's own `kvm_run` mapping, owned by `fd`, which moves with
+// the Vcpu; nothing else aliases it from another thread.
+unsafe impl Send for Vcpu {}
+
 impl Vcpu {
-    pub(crate) fn new(id: u32, fd: VcpuFd) -> Self {
-        Self { id, fd }
+    pub(crate) fn new(id: u32, mut fd: VcpuFd) -> Self {
+        let run = fd.get_kvm_run() as *const kvm_bindings::kvm_run;
+        Self { id, fd, run }
+    }
+
+    /// Width of the port access of the current I/O exit.
+    fn io_size(run: *const kvm_bindings::kvm_run) -> usize {
+        // SAFETY: `run` is this vCPU's mapped `kvm_run`, valid while the fd lives; it is read
+        // right after KVM_RUN returned an I/O exit, when the `io` member of the union is the
+        // live one; `size` is a plain byte that the data slice (at `data_offset`) does not cover.
+        let size = unsafe { (*run).__bindgen_anon_1.io.size };
+        usize::from(size.clamp(1, 4))
     }
 
     /// The vCPU's index, which is also its APIC id.
@@ -164,10 +183,19 @@ impl Vcpu {
     /// Runs the vCPU until the next exit that needs the VMM.
     pub fn run(&mut self) -> Result<VmExit<'_>, HypervisorError> {
         let id = self.id;
+        let run = self.run;
         match self.fd.run() {
             Ok(exit) => Ok(match exit {
-                VcpuExit::IoIn(port, data) => VmExit::IoIn { port, data },
-                VcpuExit::IoOut(port, data) => VmExit::IoOut { port, data },
+                VcpuExit::IoIn(port, data) => VmExit::IoIn {
+                    port,
+                    data,
+                    size: Self::io_size(run),
+                },
+                VcpuExit::IoOut(port, data) => VmExit::IoOut {
+                    port,
+                    data,
+                    size: Self::io_size(run),
+                },
                 VcpuExit::MmioRead(addr, data) => VmExit::MmioRead { addr, data },
                 VcpuExit::MmioWrite(addr, data) => VmExit::MmioWrite { addr, data },
                 VcpuExit::Shutdown => VmExit::TripleFault,

@@ -171,15 +171,20 @@ pub fn run_vcpu(
     control.register_thread();
     loop {
         match vcpu.run() {
-            Ok(VmExit::IoOut { port, data }) => {
-                bus.write(port, data);
+            Ok(VmExit::IoOut { port, data, size }) => {
+                // A `rep outs` delivers several accesses to the same port at once.
+                for access in data.chunks(size) {
+                    bus.write(port, access);
+                }
                 if latch.is_set() {
                     return;
                 }
             }
-            Ok(VmExit::IoIn { port, data }) => {
-                if !bus.read(port, data) {
-                    data.fill(0xff);
+            Ok(VmExit::IoIn { port, data, size }) => {
+                for access in data.chunks_mut(size) {
+                    if !bus.read(port, access) {
+                        access.fill(0xff);
+                    }
                 }
             }
             // No MMIO devices yet: reads of unbacked addresses float high, writes are dropped.
