@@ -30,6 +30,7 @@ pub enum Metric {
     FirstByte,
     ProbeStart,
     Exit,
+    Teardown,
     MaxRss,
     RssNoGuest,
     GuestRss,
@@ -46,9 +47,10 @@ impl Metric {
             Metric::FirstByte => "first serial byte",
             Metric::ProbeStart => "`probe=start` line",
             Metric::Exit => "process exit",
-            Metric::MaxRss => "peak RSS (ru_maxrss)",
-            Metric::RssNoGuest => "RSS without guest RAM",
-            Metric::GuestRss => "guest RAM resident",
+            Metric::Teardown => "`probe=exit:poweroff` line to process exit",
+            Metric::MaxRss => "peak RSS, ru_maxrss",
+            Metric::RssNoGuest => "RSS without guest RAM, smaps",
+            Metric::GuestRss => "guest RAM resident, smaps",
             Metric::Pio => "port-I/O exits/s",
             Metric::PioKernel => "port-I/O exits/s, probe loop at CPL0",
             Metric::LabFirstByte => "Linux: first serial byte",
@@ -112,15 +114,23 @@ impl Results {
 pub struct Row {
     pub metric: Metric,
     pub ours: Sut,
+    /// The comparator's metric (the same as `metric` unless a row compares across them).
+    pub their_metric: Metric,
     pub theirs: Sut,
     pub target: Target,
 }
 
 impl Row {
     pub const fn new(metric: Metric, theirs: Sut, target: Target) -> Row {
+        Row::across(metric, metric, theirs, target)
+    }
+
+    /// ferro-vmm's `metric` against `theirs`'s `their_metric`.
+    pub const fn across(metric: Metric, their_metric: Metric, theirs: Sut, target: Target) -> Row {
         Row {
             metric,
             ours: Sut::Ferro,
+            their_metric,
             theirs,
             target,
         }
@@ -156,7 +166,7 @@ pub fn summary_table(r: &Results, rows: &[Row]) -> String {
     );
     for row in rows {
         let ours = r.median(row.metric, row.ours);
-        let theirs = r.median(row.metric, row.theirs);
+        let theirs = r.median(row.their_metric, row.theirs);
         let rat = ratio(ours, theirs)
             .map(fmt_ratio)
             .unwrap_or_else(|| "—".into());
@@ -166,7 +176,7 @@ pub fn summary_table(r: &Results, rows: &[Row]) -> String {
             row.metric.label(),
             row.theirs.label(),
             value_cell(r, row.metric, row.ours),
-            value_cell(r, row.metric, row.theirs),
+            value_cell(r, row.their_metric, row.theirs),
             rat,
             row.target.describe(row.metric.unit()),
             verdict.label()
