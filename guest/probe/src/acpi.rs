@@ -74,6 +74,8 @@ pub struct Acpi {
     pub reset: Option<(Gas, u8)>,
     /// SLP_TYP for S5 from the DSDT (filled in by the caller, which may scan at CPL3).
     pub s5: Option<u8>,
+    /// PCIe ECAM base of segment 0 bus 0 from the MCFG (0 if none).
+    pub ecam: u64,
 }
 
 /// FADT flag: HW_REDUCED_ACPI.
@@ -110,6 +112,7 @@ impl Acpi {
             sleep_ctl: None,
             reset: None,
             s5: None,
+            ecam: 0,
         };
         if rsdp == 0 {
             return a;
@@ -128,6 +131,7 @@ impl Acpi {
             match phys::bytes(t, 4) {
                 b"APIC" => a.parse_madt(t),
                 b"FACP" => a.parse_fadt(t),
+                b"MCFG" => a.parse_mcfg(t),
                 _ => {}
             }
             p += esize;
@@ -162,6 +166,19 @@ impl Acpi {
             }
             None
         })
+    }
+
+    /// MCFG: 16-byte allocations from offset 44 (base, segment, start bus, end bus). The base
+    /// addresses bus 0 of the segment, so only an allocation starting at bus 0 is taken.
+    fn parse_mcfg(&mut self, t: u64) {
+        let end = t + (phys::r32(t + 4) as u64).min(0x1000);
+        let mut p = t + 44;
+        while p + 16 <= end {
+            if phys::r32(p + 8) & 0xffff == 0 && phys::r8(p + 10) == 0 && self.ecam == 0 {
+                self.ecam = phys::r64(p);
+            }
+            p += 16;
+        }
     }
 
     fn parse_fadt(&mut self, t: u64) {

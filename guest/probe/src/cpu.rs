@@ -33,6 +33,24 @@ pub fn inb(port: u16) -> u8 {
     v
 }
 
+/// Reads a 16-bit word from an I/O port.
+#[inline(always)]
+pub fn inw(port: u16) -> u16 {
+    let v: u16;
+    // SAFETY: as for `inb` (PCI configuration data port).
+    unsafe { asm!("in ax, dx", in("dx") port, out("ax") v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
+/// Reads a 32-bit word from an I/O port.
+#[inline(always)]
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as for `inb` (PCI configuration data port).
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nomem, nostack, preserves_flags)) }
+    v
+}
+
 /// Reads a model-specific register. Only called at CPL0 for MSRs that exist on every x86-64.
 #[inline(always)]
 pub fn rdmsr(msr: u32) -> u64 {

@@ -12,10 +12,16 @@
 mod acpi;
 mod boot;
 mod cpu;
+mod devices;
+mod dma;
 mod exit;
+mod irq;
 mod kvmclock;
 mod mem;
+mod mmio;
+mod msix;
 mod paging;
+mod pci;
 mod phys;
 mod pvh;
 mod rtc;
@@ -23,6 +29,7 @@ mod serial;
 mod smp;
 mod trap;
 mod user;
+mod virtio;
 
 use exit::Exit;
 use serial::Line;
@@ -38,7 +45,7 @@ struct Opts {
     input: Option<u64>,
 }
 
-fn parse_num(v: &[u8]) -> Option<u64> {
+pub(crate) fn parse_num(v: &[u8]) -> Option<u64> {
     if v.is_empty() {
         return None;
     }
@@ -183,6 +190,8 @@ extern "sysv64" fn kmain(start_info: u32) -> ! {
             Line::new().s("input_timeout=").dec(got as u64);
         }
     }
+
+    devices::run(si.cmdline, &si, acpi.ecam, &free_ram(&si));
 
     Line::new().s("probe=done");
     Line::new().s("probe=exit:").s(opts.exit.name());

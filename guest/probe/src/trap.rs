@@ -52,8 +52,18 @@ isr_common:
     call kernel_fault
     ud2
 1:  cmpq $3, (%rsp)
+    jne 4f
+    /* `int3` at the end of `user_entry` returns from `user_call`; any other `int3` from CPL3
+       asks to wait for an interrupt (`wait_for_irq`): sleep once with interrupts open, then
+       resume the user code right after its `int3`. No register is touched on that path. */
+    cmpq $user_ret_point, 16(%rsp)
     je user_return
-    mov %rsp, %rdi
+    add $16, %rsp
+    sti
+    hlt
+    cli
+    iretq
+4:  mov %rsp, %rdi
     mov user_kernel_rsp(%rip), %rsp
     call user_fault
     mov $-1, %rax
@@ -121,6 +131,7 @@ user_entry:
     call *%rax
     mov %rax, %rdi
     int3
+user_ret_point:
     ud2
 
     .section .data.trap, "aw", @progbits
@@ -260,6 +271,27 @@ pub fn init() {
         asm!("lidt [{}]", in(reg) idtr.as_ptr(), options(nostack, readonly, preserves_flags));
         asm!("ltr {0:x}", in(reg) boot::TSS_SEL, options(nostack, nomem, preserves_flags));
     }
+}
+
+/// Installs interrupt gate `vector` (DPL 0) pointing at `handler`. BSP, CPL0, before the
+/// vector can be raised.
+pub fn set_gate(vector: u8, handler: u64) {
+    let i = core::ptr::addr_of_mut!(idt) as *mut [u64; 2];
+    // SAFETY: `vector` < 256 indexes inside the 256-entry IDT; only the BSP writes it, and the
+    // vector is not in use yet (its source is programmed after this call).
+    unsafe { i.add(vector as usize).write_volatile(gate(handler, 0)) };
+}
+
+/// Called at CPL3: sleeps in the kernel (`sti; hlt`) until the next interrupt (a device's MSI-X
+/// vector or the periodic LAPIC timer), then returns. Interrupts that became pending while user
+/// mode ran (with IF clear) end the sleep at once.
+#[inline(always)]
+pub fn wait_for_irq() {
+    // SAFETY: `int3` from CPL3 enters `isr_common` through the DPL3 gate, which (the return
+    // address not being `user_ret_point`) runs `sti; hlt; cli; iretq` on the trap stack and
+    // resumes here with every register and the user stack unchanged. Memory is clobbered on
+    // purpose: interrupt handlers update counters meanwhile.
+    unsafe { asm!("int3") };
 }
 
 /// Runs `f(arg)` at CPL3 on the user stack; Err if it faulted.
