@@ -253,3 +253,28 @@ fn s5_package(p: &[u8]) -> Option<u8> {
         _ => None,
     }
 }
+
+/// The ECAM base a DSDT gives its PCIe host bridge as `Name (_CBA, <integer>)` (QEMU microvm
+/// has no MCFG), or 0. A plain data walk like `find_s5`, run at CPL3.
+pub fn find_cba(dsdt: u64) -> u64 {
+    let len = phys::r32(dsdt + 4) as u64;
+    let aml = phys::bytes(dsdt, len);
+    let mut i = 36;
+    while i + 13 <= aml.len() {
+        if &aml[i..i + 4] == b"_CBA" {
+            let v = &aml[i + 5..];
+            let n = match aml[i + 4] {
+                0x0c => 4,
+                0x0e => 8,
+                _ => 0,
+            };
+            if n != 0 {
+                let mut b = [0u8; 8];
+                b[..n].copy_from_slice(&v[..n]);
+                return u64::from_le_bytes(b);
+            }
+        }
+        i += 1;
+    }
+    0
+}

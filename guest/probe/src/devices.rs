@@ -48,6 +48,7 @@ pub enum VsockMode {
 #[derive(Clone, Copy)]
 pub struct DevOpts {
     pub pci: bool,
+    pub pci_ecam: u64,
     pub rng: Option<u64>,
     pub blk: Option<BlkMode>,
     pub blk_sectors: u64,
@@ -80,11 +81,21 @@ fn ip(v: &[u8]) -> Option<[u8; 4]> {
     parts.next().is_none().then_some(a)
 }
 
+fn hex(v: &[u8]) -> Option<u64> {
+    let d = v.strip_prefix(b"0x")?;
+    let mut n = 0u64;
+    for &c in d {
+        n = n.checked_mul(16)?.checked_add((c as char).to_digit(16)? as u64)?;
+    }
+    (!d.is_empty()).then_some(n)
+}
+
 impl DevOpts {
     /// Parses the device keys; other keys are ignored.
     pub fn parse(cmd: &'static [u8]) -> DevOpts {
         let mut o = DevOpts {
             pci: false,
+            pci_ecam: 0,
             rng: None,
             blk: None,
             blk_sectors: 128,
@@ -113,6 +124,7 @@ impl DevOpts {
             let n = crate::parse_num(v);
             match k {
                 b"pci" => o.pci = v == b"on",
+                b"pci_ecam" => o.pci_ecam = hex(v).unwrap_or(0),
                 b"rng" => o.rng = n,
                 b"blk" => {
                     o.blk = match v {
@@ -181,6 +193,8 @@ pub struct Ctx {
     pub apic: u32,
     /// Next free device vector index.
     pub next_irq: usize,
+    /// DSDT address (for `_CBA` when there is no MCFG).
+    pub dsdt: u64,
 }
 
 impl Ctx {
@@ -213,6 +227,16 @@ extern "sysv64" fn scan_user(arg: u64) -> u64 {
     // SAFETY: `arg` is the address of the live `Ctx` on the kernel stack (identity mapped, user
     // accessible); the kernel does not touch it until this call returns.
     let c = unsafe { &mut *(arg as *mut Ctx) };
+    if c.pci.ecam == 0 && c.dsdt != 0 {
+        c.pci.ecam = crate::acpi::find_cba(c.dsdt);
+        if c.pci.ecam != 0 {
+            c.busy.add(c.pci.ecam, 1 << 20);
+        }
+    }
+    match c.pci.ecam {
+        0 => Line::new().s("pci_config=port"),
+        a => Line::new().s("pci_config=ecam:").hex(a),
+    };
     c.nfuncs = crate::pci::scan(&c.pci, &mut c.busy, &mut c.funcs);
     0
 }
@@ -239,14 +263,14 @@ extern "sysv64" fn drive_user(arg: u64) -> u64 {
 }
 
 /// Runs the device part of the command line (nothing when no device key is given).
-pub fn run(cmdline: &'static [u8], si: &crate::pvh::StartInfo, ecam: u64, free: &crate::user::MemTest) {
+pub fn run(cmdline: &'static [u8], si: &crate::pvh::StartInfo, ecam: u64, dsdt: u64, free: &crate::user::MemTest) {
     let opts = DevOpts::parse(cmdline);
     if !opts.any() {
         return;
     }
     let mut c = Ctx {
         opts,
-        pci: Pci { ecam },
+        pci: Pci { ecam: if opts.pci_ecam != 0 { opts.pci_ecam } else { ecam } },
         busy: Busy { r: [(0, 0); 48], n: 0 },
         funcs: [Func::default(); MAX_FUNCS],
         nfuncs: 0,
@@ -255,12 +279,13 @@ pub fn run(cmdline: &'static [u8], si: &crate::pvh::StartInfo, ecam: u64, free: 
         nspare: 0,
         apic: 0,
         next_irq: 0,
+        dsdt,
     };
     for e in si.entries() {
         c.busy.add(e.addr, e.size);
     }
-    if ecam != 0 {
-        c.busy.add(ecam, 1 << 20);
+    if c.pci.ecam != 0 {
+        c.busy.add(c.pci.ecam, 1 << 20);
     }
     c.busy.add(0xfec0_0000, 0x140_0000);
     for &(s, e) in &free.ranges[..free.n] {
@@ -275,10 +300,6 @@ pub fn run(cmdline: &'static [u8], si: &crate::pvh::StartInfo, ecam: u64, free: 
             c.nspare += 1;
         }
     }
-    match ecam {
-        0 => Line::new().s("pci_config=port"),
-        a => Line::new().s("pci_config=ecam:").hex(a),
-    };
     if user_call(scan_user, &mut c as *mut Ctx as u64).is_err() {
         return;
     }

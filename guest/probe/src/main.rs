@@ -191,7 +191,7 @@ extern "sysv64" fn kmain(start_info: u32) -> ! {
         }
     }
 
-    devices::run(si.cmdline, &si, acpi.ecam, &free_ram(&si));
+    devices::run(si.cmdline, &si, acpi.ecam, acpi.dsdt.0, &free_ram(&si));
 
     Line::new().s("probe=done");
     Line::new().s("probe=exit:").s(opts.exit.name());
