@@ -1,0 +1,465 @@
+//! qcow2 images (versions 2 and 3): reads through L1/L2 tables with a backing chain,
+//! copy-on-write allocation at the end of the file, zero clusters, crash-safe metadata
+//! order (see [`meta`]). Compressed clusters, internal snapshots (for writing), encryption,
+//! external data files and subclusters are refused with an `Unsupported` error.
+
+pub(crate) mod header;
+mod meta;
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::error::DiskError;
+use crate::file::DiskFile;
+use crate::{check_range, BlockBackend};
+use header::Header;
+use meta::{Cluster, Meta, COPIED, ZERO};
+
+/// Sizes derived from the header.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Geometry {
+    pub version: u32,
+    pub cluster_bits: u32,
+    pub cs: u64,
+    pub l2_entries: u64,
+    pub refcount_order: u32,
+    pub rc_per_block: u64,
+}
+
+impl Geometry {
+    fn new(h: &Header) -> Self {
+        let cs = h.cluster_size();
+        Self {
+            version: h.version,
+            cluster_bits: h.cluster_bits,
+            cs,
+            l2_entries: cs / 8,
+            refcount_order: h.refcount_order,
+            rc_per_block: (cs * 8) >> h.refcount_order,
+        }
+    }
+
+    fn rc_bits(&self) -> u32 {
+        1 << self.refcount_order
+    }
+
+    pub(crate) fn rc_max(&self) -> u64 {
+        u64::MAX >> (64 - self.rc_bits())
+    }
+
+    /// Refcount `i` of a block. Entries under 8 bits are packed from the low bit up.
+    pub(crate) fn get_rc(&self, buf: &[u8], i: u64) -> u64 {
+        let bits = self.rc_bits() as u64;
+        if bits >= 8 {
+            let n = (bits / 8) as usize;
+            let at = i as usize * n;
+            buf[at..at + n]
+                .iter()
+                .fold(0u64, |v, b| v << 8 | u64::from(*b))
+        } else {
+            let at = (i * bits / 8) as usize;
+            let shift = (i * bits % 8) as u32;
+            (u64::from(buf[at]) >> shift) & self.rc_max()
+        }
+    }
+
+    /// Sets refcount `i`; returns the byte range that changed.
+    pub(crate) fn set_rc(&self, buf: &mut [u8], i: u64, v: u64) -> (usize, usize) {
+        let bits = self.rc_bits() as u64;
+        if bits >= 8 {
+            let n = (bits / 8) as usize;
+            let at = i as usize * n;
+            buf[at..at + n].copy_from_slice(&v.to_be_bytes()[8 - n..]);
+            (at, n)
+        } else {
+            let at = (i * bits / 8) as usize;
+            let shift = (i * bits % 8) as u32;
+            let mask = (self.rc_max() as u8) << shift;
+            buf[at] = (buf[at] & !mask) | (((v as u8) << shift) & mask);
+            (at, 1)
+        }
+    }
+}
+
+/// Where the bytes of one piece of a read come from.
+enum Source {
+    Zero,
+    Backing(u64),
+    Host(u64),
+}
+
+/// An open qcow2 image.
+pub(crate) struct Qcow2 {
+    file: DiskFile,
+    geo: Geometry,
+    size: u64,
+    backing: Option<Box<dyn BlockBackend>>,
+    meta: Mutex<Meta>,
+}
+
+impl Qcow2 {
+    /// Opens the image in `file` (header already parsed) over `backing`.
+    pub(crate) fn open(
+        file: DiskFile,
+        hdr: Header,
+        backing: Option<Box<dyn BlockBackend>>,
+    ) -> Result<Self, DiskError> {
+        let file_len = file.len()?;
+        let geo = Geometry::new(&hdr);
+        if !file.readonly() {
+            if hdr.incompatible & header::INCOMPAT_CORRUPT != 0 {
+                return Err(
+                    file.unsupported("image is marked corrupt; open it read-only or repair it")
+                );
+            }
+            if hdr.incompatible & header::INCOMPAT_DIRTY != 0 {
+                return Err(
+                    file.unsupported("image is dirty (lazy refcounts); run qemu-img check -r all")
+                );
+            }
+            if hdr.nb_snapshots != 0 {
+                return Err(file.unsupported("writing an image with internal snapshots"));
+            }
+        }
+        let meta = Meta::load(&file, &geo, &hdr, file_len)?;
+        if !file.readonly() && hdr.autoclear != 0 {
+            // Autoclear features (bitmaps, ...) are invalid once someone who does not know
+            // them writes: clear them as QEMU does.
+            file.write_all(&0u64.to_be_bytes(), header::OFF_AUTOCLEAR)?;
+            file.sync()?;
+        }
+        Ok(Self {
+            file,
+            geo,
+            size: hdr.size,
+            backing,
+            meta: Mutex::new(meta),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Meta> {
+        // A panic while holding the lock cannot leave the file inconsistent (the on-disk
+        // order does not depend on it), so carry on with the data.
+        self.meta.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn check_write(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        if self.file.readonly() {
+            return Err(self.file.readonly_error());
+        }
+        check_range(self.file.name(), offset, len, self.size)
+    }
+
+    fn compressed(&self) -> DiskError {
+        self.file.unsupported("compressed clusters")
+    }
+
+    /// Reads `buf` at guest `offset` from the backing file; beyond its end reads zeros.
+    fn read_backing(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        let Some(b) = &self.backing else {
+            buf.fill(0);
+            return Ok(());
+        };
+        let n = b.size().saturating_sub(offset).min(buf.len() as u64) as usize;
+        if n > 0 {
+            b.read_at(&mut buf[..n], offset)?;
+        }
+        buf[n..].fill(0);
+        Ok(())
+    }
+
+    /// Splits `[offset, offset + len)` into per-cluster pieces: (guest cluster, offset in
+    /// cluster, length).
+    fn pieces(&self, offset: u64, len: u64) -> impl Iterator<Item = (u64, u64, u64)> {
+        let cs = self.geo.cs;
+        let mut pos = offset;
+        let end = offset + len;
+        std::iter::from_fn(move || {
+            if pos >= end {
+                return None;
+            }
+            let in_c = pos % cs;
+            let n = (cs - in_c).min(end - pos);
+            let item = (pos / cs, in_c, n);
+            pos += n;
+            Some(item)
+        })
+    }
+
+    /// Writes one piece into a cluster that has no writable host cluster yet: a new cluster
+    /// gets the old contents (zeros or backing data) around `data`.
+    fn write_new_cluster(
+        &self,
+        m: &mut Meta,
+        vc: u64,
+        in_c: u64,
+        data: &[u8],
+        old: Cluster,
+    ) -> Result<(), DiskError> {
+        let cs = self.geo.cs;
+        let mut buf;
+        let full: &[u8] = if data.len() as u64 == cs {
+            data
+        } else {
+            buf = vec![0u8; cs as usize];
+            if old == Cluster::Unallocated {
+                let start = vc * cs;
+                let valid = self.size.saturating_sub(start).min(cs) as usize;
+                self.read_backing(&mut buf[..valid], start)?;
+            }
+            buf[in_c as usize..in_c as usize + data.len()].copy_from_slice(data);
+            &buf
+        };
+        match old {
+            // A preallocated zero cluster is reused: its L2 entry loses the zero flag only
+            // at writeback, after this data is durable.
+            Cluster::Zero { host } if host != 0 => {
+                self.file.write_all(full, host)?;
+                m.set_entry(&self.file, &self.geo, vc, host | COPIED)
+            }
+            _ => {
+                let host = m.alloc(&self.file, &self.geo)?;
+                self.file.write_all(full, host)?;
+                m.set_entry(&self.file, &self.geo, vc, host | COPIED)
+            }
+        }
+    }
+
+    /// Makes whole clusters `[first, first + count)` read as zeros.
+    fn zero_clusters(
+        &self,
+        first: u64,
+        count: u64,
+        unmap: bool,
+        discard: bool,
+    ) -> Result<(), DiskError> {
+        let mut m = self.lock();
+        let geo = self.geo;
+        let mut vc = first;
+        while vc < first + count {
+            // Without a backing file, a missing L2 table already reads as zeros.
+            let l1i = (vc / geo.l2_entries) as usize;
+            if self.backing.is_none() && m.l1.get(l1i).is_some_and(|e| e & meta::OFFSET_MASK == 0) {
+                vc = (l1i as u64 + 1) * geo.l2_entries;
+                continue;
+            }
+            let old = m.lookup(&self.file, &geo, vc)?;
+            let host = match old {
+                Cluster::Data { host, .. } | Cluster::Zero { host } => host,
+                Cluster::Unallocated | Cluster::Compressed => 0,
+            };
+            let entry = if geo.version >= 3 {
+                if !unmap && host != 0 && old != Cluster::Compressed {
+                    Some(host | COPIED | ZERO)
+                } else {
+                    Some(ZERO)
+                }
+            } else if self.backing.is_none() {
+                Some(0)
+            } else {
+                None
+            };
+            match entry {
+                // Unallocated without a backing file already reads as zeros.
+                Some(_) if old == Cluster::Unallocated && self.backing.is_none() => {}
+                Some(e) => {
+                    m.set_entry(&self.file, &geo, vc, e)?;
+                    if e & meta::OFFSET_MASK != host {
+                        m.free_later(host);
+                    }
+                }
+                // v2 over a backing file has no zero flag: write zeros (discard may skip).
+                None if discard => {}
+                None => {
+                    let zeros = vec![0u8; geo.cs as usize];
+                    let len = geo.cs.min(self.size - vc * geo.cs) as usize;
+                    for (h, d) in self.write_locked(&mut m, &zeros[..len], vc * geo.cs)? {
+                        self.file.write_all(d, h)?;
+                    }
+                }
+            }
+            vc += 1;
+        }
+        Ok(())
+    }
+
+    /// The write path with the lock held. In-place writes of allocated clusters are returned
+    /// for the caller to do after releasing the lock.
+    fn write_locked<'a>(
+        &self,
+        m: &mut Meta,
+        buf: &'a [u8],
+        offset: u64,
+    ) -> Result<Vec<(u64, &'a [u8])>, DiskError> {
+        let mut in_place = Vec::new();
+        let mut done = 0usize;
+        for (vc, in_c, n) in self.pieces(offset, buf.len() as u64) {
+            let data = &buf[done..done + n as usize];
+            done += n as usize;
+            match m.lookup(&self.file, &self.geo, vc)? {
+                Cluster::Data { host, copied: true } => in_place.push((host + in_c, data)),
+                Cluster::Data {
+                    host,
+                    copied: false,
+                } => {
+                    return Err(self.file.corrupt(format!(
+                        "data cluster {host:#x} is shared (refcount > 1) and cannot be written"
+                    )))
+                }
+                Cluster::Compressed => return Err(self.compressed()),
+                old => self.write_new_cluster(m, vc, in_c, data, old)?,
+            }
+        }
+        Ok(in_place)
+    }
+
+    /// Pieces of writes or reads spanning clusters adjacent on the host go out as one call.
+    fn merge<T: Copy>(
+        runs: &mut Vec<(u64, T, u64)>,
+        host: u64,
+        tag: T,
+        len: u64,
+        same: impl Fn(T, T) -> bool,
+    ) {
+        if let Some(last) = runs.last_mut() {
+            if same(last.1, tag) && last.0 + last.2 == host {
+                last.2 += len;
+                return;
+            }
+        }
+        runs.push((host, tag, len));
+    }
+}
+
+impl BlockBackend for Qcow2 {
+    fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        check_range(self.file.name(), offset, buf.len() as u64, self.size)?;
+        // Map every piece under the lock, then read without it.
+        let mut runs: Vec<(u64, u8, u64)> = Vec::new(); // (start, kind, len); start is host or guest
+        let mut kinds: Vec<(Source, usize, usize)> = Vec::new();
+        {
+            let mut m = self.lock();
+            let mut at = 0usize;
+            for (vc, in_c, n) in self.pieces(offset, buf.len() as u64) {
+                let src = match m.lookup(&self.file, &self.geo, vc)? {
+                    Cluster::Unallocated if self.backing.is_some() => {
+                        Source::Backing(vc * self.geo.cs + in_c)
+                    }
+                    Cluster::Unallocated | Cluster::Zero { .. } => Source::Zero,
+                    Cluster::Data { host, .. } => Source::Host(host + in_c),
+                    Cluster::Compressed => return Err(self.compressed()),
+                };
+                let (start, kind) = match src {
+                    Source::Zero => (at as u64, 0u8),
+                    Source::Backing(g) => (g, 1),
+                    Source::Host(h) => (h, 2),
+                };
+                Self::merge(&mut runs, start, kind, n, |a, b| a == b);
+                at += n as usize;
+            }
+            let mut pos = 0usize;
+            for (start, kind, len) in &runs {
+                let src = match kind {
+                    0 => Source::Zero,
+                    1 => Source::Backing(*start),
+                    _ => Source::Host(*start),
+                };
+                kinds.push((src, pos, *len as usize));
+                pos += *len as usize;
+            }
+        }
+        for (src, pos, len) in kinds {
+            let piece = &mut buf[pos..pos + len];
+            match src {
+                Source::Zero => piece.fill(0),
+                Source::Backing(g) => self.read_backing(piece, g)?,
+                Source::Host(h) => self.file.read_zero_fill(piece, h)?,
+            }
+        }
+        Ok(())
+    }
+
+    fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        self.check_write(offset, buf.len() as u64)?;
+        let in_place = {
+            let mut m = self.lock();
+            self.write_locked(&mut m, buf, offset)?
+        };
+        for (host, data) in in_place {
+            self.file.write_all(data, host)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&self) -> Result<(), DiskError> {
+        if self.file.readonly() {
+            return Ok(());
+        }
+        let mut m = self.lock();
+        m.writeback(&self.file, &self.geo)?;
+        self.file.sync()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<(), DiskError> {
+        self.check_write(offset, len)?;
+        // Only whole clusters can be dropped; partial ones keep their data (allowed).
+        let cs = self.geo.cs;
+        let first = offset.div_ceil(cs);
+        let end = if offset + len == self.size {
+            self.size.div_ceil(cs)
+        } else {
+            (offset + len) / cs
+        };
+        if end > first {
+            self.zero_clusters(first, end - first, true, true)?;
+        }
+        Ok(())
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64, may_unmap: bool) -> Result<(), DiskError> {
+        self.check_write(offset, len)?;
+        let cs = self.geo.cs;
+        let end = offset + len;
+        let first = offset.div_ceil(cs);
+        // The last cluster counts as whole when the range runs to the end of the disk.
+        let last = if end == self.size {
+            self.size.div_ceil(cs)
+        } else {
+            end / cs
+        };
+        if last <= first {
+            return self.write_at(&vec![0u8; len as usize], offset);
+        }
+        let head = first * cs - offset;
+        if head > 0 {
+            self.write_at(&vec![0u8; head as usize], offset)?;
+        }
+        let tail_start = (last * cs).min(end);
+        if tail_start < end {
+            self.write_at(&vec![0u8; (end - tail_start) as usize], tail_start)?;
+        }
+        self.zero_clusters(first, last - first, may_unmap, false)
+    }
+
+    fn readonly(&self) -> bool {
+        self.file.readonly()
+    }
+
+    fn id(&self) -> String {
+        self.file.id()
+    }
+}
+
+impl Drop for Qcow2 {
+    fn drop(&mut self) {
+        if !self.file.readonly() {
+            let m = self.meta.get_mut().unwrap_or_else(|p| p.into_inner());
+            // Best effort: a failure here leaves leaked clusters at worst.
+            let _ = m.writeback(&self.file, &self.geo);
+            let _ = self.file.sync();
+        }
+    }
+}
