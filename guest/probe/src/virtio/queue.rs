@@ -80,6 +80,12 @@ impl Queue {
         })
     }
 
+    /// The descriptor the next `push` starts its chain with (None when none is free). Drivers
+    /// that use one-descriptor chains tie a buffer to each descriptor index with it.
+    pub fn next_head(&self) -> Option<u16> {
+        (self.num_free > 0).then_some(self.free_head)
+    }
+
     /// Puts a chain on the available ring (not yet notified: see `kick`). Returns its head
     /// descriptor (the token `pop` gives back), or None when too few descriptors are free.
     pub fn push(&mut self, bufs: &[Buf]) -> Option<u16> {
