@@ -166,13 +166,13 @@ pub fn digest(console: &str, r: &mut Results, out: &mut LabOutcome) -> usize {
         }
         measured += 1;
         if let Some(v) = t.first_byte_ms {
-            r.add(Metric::LabFirstByte, sut, v);
+            r.add(Metric::LabFirstByte, sut, l.round as usize, v);
         }
         if let Some(v) = t.marker_ms {
-            r.add(Metric::LabMarker, sut, v);
+            r.add(Metric::LabMarker, sut, l.round as usize, v);
         }
         if let Some(v) = t.exit_ms {
-            r.add(Metric::LabExit, sut, v);
+            r.add(Metric::LabExit, sut, l.round as usize, v);
         }
     }
     for (who, n) in skipped {

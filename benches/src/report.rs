@@ -72,14 +72,30 @@ impl Metric {
 #[derive(Default, Debug)]
 pub struct Results {
     pub samples: BTreeMap<(Metric, Sut), Vec<f64>>,
+    /// The same samples by alternation round, for per-round ratios.
+    pub by_round: BTreeMap<(Metric, Sut), BTreeMap<usize, f64>>,
     pub failures: BTreeMap<(Metric, Sut), Vec<String>>,
     /// Why a whole system or metric was not measured (e.g. a missing binary).
     pub skipped: BTreeMap<(Metric, Sut), String>,
 }
 
 impl Results {
-    pub fn add(&mut self, m: Metric, s: Sut, v: f64) {
+    /// Records `v` for (m, s) from alternation round `round`.
+    pub fn add(&mut self, m: Metric, s: Sut, round: usize, v: f64) {
         self.samples.entry((m, s)).or_default().push(v);
+        self.by_round.entry((m, s)).or_default().insert(round, v);
+    }
+
+    /// The median over rounds of ours/theirs, using only rounds where both were measured:
+    /// steadier than the ratio of medians when the host's load drifts during a run.
+    pub fn paired_ratio(&self, ours: (Metric, Sut), theirs: (Metric, Sut)) -> Option<f64> {
+        let a = self.by_round.get(&ours)?;
+        let b = self.by_round.get(&theirs)?;
+        let ratios: Vec<f64> = a
+            .iter()
+            .filter_map(|(round, x)| ratio(Some(*x), b.get(round).copied()))
+            .collect();
+        median(&ratios)
     }
 
     pub fn fail(&mut self, m: Metric, s: Sut, why: impl Into<String>) {
@@ -161,8 +177,8 @@ fn value_cell(r: &Results, m: Metric, s: Sut) -> String {
 /// The summary table for `rows`.
 pub fn summary_table(r: &Results, rows: &[Row]) -> String {
     let mut t = String::from(
-        "| metric | ferro-vmm median | comparator median | ratio | target | pass/fail |\n\
-         | --- | --- | --- | --- | --- | --- |\n",
+        "| metric | ferro-vmm median | comparator median | ratio | per-round ratio | target | pass/fail |\n\
+         | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     for row in rows {
         let ours = r.median(row.metric, row.ours);
@@ -171,13 +187,18 @@ pub fn summary_table(r: &Results, rows: &[Row]) -> String {
             .map(fmt_ratio)
             .unwrap_or_else(|| "—".into());
         let verdict: Verdict = row.target.judge(ours, theirs);
+        let paired = r
+            .paired_ratio((row.metric, row.ours), (row.their_metric, row.theirs))
+            .map(fmt_ratio)
+            .unwrap_or_else(|| "—".into());
         t.push_str(&format!(
-            "| {} (vs {}) | {} | {} | {} | {} | {} |\n",
+            "| {} (vs {}) | {} | {} | {} | {} | {} | {} |\n",
             row.metric.label(),
             row.theirs.label(),
             value_cell(r, row.metric, row.ours),
             value_cell(r, row.their_metric, row.theirs),
             rat,
+            paired,
             row.target.describe(row.metric.unit()),
             verdict.label()
         ));
@@ -273,15 +294,15 @@ mod tests {
     #[test]
     fn tables() {
         let mut r = Results::default();
-        for v in [2.0, 3.0, 2.5] {
-            r.add(Metric::FirstByte, Sut::Ferro, v);
+        for (i, v) in [2.0, 3.0, 2.5].into_iter().enumerate() {
+            r.add(Metric::FirstByte, Sut::Ferro, i + 1, v);
         }
-        for v in [30.0, 40.0, 35.0] {
-            r.add(Metric::FirstByte, Sut::Microvm, v);
+        for (i, v) in [30.0, 40.0, 35.0].into_iter().enumerate() {
+            r.add(Metric::FirstByte, Sut::Microvm, i + 1, v);
         }
         r.fail(Metric::FirstByte, Sut::Q35, "exit status 1: boom");
         r.skip(Metric::Pio, Sut::Microvm, "qemu-system-x86_64 not found");
-        r.add(Metric::Pio, Sut::Ferro, 1000.0);
+        r.add(Metric::Pio, Sut::Ferro, 1, 1000.0);
         let rows = [
             Row::new(Metric::FirstByte, Sut::Microvm, Target::RatioAtMost(0.1)),
             Row::new(Metric::FirstByte, Sut::Q35, Target::Info),
@@ -289,12 +310,12 @@ mod tests {
         ];
         let t = summary_table(&r, &rows);
         assert!(t.contains(
-            "| first serial byte (vs QEMU microvm) | 2.50 ms | 35.0 ms | 0.071× | ≤ 0.10× | pass |"
+            "| first serial byte (vs QEMU microvm) | 2.50 ms | 35.0 ms | 0.071× | 0.071× | ≤ 0.10× | pass |"
         ));
-        assert!(t.contains("not measured: exit status 1: boom | — | — | info |"));
-        assert!(
-            t.contains("not measured: qemu-system-x86_64 not found | — | ≥ 1.05× | not measured |")
-        );
+        assert!(t.contains("not measured: exit status 1: boom | — | — | — | info |"));
+        assert!(t.contains(
+            "not measured: qemu-system-x86_64 not found | — | — | ≥ 1.05× | not measured |"
+        ));
         let s = spread_table(&r, &[Metric::FirstByte]);
         assert!(
             s.contains("| first serial byte | ferro-vmm | 3 | 2.00 ms | 2.50 ms | 3.00 ms | 0 |")
@@ -303,6 +324,23 @@ mod tests {
             s.contains("| first serial byte | QEMU q35 | 0 | — | — | — | 1: exit status 1: boom |")
         );
         assert!(!s.contains("port-I/O"));
+    }
+
+    #[test]
+    fn paired_ratios() {
+        let mut r = Results::default();
+        // Round 2 is slow for both (host load): the per-round ratios stay at 0.5.
+        for (round, a, b) in [(1, 1.0, 2.0), (2, 10.0, 20.0), (3, 1.5, 3.0)] {
+            r.add(Metric::Exit, Sut::Ferro, round, a);
+            r.add(Metric::Exit, Sut::Microvm, round, b);
+        }
+        r.add(Metric::Exit, Sut::Ferro, 4, 100.0); // no partner: ignored
+        let p = r.paired_ratio((Metric::Exit, Sut::Ferro), (Metric::Exit, Sut::Microvm));
+        assert_eq!(p, Some(0.5));
+        assert_eq!(
+            r.paired_ratio((Metric::Exit, Sut::Ferro), (Metric::Exit, Sut::Q35)),
+            None
+        );
     }
 
     #[test]
