@@ -139,8 +139,9 @@ impl DiskFile {
     }
 
     fn direct_for(&self, ptr: usize, len: usize, offset: u64) -> Option<&File> {
-        let aligned =
-            ptr.is_multiple_of(DIRECT_ALIGN) && len.is_multiple_of(DIRECT_ALIGN) && offset.is_multiple_of(DIRECT_ALIGN as u64);
+        let aligned = ptr.is_multiple_of(DIRECT_ALIGN)
+            && len.is_multiple_of(DIRECT_ALIGN)
+            && offset.is_multiple_of(DIRECT_ALIGN as u64);
         if aligned && self.direct_ok.load(Ordering::Relaxed) {
             self.direct.as_ref()
         } else {

@@ -24,7 +24,10 @@ fn converted(dir: &TempDir, size: usize, opts: &[&str]) -> (PathBuf, Vec<u8>) {
     let q = dir.join("img.qcow2");
     let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
     args.extend_from_slice(opts);
-    let (r, qs) = (raw.to_str().unwrap().to_string(), q.to_str().unwrap().to_string());
+    let (r, qs) = (
+        raw.to_str().unwrap().to_string(),
+        q.to_str().unwrap().to_string(),
+    );
     args.push(&r);
     args.push(&qs);
     qemu_img(&args);
@@ -129,7 +132,12 @@ fn small_clusters_grow_refcount_structures() {
     let mut expect = vec![0u8; 32 * MIB];
     let d = open(&q, &rw()).unwrap();
     for i in 0..24u64 {
-        write_both(&*d, &mut expect, &pattern(MIB - 1000, i), i * MIB as u64 + 500);
+        write_both(
+            &*d,
+            &mut expect,
+            &pattern(MIB - 1000, i),
+            i * MIB as u64 + 500,
+        );
     }
     d.flush().unwrap();
     drop(d);
@@ -174,7 +182,8 @@ fn zeroes_and_discard() {
         expect[MIB..2 * MIB].fill(0);
         d.discard(4 * MIB as u64, MIB as u64).unwrap();
         // The tail of the disk, to its very end.
-        d.write_zeroes(7 * MIB as u64 + 5, MIB as u64 - 5, true).unwrap();
+        d.write_zeroes(7 * MIB as u64 + 5, MIB as u64 - 5, true)
+            .unwrap();
         expect[7 * MIB + 5..].fill(0);
         let got = read_all(&*d);
         assert!(got[..4 * MIB] == expect[..4 * MIB], "{opts:?}");
@@ -201,9 +210,18 @@ fn readonly_refuses_writes() {
     let d = open(&q, &ro()).unwrap();
     assert!(d.readonly());
     let e = d.write_at(&[1], 0).unwrap_err();
-    assert_eq!(e.to_string(), format!("{}: image is read-only", q.display()));
-    assert!(matches!(d.write_zeroes(0, 65536, true), Err(DiskError::ReadOnly { .. })));
-    assert!(matches!(d.discard(0, 65536), Err(DiskError::ReadOnly { .. })));
+    assert_eq!(
+        e.to_string(),
+        format!("{}: image is read-only", q.display())
+    );
+    assert!(matches!(
+        d.write_zeroes(0, 65536, true),
+        Err(DiskError::ReadOnly { .. })
+    ));
+    assert!(matches!(
+        d.discard(0, 65536),
+        Err(DiskError::ReadOnly { .. })
+    ));
     d.flush().unwrap();
     assert!(read_all(&*d) == data);
     drop(d);
@@ -246,7 +264,14 @@ fn crash_leaks_but_never_corrupts() {
         return;
     }
     let dir = TempDir::new("crash");
-    for (i, opts) in [&[][..], &["-o", "cluster_size=4096"][..], &["-o", "cluster_size=512"][..]].iter().enumerate() {
+    for (i, opts) in [
+        &[][..],
+        &["-o", "cluster_size=4096"][..],
+        &["-o", "cluster_size=512"][..],
+    ]
+    .iter()
+    .enumerate()
+    {
         let q = create(&dir, &format!("c{i}.qcow2"), "16M", opts);
         // Nothing was written back: every new cluster is a leak, nothing is referenced.
         assert_eq!(crash_after(&q, 10 + i as u64, false), 3);

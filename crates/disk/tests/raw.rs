@@ -75,9 +75,18 @@ fn raw_readonly_refuses_writes() {
     let d = open(&p, &ro()).unwrap();
     assert!(d.readonly());
     let e = d.write_at(&[1, 2, 3], 0).unwrap_err();
-    assert_eq!(e.to_string(), format!("{}: image is read-only", p.display()));
-    assert!(matches!(d.discard(0, 4096), Err(DiskError::ReadOnly { .. })));
-    assert!(matches!(d.write_zeroes(0, 4096, true), Err(DiskError::ReadOnly { .. })));
+    assert_eq!(
+        e.to_string(),
+        format!("{}: image is read-only", p.display())
+    );
+    assert!(matches!(
+        d.discard(0, 4096),
+        Err(DiskError::ReadOnly { .. })
+    ));
+    assert!(matches!(
+        d.write_zeroes(0, 4096, true),
+        Err(DiskError::ReadOnly { .. })
+    ));
     d.flush().unwrap();
     assert_eq!(read_all(&*d), expect);
 }
@@ -99,7 +108,11 @@ fn raw_id_is_stable_and_short() {
 fn raw_direct_io_aligned_and_unaligned() {
     let dir = TempDir::new("raw-direct");
     let (p, mut expect) = raw_file(&dir, 2 * MIB, 11);
-    let opts = OpenOptions { direct: true, format: Some(ImageFormat::Raw), ..OpenOptions::default() };
+    let opts = OpenOptions {
+        direct: true,
+        format: Some(ImageFormat::Raw),
+        ..OpenOptions::default()
+    };
     let d = open(&p, &opts).unwrap();
     // A page-aligned buffer goes through O_DIRECT where the filesystem has it.
     let mut big = vec![0u8; 3 * 4096];

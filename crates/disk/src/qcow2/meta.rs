@@ -192,6 +192,9 @@ impl Meta {
         }
         let host = e & OFFSET_MASK;
         if geo.version >= 3 && e & ZERO != 0 {
+            if host != 0 {
+                self.check_host(f, geo, "preallocated zero cluster", host)?;
+            }
             return Ok(Cluster::Zero { host });
         }
         if host == 0 {

@@ -61,7 +61,10 @@ impl Rng {
 
 /// Whether qemu-img is here; tests that need it print why they skip.
 pub fn have_qemu_img() -> bool {
-    let ok = Command::new("qemu-img").arg("--version").output().is_ok_and(|o| o.status.success());
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if !ok {
         eprintln!("skipped: qemu-img not found");
     }
@@ -70,7 +73,10 @@ pub fn have_qemu_img() -> bool {
 
 /// Runs qemu-img; panics with its output unless it exits 0.
 pub fn qemu_img(args: &[&str]) -> String {
-    let out = Command::new("qemu-img").args(args).output().expect("run qemu-img");
+    let out = Command::new("qemu-img")
+        .args(args)
+        .output()
+        .expect("run qemu-img");
     assert!(
         out.status.success(),
         "qemu-img {args:?} failed: {}{}",
@@ -87,7 +93,11 @@ pub fn qemu_check(path: &Path) -> (i32, String) {
         .arg(path)
         .output()
         .expect("run qemu-img check");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -119,7 +129,10 @@ pub fn rw() -> OpenOptions {
 }
 
 pub fn ro() -> OpenOptions {
-    OpenOptions { readonly: true, ..OpenOptions::default() }
+    OpenOptions {
+        readonly: true,
+        ..OpenOptions::default()
+    }
 }
 
 pub fn read_all(d: &dyn BlockBackend) -> Vec<u8> {
@@ -137,5 +150,7 @@ pub fn write_both(d: &dyn BlockBackend, expect: &mut [u8], data: &[u8], off: u64
 /// A simple content hash (FNV-1a) of a file.
 pub fn hash_file(path: &Path) -> u64 {
     let data = std::fs::read(path).unwrap();
-    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
