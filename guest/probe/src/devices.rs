@@ -195,6 +195,8 @@ pub struct Ctx {
     pub next_irq: usize,
     /// DSDT address (for `_CBA` when there is no MCFG).
     pub dsdt: u64,
+    /// RAM bytes (e820 type 1), for the balloon's statistics.
+    pub ram: u64,
 }
 
 impl Ctx {
@@ -213,8 +215,11 @@ impl Ctx {
         let irq = self.next_irq.min(crate::irq::NIRQ - 1);
         self.next_irq += 1;
         let v = virtio::Virtio::open(&self.pci, &f, self.apic, irq, want);
-        if v.is_none() {
-            virtio::missing(name, true);
+        match &v {
+            Some(d) => {
+                Line::new().s(name).s("_msix=").dec(d.msix.size as u64);
+            }
+            None => virtio::missing(name, true),
         }
         v
     }
@@ -280,6 +285,7 @@ pub fn run(cmdline: &'static [u8], si: &crate::pvh::StartInfo, ecam: u64, dsdt: 
         apic: 0,
         next_irq: 0,
         dsdt,
+        ram: si.entries().filter(|e| e.kind == 1).map(|e| e.size).sum(),
     };
     for e in si.entries() {
         c.busy.add(e.addr, e.size);
