@@ -315,3 +315,28 @@ fn concurrent_writers() {
     drop(d);
     assert_clean(&q);
 }
+
+#[test]
+fn direct_io_with_aligned_buffers() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = TempDir::new("direct");
+    let q = create(&dir, "d.qcow2", "8M", &[]);
+    let mut expect = vec![0u8; 8 * MIB];
+    let d = open(&q, &OpenOptions { direct: true, ..rw() }).unwrap();
+    let mut big = vec![0u8; MIB + 4096];
+    let at = big.as_ptr().align_offset(4096);
+    let aligned = &mut big[at..at + MIB];
+    aligned.copy_from_slice(&pattern(MIB, 31));
+    write_both(&*d, &mut expect, aligned, 2 * MIB as u64);
+    write_both(&*d, &mut expect, &aligned[..65536], 2 * MIB as u64 + 4096);
+    write_both(&*d, &mut expect, &pattern(3000, 32), 7);
+    aligned.fill(0);
+    d.read_at(aligned, 2 * MIB as u64).unwrap();
+    assert!(aligned[..] == expect[2 * MIB..3 * MIB]);
+    assert!(read_all(&*d) == expect);
+    drop(d);
+    assert_clean(&q);
+    assert_same(&q, &write_expected(&dir, &expect));
+}

@@ -463,3 +463,51 @@ impl Drop for Qcow2 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn geo(order: u32) -> Geometry {
+        Geometry {
+            version: 3,
+            cluster_bits: 9,
+            cs: 512,
+            l2_entries: 64,
+            refcount_order: order,
+            rc_per_block: 512 * 8 >> order,
+        }
+    }
+
+    #[test]
+    fn refcounts_of_every_width_round_trip() {
+        for order in 0..=6 {
+            let g = geo(order);
+            let mut block = vec![0u8; 512];
+            for i in 0..g.rc_per_block {
+                let v = (i * 7 + 1) & g.rc_max();
+                g.set_rc(&mut block, i, v);
+            }
+            for i in 0..g.rc_per_block {
+                assert_eq!(g.get_rc(&block, i), (i * 7 + 1) & g.rc_max(), "order {order} entry {i}");
+            }
+            // Setting one entry leaves its neighbours alone.
+            g.set_rc(&mut block, 1, 0);
+            assert_eq!(g.get_rc(&block, 0), 1 & g.rc_max());
+            assert_eq!(g.get_rc(&block, 2), 15 & g.rc_max());
+        }
+    }
+
+    #[test]
+    fn sub_byte_refcounts_fill_from_the_low_bit() {
+        // QEMU: refcount_order 0 keeps entry i in bit (i % 8) of byte i / 8.
+        let g = geo(0);
+        let mut block = vec![0u8; 512];
+        g.set_rc(&mut block, 3, 1);
+        assert_eq!(block[0], 0b1000);
+        let g = geo(4);
+        let (at, len) = g.set_rc(&mut block, 2, 0x0102);
+        assert_eq!((at, len), (4, 2));
+        assert_eq!(block[4..6], [1, 2]);
+    }
+}
