@@ -14,6 +14,7 @@ macro_rules! accessors {
     ($r:ident, $w:ident, $t:ty) => {
         /// Volatile read (all ones when unmapped or misaligned).
         #[inline(always)]
+        #[allow(dead_code)]
         pub fn $r(addr: u64) -> $t {
             if !valid(addr, core::mem::size_of::<$t>() as u64) {
                 return <$t>::MAX;

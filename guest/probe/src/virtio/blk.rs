@@ -222,7 +222,7 @@ pub fn run(c: &mut Ctx, mode: BlkMode) {
     let whole = sectors / MAX_SECTORS;
     let none_fill = |_: &mut [u8], _: u64| {};
     let none_check = |_: &[u8], _: u64| None;
-    let mut run_pattern = |b: &mut Blk, typ: u32| -> Result<(), Result<u64, u8>> {
+    let run_pattern = |b: &mut Blk, typ: u32| -> Result<(), Result<u64, u8>> {
         let f = fill_pattern(seed);
         let k = check_pattern(seed);
         if whole > 0 {

@@ -32,7 +32,6 @@ const DEV_FEAT: u64 = 0x04;
 const DRV_FEAT_SEL: u64 = 0x08;
 const DRV_FEAT: u64 = 0x0c;
 const CONFIG_MSIX: u64 = 0x10;
-const NUM_QUEUES: u64 = 0x12;
 const STATUS: u64 = 0x14;
 const Q_SELECT: u64 = 0x16;
 const Q_SIZE: u64 = 0x18;
@@ -140,11 +139,6 @@ impl Virtio {
         Some(v)
     }
 
-    /// Number of queues the device has.
-    pub fn num_queues(&self) -> u16 {
-        r16(self.common + NUM_QUEUES)
-    }
-
     /// Sets up queue `idx` with at most `max` descriptors (rounded down to a power of two) and
     /// its MSI-X vector, and enables it.
     pub fn queue(&self, dma: &mut Dma, idx: u16, max: u16) -> Option<Queue> {
@@ -192,10 +186,6 @@ impl Virtio {
     /// Device configuration accessors.
     pub fn cfg8(&self, off: u64) -> u8 {
         r8(self.cfg + off)
-    }
-    /// Device configuration, 16 bits.
-    pub fn cfg16(&self, off: u64) -> u16 {
-        r16(self.cfg + off)
     }
     /// Device configuration, 32 bits.
     pub fn cfg32(&self, off: u64) -> u32 {

@@ -7,8 +7,6 @@ use core::sync::atomic::{compiler_fence, fence, Ordering};
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
-/// Available ring flag: please do not interrupt.
-const AVAIL_NO_INTERRUPT: u16 = 1;
 /// Used ring flag: no need to notify.
 const USED_NO_NOTIFY: u16 = 1;
 
@@ -156,10 +154,5 @@ impl Queue {
         self.free_head = id;
         self.num_free += n;
         Some((id, len))
-    }
-
-    /// Asks the device for interrupts on used buffers (`on`) or to suppress them.
-    pub fn interrupts(&self, on: bool) {
-        w16(self.avail, if on { 0 } else { AVAIL_NO_INTERRUPT });
     }
 }
