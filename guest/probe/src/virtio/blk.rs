@@ -95,6 +95,7 @@ impl Blk {
     /// `qd` in flight. The chunk start comes from `at(i)`; `fill` prepares a write buffer,
     /// `check` looks at read data and may return a bad sector. Returns the first bad sector
     /// (`Err(Ok(s))`) or a failed status (`Err(Err(status))`).
+    #[allow(clippy::too_many_arguments)] // one call shape for five different streams
     fn stream(
         &mut self,
         typ: u32,

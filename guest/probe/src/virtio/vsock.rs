@@ -206,17 +206,16 @@ impl Vsock {
                 self.peer_fwd = h.fwd_cnt;
                 self.state = State::Open;
             }
-            _ if !ours => {
-                // Not our connection: refuse (a reset is never answered).
-                if h.op != OP_RST {
-                    let (pp, lp) = (self.peer_port, self.local_port);
-                    self.peer_port = h.src_port;
-                    self.local_port = h.dst_port;
-                    self.send(OP_RST, 0, &[]);
-                    self.peer_port = pp;
-                    self.local_port = lp;
-                }
+            // Not our connection: refuse it (a reset is never answered).
+            _ if !ours && h.op != OP_RST => {
+                let (pp, lp) = (self.peer_port, self.local_port);
+                self.peer_port = h.src_port;
+                self.local_port = h.dst_port;
+                self.send(OP_RST, 0, &[]);
+                self.peer_port = pp;
+                self.local_port = lp;
             }
+            _ if !ours => {}
             OP_RW => {
                 self.peer_alloc = h.buf_alloc;
                 self.peer_fwd = h.fwd_cnt;
