@@ -185,43 +185,24 @@ impl Qcow2 {
         })
     }
 
-    /// Writes one piece into a cluster that has no writable host cluster yet: a new cluster
-    /// gets the old contents (zeros or backing data) around `data`.
-    fn write_new_cluster(
-        &self,
-        m: &mut Meta,
-        vc: u64,
-        in_c: u64,
-        data: &[u8],
-        old: Cluster,
-    ) -> Result<(), DiskError> {
-        let cs = self.geo.cs;
-        let mut buf;
-        let full: &[u8] = if data.len() as u64 == cs {
-            data
-        } else {
-            buf = vec![0u8; cs as usize];
-            if old == Cluster::Unallocated {
-                let start = vc * cs;
-                let valid = self.size.saturating_sub(start).min(cs) as usize;
-                self.read_backing(&mut buf[..valid], start)?;
-            }
-            buf[in_c as usize..in_c as usize + data.len()].copy_from_slice(data);
-            &buf
-        };
-        match old {
-            // A preallocated zero cluster is reused: its L2 entry loses the zero flag only
-            // at writeback, after this data is durable.
-            Cluster::Zero { host } if host != 0 => {
-                self.file.write_all(full, host)?;
-                m.set_entry(&self.file, &self.geo, vc, host | COPIED)
-            }
-            _ => {
-                let host = m.alloc(&self.file, &self.geo)?;
-                self.file.write_all(full, host)?;
-                m.set_entry(&self.file, &self.geo, vc, host | COPIED)
-            }
+    /// Appends to `out` the full new contents of guest cluster `vc` whose old contents are
+    /// `old` (zeros or backing data), with `data` at `in_c`.
+    fn cluster_contents(&self, out: &mut Vec<u8>, vc: u64, in_c: u64, data: &[u8], old: Cluster) -> Result<(), DiskError> {
+        let cs = self.geo.cs as usize;
+        if data.len() == cs {
+            out.extend_from_slice(data);
+            return Ok(());
         }
+        let start = out.len();
+        out.resize(start + cs, 0);
+        let new = &mut out[start..];
+        if old == Cluster::Unallocated {
+            let g = vc * self.geo.cs;
+            let valid = self.size.saturating_sub(g).min(self.geo.cs) as usize;
+            self.read_backing(&mut new[..valid], g)?;
+        }
+        new[in_c as usize..in_c as usize + data.len()].copy_from_slice(data);
+        Ok(())
     }
 
     /// Makes whole clusters `[first, first + count)` read as zeros.
@@ -272,8 +253,9 @@ impl Qcow2 {
                 None => {
                     let zeros = vec![0u8; geo.cs as usize];
                     let len = geo.cs.min(self.size - vc * geo.cs) as usize;
-                    for (h, d) in self.write_locked(&mut m, &zeros[..len], vc * geo.cs)? {
-                        self.file.write_all(d, h)?;
+                    let zeros = &zeros[..len];
+                    for (h, at, n) in self.write_locked(&mut m, zeros, vc * geo.cs)? {
+                        self.file.write_all(&zeros[at..at + n], h)?;
                     }
                 }
             }
@@ -282,33 +264,48 @@ impl Qcow2 {
         Ok(())
     }
 
-    /// The write path with the lock held. In-place writes of allocated clusters are returned
-    /// for the caller to do after releasing the lock.
-    fn write_locked<'a>(
-        &self,
-        m: &mut Meta,
-        buf: &'a [u8],
-        offset: u64,
-    ) -> Result<Vec<(u64, &'a [u8])>, DiskError> {
-        let mut in_place = Vec::new();
+    /// The write path with the lock held. Pieces that need a new cluster are written here,
+    /// host-adjacent ones in one call, before their L2 entries are set. In-place pieces
+    /// (host offset, offset in `buf`, length; host-adjacent ones merged) are returned for the
+    /// caller to write after releasing the lock.
+    fn write_locked(&self, m: &mut Meta, buf: &[u8], offset: u64) -> Result<Vec<(u64, usize, usize)>, DiskError> {
+        let cs = self.geo.cs;
+        let mut in_place: Vec<(u64, usize, usize)> = Vec::new();
+        let mut batch = NewClusters::new(buf.len() as u64 / cs + 2, cs);
         let mut done = 0usize;
         for (vc, in_c, n) in self.pieces(offset, buf.len() as u64) {
             let data = &buf[done..done + n as usize];
-            done += n as usize;
             match m.lookup(&self.file, &self.geo, vc)? {
-                Cluster::Data { host, copied: true } => in_place.push((host + in_c, data)),
-                Cluster::Data {
-                    host,
-                    copied: false,
-                } => {
+                Cluster::Data { host, copied: true } => match in_place.last_mut() {
+                    Some(last) if last.0 + last.2 as u64 == host + in_c && last.1 + last.2 == done => {
+                        last.2 += n as usize;
+                    }
+                    _ => in_place.push((host + in_c, done, n as usize)),
+                },
+                Cluster::Data { host, copied: false } => {
                     return Err(self.file.corrupt(format!(
                         "data cluster {host:#x} is shared (refcount > 1) and cannot be written"
                     )))
                 }
                 Cluster::Compressed => return Err(self.compressed()),
-                old => self.write_new_cluster(m, vc, in_c, data, old)?,
+                old => {
+                    // A preallocated zero cluster is reused: its L2 entry loses the zero flag
+                    // only at writeback, after this data is durable.
+                    let host = match old {
+                        Cluster::Zero { host } if host != 0 => host,
+                        _ => m.alloc(&self.file, &self.geo)?,
+                    };
+                    if !batch.follows(host, cs) {
+                        batch.write(self, m)?;
+                    }
+                    batch.start(host);
+                    self.cluster_contents(batch.data(), vc, in_c, data, old)?;
+                    batch.entries.push((vc, host));
+                }
             }
+            done += n as usize;
         }
+        batch.write(self, m)?;
         Ok(in_place)
     }
 
@@ -327,6 +324,63 @@ impl Qcow2 {
             }
         }
         runs.push((host, tag, len));
+    }
+}
+
+/// New clusters of one write that are adjacent on the host, gathered in a buffer aligned
+/// for O_DIRECT and written in one call.
+struct NewClusters {
+    buf: Vec<u8>,
+    /// Where the contents start in `buf` (for 4 KiB alignment).
+    align: usize,
+    /// Bytes of contents the buffer holds without moving.
+    cap: usize,
+    host: u64,
+    /// (guest cluster, host cluster) whose L2 entries are set once the data is written.
+    entries: Vec<(u64, u64)>,
+}
+
+impl NewClusters {
+    fn new(max_clusters: u64, cs: u64) -> Self {
+        // At most 4 MiB (or one cluster) at a time, reserved up front so that the buffer
+        // never moves and keeps its alignment.
+        let cap = (max_clusters * cs).min((4 << 20).max(cs)) as usize;
+        let buf: Vec<u8> = Vec::with_capacity(cap + 4096);
+        let align = buf.as_ptr().align_offset(4096).min(4096);
+        Self { buf, align, cap, host: 0, entries: Vec::new() }
+    }
+
+    fn len(&self) -> u64 {
+        self.buf.len().saturating_sub(self.align) as u64
+    }
+
+    /// Whether a cluster at `host` continues the batch (or the batch is empty).
+    fn follows(&self, host: u64, cs: u64) -> bool {
+        self.entries.is_empty() || (self.host + self.len() == host && self.len() + cs <= self.cap as u64)
+    }
+
+    fn start(&mut self, host: u64) {
+        if self.entries.is_empty() {
+            self.buf.clear();
+            self.buf.resize(self.align, 0);
+            self.host = host;
+        }
+    }
+
+    fn data(&mut self) -> &mut Vec<u8> {
+        &mut self.buf
+    }
+
+    /// Writes the gathered clusters, then points their L2 entries at them.
+    fn write(&mut self, q: &Qcow2, m: &mut Meta) -> Result<(), DiskError> {
+        if self.entries.is_empty() {
+            return Ok(());
+        }
+        q.file.write_all(&self.buf[self.align..], self.host)?;
+        for (vc, host) in self.entries.drain(..) {
+            m.set_entry(&q.file, &q.geo, vc, host | COPIED)?;
+        }
+        Ok(())
     }
 }
 
@@ -388,8 +442,8 @@ impl BlockBackend for Qcow2 {
             let mut m = self.lock();
             self.write_locked(&mut m, buf, offset)?
         };
-        for (host, data) in in_place {
-            self.file.write_all(data, host)?;
+        for (host, at, n) in in_place {
+            self.file.write_all(&buf[at..at + n], host)?;
         }
         Ok(())
     }
