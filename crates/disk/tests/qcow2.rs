@@ -324,7 +324,14 @@ fn direct_io_with_aligned_buffers() {
     let dir = TempDir::new("direct");
     let q = create(&dir, "d.qcow2", "8M", &[]);
     let mut expect = vec![0u8; 8 * MIB];
-    let d = open(&q, &OpenOptions { direct: true, ..rw() }).unwrap();
+    let d = open(
+        &q,
+        &OpenOptions {
+            direct: true,
+            ..rw()
+        },
+    )
+    .unwrap();
     let mut big = vec![0u8; MIB + 4096];
     let at = big.as_ptr().align_offset(4096);
     let aligned = &mut big[at..at + MIB];

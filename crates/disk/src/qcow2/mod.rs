@@ -187,7 +187,14 @@ impl Qcow2 {
 
     /// Appends to `out` the full new contents of guest cluster `vc` whose old contents are
     /// `old` (zeros or backing data), with `data` at `in_c`.
-    fn cluster_contents(&self, out: &mut Vec<u8>, vc: u64, in_c: u64, data: &[u8], old: Cluster) -> Result<(), DiskError> {
+    fn cluster_contents(
+        &self,
+        out: &mut Vec<u8>,
+        vc: u64,
+        in_c: u64,
+        data: &[u8],
+        old: Cluster,
+    ) -> Result<(), DiskError> {
         let cs = self.geo.cs as usize;
         if data.len() == cs {
             out.extend_from_slice(data);
@@ -268,7 +275,12 @@ impl Qcow2 {
     /// host-adjacent ones in one call, before their L2 entries are set. In-place pieces
     /// (host offset, offset in `buf`, length; host-adjacent ones merged) are returned for the
     /// caller to write after releasing the lock.
-    fn write_locked(&self, m: &mut Meta, buf: &[u8], offset: u64) -> Result<Vec<(u64, usize, usize)>, DiskError> {
+    fn write_locked(
+        &self,
+        m: &mut Meta,
+        buf: &[u8],
+        offset: u64,
+    ) -> Result<Vec<(u64, usize, usize)>, DiskError> {
         let cs = self.geo.cs;
         let mut in_place: Vec<(u64, usize, usize)> = Vec::new();
         let mut batch = NewClusters::new(buf.len() as u64 / cs + 2, cs);
@@ -277,12 +289,17 @@ impl Qcow2 {
             let data = &buf[done..done + n as usize];
             match m.lookup(&self.file, &self.geo, vc)? {
                 Cluster::Data { host, copied: true } => match in_place.last_mut() {
-                    Some(last) if last.0 + last.2 as u64 == host + in_c && last.1 + last.2 == done => {
+                    Some(last)
+                        if last.0 + last.2 as u64 == host + in_c && last.1 + last.2 == done =>
+                    {
                         last.2 += n as usize;
                     }
                     _ => in_place.push((host + in_c, done, n as usize)),
                 },
-                Cluster::Data { host, copied: false } => {
+                Cluster::Data {
+                    host,
+                    copied: false,
+                } => {
                     return Err(self.file.corrupt(format!(
                         "data cluster {host:#x} is shared (refcount > 1) and cannot be written"
                     )))
@@ -347,7 +364,13 @@ impl NewClusters {
         let cap = (max_clusters * cs).min((4 << 20).max(cs)) as usize;
         let buf: Vec<u8> = Vec::with_capacity(cap + 4096);
         let align = buf.as_ptr().align_offset(4096).min(4096);
-        Self { buf, align, cap, host: 0, entries: Vec::new() }
+        Self {
+            buf,
+            align,
+            cap,
+            host: 0,
+            entries: Vec::new(),
+        }
     }
 
     fn len(&self) -> u64 {
@@ -356,7 +379,8 @@ impl NewClusters {
 
     /// Whether a cluster at `host` continues the batch (or the batch is empty).
     fn follows(&self, host: u64, cs: u64) -> bool {
-        self.entries.is_empty() || (self.host + self.len() == host && self.len() + cs <= self.cap as u64)
+        self.entries.is_empty()
+            || (self.host + self.len() == host && self.len() + cs <= self.cap as u64)
     }
 
     fn start(&mut self, host: u64) {
@@ -529,7 +553,7 @@ mod tests {
             cs: 512,
             l2_entries: 64,
             refcount_order: order,
-            rc_per_block: 512 * 8 >> order,
+            rc_per_block: (512 * 8) >> order,
         }
     }
 
@@ -543,7 +567,11 @@ mod tests {
                 g.set_rc(&mut block, i, v);
             }
             for i in 0..g.rc_per_block {
-                assert_eq!(g.get_rc(&block, i), (i * 7 + 1) & g.rc_max(), "order {order} entry {i}");
+                assert_eq!(
+                    g.get_rc(&block, i),
+                    (i * 7 + 1) & g.rc_max(),
+                    "order {order} entry {i}"
+                );
             }
             // Setting one entry leaves its neighbours alone.
             g.set_rc(&mut block, 1, 0);
