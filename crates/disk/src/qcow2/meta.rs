@@ -43,6 +43,16 @@ pub(crate) enum Cluster {
     Compressed,
 }
 
+/// How [`Meta::update_refcount`] changes a refcount.
+#[derive(Debug, Clone, Copy)]
+enum Refcount {
+    /// A cluster taken from past the end of the file: 1, whatever a killed run left there
+    /// (it may have set a refcount before the file grew).
+    Fresh,
+    /// One reference fewer.
+    Drop,
+}
+
 #[derive(Debug)]
 struct L2Table {
     entries: Vec<u64>,
@@ -115,6 +125,26 @@ impl Meta {
         }
         if host < geo.cs || host >= self.next_free {
             return Err(f.corrupt(format!("{what} at {host:#x} is outside the file")));
+        }
+        Ok(())
+    }
+
+    /// A data cluster must also stay clear of the L1 and refcount tables: a corrupt entry
+    /// pointing there must not turn guest writes into metadata writes.
+    fn check_data_host(
+        &self,
+        f: &DiskFile,
+        geo: &Geometry,
+        what: &str,
+        host: u64,
+    ) -> Result<(), DiskError> {
+        self.check_host(f, geo, what, host)?;
+        let overlaps = |start: u64, bytes: u64| host < start + bytes && start < host + geo.cs;
+        if overlaps(self.l1_offset, self.l1.len() as u64 * 8) {
+            return Err(f.corrupt(format!("{what} at {host:#x} overlaps the L1 table")));
+        }
+        if overlaps(self.rt_offset, self.rt.len() as u64 * 8) {
+            return Err(f.corrupt(format!("{what} at {host:#x} overlaps the refcount table")));
         }
         Ok(())
     }
@@ -193,14 +223,14 @@ impl Meta {
         let host = e & OFFSET_MASK;
         if geo.version >= 3 && e & ZERO != 0 {
             if host != 0 {
-                self.check_host(f, geo, "preallocated zero cluster", host)?;
+                self.check_data_host(f, geo, "preallocated zero cluster", host)?;
             }
             return Ok(Cluster::Zero { host });
         }
         if host == 0 {
             return Ok(Cluster::Unallocated);
         }
-        self.check_host(f, geo, "data cluster", host)?;
+        self.check_data_host(f, geo, "data cluster", host)?;
         Ok(Cluster::Data {
             host,
             copied: e & COPIED != 0,
@@ -264,7 +294,7 @@ impl Meta {
         }
         self.l1_dirty.clear();
         for host in std::mem::take(&mut self.pending_free) {
-            self.add_refcount(f, geo, host, -1)?;
+            self.update_refcount(f, geo, host, Refcount::Drop)?;
         }
         Ok(())
     }
@@ -276,18 +306,18 @@ impl Meta {
             .checked_add(geo.cs)
             .filter(|&e| e <= OFFSET_MASK)
             .ok_or_else(|| f.corrupt("image file too large"))?;
-        self.add_refcount(f, geo, off, 1)?;
+        self.update_refcount(f, geo, off, Refcount::Fresh)?;
         Ok(off)
     }
 
-    /// Adds `delta` to the refcount of the cluster at `host`, creating a refcount block or
-    /// growing the refcount table when the cluster is not covered yet.
-    fn add_refcount(
+    /// Changes the refcount of the cluster at `host`, creating a refcount block or growing
+    /// the refcount table when the cluster is not covered yet.
+    fn update_refcount(
         &mut self,
         f: &DiskFile,
         geo: &Geometry,
         host: u64,
-        delta: i64,
+        change: Refcount,
     ) -> Result<(), DiskError> {
         let c = host >> geo.cluster_bits;
         let ri = (c / geo.rc_per_block) as usize;
@@ -309,11 +339,11 @@ impl Meta {
             return Ok(());
         };
         let old = geo.get_rc(buf, bi);
-        let new = old.checked_add_signed(delta).filter(|&v| v <= geo.rc_max());
-        let Some(new) = new else {
-            return Err(f.corrupt(format!(
-                "refcount of cluster {host:#x} would leave range (is {old})"
-            )));
+        let new = match change {
+            Refcount::Fresh => 1,
+            Refcount::Drop => old
+                .checked_sub(1)
+                .ok_or_else(|| f.corrupt(format!("refcount of cluster {host:#x} is already 0")))?,
         };
         let (at, len) = geo.set_rc(buf, bi, new);
         let bytes = buf[at..at + len].to_vec();
@@ -333,7 +363,7 @@ impl Meta {
         }
         f.write_all(&buf, off)?;
         if !covers_self {
-            self.add_refcount(f, geo, off, 1)?;
+            self.update_refcount(f, geo, off, Refcount::Fresh)?;
         }
         f.sync()?;
         self.rt[ri] = off;
@@ -386,7 +416,7 @@ impl Meta {
                 None => {
                     // Covered by an existing block: that block is already referenced.
                     let saved = std::mem::replace(&mut self.rt, table.clone());
-                    let res = self.add_refcount(f, geo, host, 1);
+                    let res = self.update_refcount(f, geo, host, Refcount::Fresh);
                     self.rt = saved;
                     res?;
                 }
@@ -407,7 +437,7 @@ impl Meta {
         self.rt_offset = start;
         self.rb_cache = None;
         for i in 0..(old_len * 8).div_ceil(geo.cs) {
-            self.add_refcount(f, geo, old_off + i * geo.cs, -1)?;
+            self.update_refcount(f, geo, old_off + i * geo.cs, Refcount::Drop)?;
         }
         Ok(())
     }
