@@ -6,6 +6,7 @@ mod common;
 use common::*;
 use ferro_disk::open;
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -23,6 +24,15 @@ fn record_offset(seed: u64, i: u64) -> u64 {
     (Rng(seed * 7919 + i * 104_729 + 1).below(slots)) * (REC + 1000)
 }
 
+fn libc_sigkill() -> i32 {
+    9
+}
+
+/// Where the child zeroes 128 KiB after record `i`.
+fn zero_offset(seed: u64, i: u64) -> u64 {
+    (record_offset(seed, i + 7) & !0xffff).min(DISK - 2 * 65536)
+}
+
 /// The child: writes records forever, flushing every few and printing how many are durable.
 #[test]
 fn crash_writer_child() {
@@ -38,7 +48,7 @@ fn crash_writer_child() {
         )
         .unwrap();
         if i % 4 == 3 {
-            d.write_zeroes(record_offset(seed, i + 7) & !0xffff, 65536 * 2, i % 8 == 3)
+            d.write_zeroes(zero_offset(seed, i), 65536 * 2, i % 8 == 3)
                 .unwrap();
         }
         if i % 8 == 7 {
@@ -96,7 +106,13 @@ fn kill_minus_nine_leaks_at_most() {
             });
             std::thread::sleep(Duration::from_millis(150 + Rng(seed).below(400)));
             child.kill().unwrap();
-            child.wait().unwrap();
+            let status = child.wait().unwrap();
+            // The writer must have been killed, not have stopped on an error of its own.
+            assert_eq!(
+                status.signal(),
+                Some(libc_sigkill()),
+                "writer exited by itself: {status}"
+            );
             let durable = lines.join().unwrap().unwrap_or(0);
             let (code, text) = qemu_check(&q);
             assert!(
@@ -115,7 +131,7 @@ fn kill_minus_nine_leaks_at_most() {
                 d.read_at(&mut buf, record_offset(seed, last)).unwrap();
                 let later_overlap = (last + 1..last + 64).any(|j| {
                     let (a, b) = (record_offset(seed, last), record_offset(seed, j));
-                    let z = record_offset(seed, j + 7) & !0xffff;
+                    let z = zero_offset(seed, j);
                     (b < a + REC && a < b + REC) || (z < a + REC && a < z + 2 * 65536)
                 });
                 if !later_overlap {
