@@ -293,17 +293,25 @@ fn concurrent_writers() {
     let dir = TempDir::new("threads");
     let q = create(&dir, "t.qcow2", "16M", &["-o", "cluster_size=4096"]);
     let d: Arc<dyn ferro_disk::BlockBackend> = Arc::from(open(&q, &rw()).unwrap());
+    // Interleaved: threads share L2 tables but not clusters. Thread 0 also flushes, thread 1
+    // zeroes some of its own records again.
+    let off = |t: u64, i: u64| (i * 4 + t) * 30_000;
+    let zeroed = |t: u64, i: u64| t == 1 && i % 8 == 0;
     let handles: Vec<_> = (0..4u64)
         .map(|t| {
             let d = Arc::clone(&d);
             std::thread::spawn(move || {
                 for i in 0..128u64 {
-                    // Interleaved: threads share L2 tables but not clusters.
-                    let off = (i * 4 + t) * 30_000;
-                    d.write_at(&pattern(6000, t * 1000 + i), off).unwrap();
+                    d.write_at(&pattern(6000, t * 1000 + i), off(t, i)).unwrap();
                     let mut back = vec![0u8; 6000];
-                    d.read_at(&mut back, off).unwrap();
+                    d.read_at(&mut back, off(t, i)).unwrap();
                     assert_eq!(back, pattern(6000, t * 1000 + i));
+                    if zeroed(t, i) {
+                        d.write_zeroes(off(t, i), 6000, i % 16 == 0).unwrap();
+                    }
+                    if t == 0 && i % 16 == 15 {
+                        d.flush().unwrap();
+                    }
                 }
             })
         })
@@ -311,9 +319,20 @@ fn concurrent_writers() {
     for h in handles {
         h.join().unwrap();
     }
+    let mut expect = vec![0u8; 16 * MIB];
+    for t in 0..4 {
+        for i in 0..128 {
+            let o = off(t, i) as usize;
+            if !zeroed(t, i) {
+                expect[o..o + 6000].copy_from_slice(&pattern(6000, t * 1000 + i));
+            }
+        }
+    }
+    assert!(read_all(&*d) == expect);
     d.flush().unwrap();
     drop(d);
     assert_clean(&q);
+    assert_same(&q, &write_expected(&dir, &expect));
 }
 
 #[test]
