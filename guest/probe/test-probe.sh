@@ -14,6 +14,7 @@ pass=0
 fail=0
 
 # check NAME EXPECTED_RC REQUIRED_LINE... -- COMMAND...
+# A required line that starts with `~` is an extended regular expression for a whole line.
 check() {
     local name=$1 want=$2
     shift 2
@@ -23,7 +24,13 @@ check() {
     timeout 120 bash -c '"$@"' bash "$@" >"$out" 2>/dev/null </dev/null
     local rc=$? ok=1 l
     [ "$rc" = "$want" ] || ok=0
-    for l in "${need[@]}"; do grep -qxF -- "$l" <(tr -d '\r' <"$out") || ok=0; done
+    for l in "${need[@]}"; do
+        if [ "${l:0:1}" = "~" ]; then
+            grep -qxE -- "${l:1}" <(tr -d '\r' <"$out") || ok=0
+        else
+            grep -qxF -- "$l" <(tr -d '\r' <"$out") || ok=0
+        fi
+    done
     if [ $ok = 1 ]; then
         pass=$((pass + 1))
         echo "ok   $name"
@@ -60,6 +67,103 @@ if [ "$quick" != "--quick" ]; then
     check "qemu q35 triplefault" 0 "probe=exit:triplefault" -- qemu q35 256 2 "exit=triplefault"
     check "qemu q35 panic" 1 "probe=exit:panic" \
         -- qemu q35 256 2 "exit=panic" -device pvpanic -action panic=exit-failure
+fi
+
+# PCI and virtio devices (README.md, "Devices"): the same probe binary under q35 (firmware-placed
+# BARs, ECAM from the MCFG), microvm with PCIe (BARs placed by the probe, ECAM given on the command
+# line: QEMU 7.2's microvm has no MCFG) and pc (configuration ports).
+img="$(mktemp -d /var/tmp/probe-dev.XXXXXX)"
+trap 'rm -f "$out"; rm -rf "$img"' EXIT
+truncate -s 64M "$img/d0.img"
+truncate -s 16M "$img/d1.img"
+truncate -s 8M "$img/ro.img"
+v1="disable-legacy=on"
+export img here v1
+
+disk() { echo "-drive if=none,id=$1,file=$img/$2,format=raw,cache=none${4:+,$4} -device virtio-blk-pci,drive=$1,$v1,serial=$3"; }
+rng="-device virtio-rng-pci,$v1"
+rngline='~rng_bytes=4096 rng_nonzero=4[0-9]{3} rng_irqs=[1-9][0-9]*'
+# shellcheck disable=SC2046
+check "qemu q35 pci rng+blk write" 0 "pci_config=ecam:0xb0000000" "~pci=00:0[0-9].0 1af4:1044 class=0x00ff00" "$rngline" \
+    "blk_devices=2" "blk_capacity=131072 blk_ro=0 blk_serial=SER0" "blk_write=ok" "blk_flush=ok" "blk_verify=ok" \
+    "~blk_irqs=[1-9][0-9]*" "probe=done" \
+    -- qemu q35 256 2 "rng=4096 blk=write blk_sectors=1000 blk_seed=42" $rng $(disk d0 d0.img SER0) $(disk d1 d1.img SER1)
+# shellcheck disable=SC2046
+check "qemu q35 blk verify after restart" 0 "blk_verify=ok" -- \
+    qemu q35 256 1 "blk=verify blk_sectors=1000 blk_seed=42" $(disk d0 d0.img SER0)
+# shellcheck disable=SC2046
+check "qemu q35 blk verify wrong seed" 0 "blk_verify=fail:0" -- \
+    qemu q35 256 1 "blk=verify blk_sectors=1000 blk_seed=43" $(disk d0 d0.img SER0)
+# shellcheck disable=SC2046
+check "qemu q35 blk second disk" 0 "blk_devices=2" "blk_capacity=32768 blk_ro=0 blk_serial=SER1" "blk_write=ok" "blk_verify=ok" \
+    -- qemu q35 256 1 "blk=write blk_dev=1 blk_sectors=300" $(disk d0 d0.img SER0) $(disk d1 d1.img SER1)
+# shellcheck disable=SC2046
+check "qemu q35 blk read-only" 0 "blk_capacity=16384 blk_ro=1 blk_serial=RO" "blk_write=ioerr" "probe=done" \
+    -- qemu q35 256 1 "blk=write blk_sectors=64" $(disk d0 ro.img RO readonly=on)
+check "qemu q35 no device" 0 "rng=none" "blk_devices=0" "blk=none" "probe=done" -- qemu q35 256 1 "rng=16 blk=read"
+# shellcheck disable=SC2046
+check "qemu microvm pcie rng+blk" 0 "pci_config=ecam:0xe0000000" "~pci_assign=00:01.0 bar4=0xc[0-9a-f]{7} size=0x4000" \
+    "$rngline" "blk_write=ok" "blk_verify=ok" \
+    -- qemu "$microvm,pcie=on" 256 1 "pci_ecam=0xe0000000 rng=4096 blk=write blk_sectors=200" $rng $(disk d0 d0.img M0)
+check "qemu pc pci ports" 0 "pci_config=port" "$rngline" -- qemu pc 256 1 "rng=4096" $rng
+if [ "$quick" != "--quick" ]; then
+    # shellcheck disable=SC2046
+    check "qemu q35 blk bench" 0 "~blk_seq_write_mbps=[1-9][0-9]* blk_seq_read_mbps=[1-9][0-9]* blk_rand_read_iops=[1-9][0-9]*" \
+        "blk_flush=ok" -- qemu q35 256 1 "blk=bench blk_mib=16 blk_rand=1000" $(disk d0 d0.img B0)
+    # Balloon: the monitor sets the target (384 of 512 MiB: 32768 pages), then gives it back.
+    balloon_run() {
+        local sock="$img/mon.sock"
+        ( sleep 1.5; python3 "$here/hmp.py" "$sock" "balloon 384"; sleep 1.5; python3 "$here/hmp.py" "$sock" "balloon 512" ) &
+        qemu q35 512 1 "balloon=on balloon_secs=5" -device "virtio-balloon-pci,$v1,guest-stats-polling-interval=1" \
+            -monitor "unix:$sock,server,nowait"
+        wait
+    }
+    export -f balloon_run
+    check "qemu q35 balloon" 0 "balloon_target=32768" "balloon_actual=32768" "balloon_actual=0" \
+        "~balloon_inflated=32768 balloon_deflated=32768 balloon_stats=[1-9][0-9]* balloon_irqs=[0-9]+" -- balloon_run
+fi
+
+# virtio-net on a tap inside a network namespace of its own (link-local addresses only).
+if [ "$(id -u)" = 0 ] && command -v ip >/dev/null && command -v ping >/dev/null; then
+    ns="probe$$"
+    if ip netns add "$ns" 2>/dev/null; then
+        trap 'rm -f "$out"; rm -rf "$img"; ip netns del "$ns" 2>/dev/null' EXIT
+        ip netns exec "$ns" ip tuntap add dev ptap0 mode tap
+        ip netns exec "$ns" ip link set ptap0 up
+        ip netns exec "$ns" ip addr add 169.254.77.1/24 dev ptap0
+        export ns
+        net_ping() {
+            local log="$img/net.log"
+            ip netns exec "$ns" bash -c 'qemu "$@"' bash q35 256 1 "net=on net_ip=169.254.77.2 net_secs=20 net_frames=4" \
+                -netdev tap,id=n0,ifname=ptap0,script=no,downscript=no -device virtio-net-pci,netdev=n0,$v1 >"$log" &
+            local i
+            for i in $(seq 100); do grep -q net_ready "$log" && break; sleep 0.1; done
+            ip netns exec "$ns" ping -c 3 -i 0.3 -W 2 169.254.77.2 >/dev/null && echo "host_ping=ok"
+            wait
+            cat "$log"
+        }
+        net_bench() {
+            local log="$img/net.log"
+            ip netns exec "$ns" python3 "$here/net-peer.py" count ptap0 15 >"$img/peer.log" &
+            ip netns exec "$ns" bash -c 'qemu "$@"' bash q35 256 1 "net=bench net_secs=3 net_tx_frames=20000 net_frame_len=1000" \
+                -netdev tap,id=n0,ifname=ptap0,script=no,downscript=no -device virtio-net-pci,netdev=n0,$v1 >"$log" &
+            local i
+            for i in $(seq 200); do grep -q net_rx=listening "$log" && break; sleep 0.1; done
+            ip netns exec "$ns" python3 "$here/net-peer.py" blast ptap0 2000 1000 >/dev/null
+            wait
+            cat "$log" "$img/peer.log"
+        }
+        export -f net_ping net_bench
+        check "qemu q35 net ping" 0 "net_ready=52:54:00:12:34:56" "host_ping=ok" \
+            "~net_mac=52:54:00:12:34:56 net_rx=[0-9]+ net_tx=4 net_arp=1 net_icmp=3" "~net_irqs=[1-9][0-9]*" -- net_ping
+        check "qemu q35 net bench" 0 "~net_tx_frames=20000 net_tx_fps=[1-9][0-9]* net_tx_mbps=[0-9]+" \
+            "~net_rx_frames=[1-9][0-9]* net_rx_bytes=[0-9]+ net_rx_fps=[0-9]+ net_rx_mbps=[0-9]+" \
+            "~peer_rx_frames=[1-9][0-9]* peer_rx_bytes=[0-9]+ peer_rx_fps=[0-9]+" -- net_bench
+    else
+        echo "skip net (ip netns add failed)"
+    fi
+else
+    echo "skip net (needs root, ip and ping)"
 fi
 
 vmm="$repo/target/release/ferro-vmm"

@@ -252,9 +252,9 @@ pub fn idle() {
 }
 
 /// Lets interrupts that became pending while user mode ran (IF clear) be taken: sleeps up to
-/// twice while the device's count is still 0.
+/// 20 times (timer ticks) while the device's count is still 0.
 pub fn settle_irqs(v: &Virtio) {
-    for _ in 0..2 {
+    for _ in 0..20 {
         if v.irqs() != 0 || !crate::devices::IRQ_OK.load(core::sync::atomic::Ordering::Acquire) {
             return;
         }
