@@ -296,7 +296,7 @@ fn concurrent_writers() {
     // Interleaved: threads share L2 tables but not clusters. Thread 0 also flushes, thread 1
     // zeroes some of its own records again.
     let off = |t: u64, i: u64| (i * 4 + t) * 30_000;
-    let zeroed = |t: u64, i: u64| t == 1 && i % 8 == 0;
+    let zeroed = |t: u64, i: u64| t == 1 && i.is_multiple_of(8);
     let handles: Vec<_> = (0..4u64)
         .map(|t| {
             let d = Arc::clone(&d);
@@ -307,7 +307,8 @@ fn concurrent_writers() {
                     d.read_at(&mut back, off(t, i)).unwrap();
                     assert_eq!(back, pattern(6000, t * 1000 + i));
                     if zeroed(t, i) {
-                        d.write_zeroes(off(t, i), 6000, i % 16 == 0).unwrap();
+                        d.write_zeroes(off(t, i), 6000, i.is_multiple_of(16))
+                            .unwrap();
                     }
                     if t == 0 && i % 16 == 15 {
                         d.flush().unwrap();
