@@ -65,3 +65,6 @@ impl Hypervisor {
         HostInfo::collect(&self.kvm, self.kind)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,119 @@
+//! The KVM layer against the real /dev/kvm: a few bytes of real-mode code exercise memory
+//! mapping, register setup and the exits the VMM depends on.
+
+use crate::{Hypervisor, HypervisorError, VmExit};
+
+/// Guest-physical address where the test code is placed.
+const CODE: u64 = 0x1000;
+
+/// Maps one anonymous page at guest address 0, copies `code` to `CODE` and returns the VM, a
+/// vCPU in real mode at `CODE`, and the mapping (kept alive by the caller).
+fn tiny_vm(code: &[u8]) -> Option<(crate::Vm, crate::Vcpu, *mut libc::c_void)> {
+    let hv = match Hypervisor::new() {
+        Ok(h) => h,
+        Err(HypervisorError::NoKvm) => {
+            println!("SKIPPED: no /dev/kvm");
+            return None;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let vm = hv.create_vm().unwrap();
+    let size = 0x10000usize;
+    // SAFETY: an anonymous private mapping with no address hint; checked below.
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            size,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(mem, libc::MAP_FAILED);
+    // SAFETY: `mem` is `size` writable bytes and `CODE + code.len()` is within them.
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            code.as_ptr(),
+            mem.cast::<u8>().add(CODE as usize),
+            code.len(),
+        )
+    };
+    // SAFETY: the mapping lives until the test process ends (it is never unmapped).
+    unsafe { vm.map_memory(0, 0, size as u64, mem as u64) }.unwrap();
+    vm.setup_platform().unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    let mut sregs = vcpu.sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.regs().unwrap();
+    regs.rip = CODE;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    Some((vm, vcpu, mem))
+}
+
+#[test]
+fn port_out_and_in_exits() {
+    // mov al, 0x5a; out 0x80, al; mov dx, 0x3f8; in al, dx; mov [0x2000], al; out 0x81, al
+    let code = [
+        0xb0, 0x5a, 0xe6, 0x80, 0xba, 0xf8, 0x03, 0xec, 0xa2, 0x00, 0x20, 0xe6, 0x81,
+    ];
+    let Some((_vm, mut vcpu, _mem)) = tiny_vm(&code) else {
+        return;
+    };
+    match vcpu.run().unwrap() {
+        VmExit::IoOut { port, data, size } => {
+            assert_eq!((port, data, size), (0x80, &[0x5a][..], 1));
+        }
+        other => panic!("expected an OUT exit, got {other:?}"),
+    }
+    match vcpu.run().unwrap() {
+        VmExit::IoIn { port, data, size } => {
+            assert_eq!((port, data.len(), size), (0x3f8, 1, 1));
+            data[0] = 0xa7;
+        }
+        other => panic!("expected an IN exit, got {other:?}"),
+    }
+    // The value read came back into the guest, which writes it out again.
+    match vcpu.run().unwrap() {
+        VmExit::IoOut { port, data, .. } => assert_eq!((port, data), (0x81, &[0xa7][..])),
+        other => panic!("expected an OUT exit, got {other:?}"),
+    }
+}
+
+#[test]
+fn string_out_reports_access_size() {
+    // mov si, 0x1100; mov cx, 3; mov dx, 0x3f8; rep outsb; hlt  (data "abc" at 0x1100)
+    let mut code = vec![
+        0xbe, 0x00, 0x11, 0xb9, 0x03, 0x00, 0xba, 0xf8, 0x03, 0xf3, 0x6e, 0xf4,
+    ];
+    code.resize(0x100, 0x90);
+    code.extend_from_slice(b"abc");
+    let Some((_vm, mut vcpu, _mem)) = tiny_vm(&code) else {
+        return;
+    };
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        match vcpu.run().unwrap() {
+            VmExit::IoOut { port, data, size } => {
+                assert_eq!((port, size), (0x3f8, 1));
+                seen.extend_from_slice(data);
+            }
+            other => panic!("expected OUT exits, got {other:?}"),
+        }
+    }
+    assert_eq!(seen, b"abc");
+}
+
+#[test]
+fn host_info_reports_a_kind() {
+    let Ok(hv) = Hypervisor::new() else {
+        println!("SKIPPED: no /dev/kvm");
+        return;
+    };
+    let report = hv.host_info().report();
+    assert!(report.contains(&format!("kind: {}", hv.kind().name())));
+    assert!(report.contains("cap.irqchip: yes"), "{report}");
+}
