@@ -4,6 +4,7 @@ use std::io;
 
 /// Why a disk image could not be opened, read or written.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DiskError {
     /// The file could not be opened.
     #[error("{file}: cannot open: {source}")]
