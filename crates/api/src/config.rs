@@ -27,7 +27,7 @@ pub enum ConfigError {
     )]
     Memory(u64),
     /// The serial setting is not understood.
-    #[error("--serial '{0}' is not one of stdio, file:PATH, none")]
+    #[error("--serial '{0}' is not one of stdio, file:PATH, socket:PATH, none")]
     Serial(String),
     /// The config file could not be read.
     #[error("cannot read config file {path}: {source}")]
@@ -58,6 +58,9 @@ pub enum SerialMode {
     File(PathBuf),
     /// Discarded.
     None,
+    /// A unix socket the VMM listens on: it keeps a ring buffer of recent output, replays it to
+    /// each client that connects, then streams; what clients send goes to the guest's input.
+    Socket(PathBuf),
 }
 
 impl std::str::FromStr for SerialMode {
@@ -66,8 +69,9 @@ impl std::str::FromStr for SerialMode {
         match s {
             "stdio" => Ok(Self::Stdio),
             "none" => Ok(Self::None),
-            _ => match s.strip_prefix("file:") {
-                Some(p) if !p.is_empty() => Ok(Self::File(PathBuf::from(p))),
+            _ => match (s.strip_prefix("file:"), s.strip_prefix("socket:")) {
+                (Some(p), _) if !p.is_empty() => Ok(Self::File(PathBuf::from(p))),
+                (_, Some(p)) if !p.is_empty() => Ok(Self::Socket(PathBuf::from(p))),
                 _ => Err(ConfigError::Serial(s.to_string())),
             },
         }
@@ -238,6 +242,11 @@ mod tests {
             SerialMode::File("/x".into())
         );
         assert!("file:".parse::<SerialMode>().is_err());
+        assert_eq!(
+            "socket:/s".parse::<SerialMode>().unwrap(),
+            SerialMode::Socket("/s".into())
+        );
+        assert!("socket:".parse::<SerialMode>().is_err());
         assert!("tty".parse::<SerialMode>().is_err());
     }
 }

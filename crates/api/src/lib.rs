@@ -4,6 +4,7 @@
 #![deny(unsafe_code)]
 
 mod config;
+pub mod control;
 mod devices;
 mod size;
 

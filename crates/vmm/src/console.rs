@@ -1,4 +1,5 @@
 //! The serial console's host side: where COM1's output goes, and the terminal that feeds its input.
+//! With `--serial socket:PATH` output goes to a [`SocketConsole`] (see `console_socket.rs`).
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -6,6 +7,7 @@ use std::os::fd::AsRawFd;
 
 use ferro_api::SerialMode;
 
+pub use crate::console_socket::{socket_console, Ring, SocketConsole, RING_BYTES};
 use crate::VmmError;
 
 /// Ctrl-A, then `x`, ends the VM from an interactive terminal (as in QEMU).
@@ -16,6 +18,7 @@ pub fn output(mode: &SerialMode) -> Result<Box<dyn Write + Send>, VmmError> {
     Ok(match mode {
         SerialMode::Stdio => Box::new(std::io::stdout()),
         SerialMode::None => Box::new(std::io::sink()),
+        SerialMode::Socket(path) => Box::new(SocketConsole::bind(path)?.writer()),
         SerialMode::File(path) => Box::new(
             OpenOptions::new()
                 .create(true)

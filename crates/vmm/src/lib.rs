@@ -9,6 +9,8 @@
 
 pub mod builder;
 pub mod console;
+mod console_socket;
+pub mod control;
 pub mod error;
 pub mod kernel;
 pub mod machine;

@@ -3,11 +3,27 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use ferro_api::control::{ControlEvent, ExitReason};
 use ferro_api::{parse_mib, DiskConfig, NetConfig, SerialMode, VmConfig, VsockConfig};
 use ferro_vmm::builder::{self, BuildOptions};
+use ferro_vmm::console::socket_console;
+use ferro_vmm::control::ControlServer;
 use ferro_vmm::kernel::BootProtocol;
-use ferro_vmm::{runner, ExitStatus, VmmError};
+use ferro_vmm::runner::{self, RunOptions};
+use ferro_vmm::{ExitStatus, VmmError};
+
+/// Set by a VMM that restarts itself in place: which boot of the guest the new process runs.
+const BOOT_ENV: &str = "FERRO_VMM_BOOT";
+
+/// What a guest reboot does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnReboot {
+    /// End the VMM with status 0, as a power-off does.
+    Exit,
+    /// Start the guest again in the same process (same pid and sockets; the console ring is kept).
+    Restart,
+}
 
 /// Run one virtual machine on KVM.
 ///
@@ -32,7 +48,8 @@ struct Args {
     /// Guest memory: MiB as a number (512) or with a suffix (512M, 2G).
     #[arg(long, value_parser = parse_size)]
     memory: Option<u64>,
-    /// Serial console: stdio, file:PATH or none.
+    /// Serial console: stdio, file:PATH, socket:PATH (a unix socket that replays recent
+    /// output to each client and takes input from it) or none.
     #[arg(long)]
     serial: Option<SerialMode>,
     /// A virtio-blk disk: path=FILE[,format=raw|qcow2][,readonly=on][,serial=S]. Repeatable.
@@ -59,6 +76,13 @@ struct Args {
     /// Print which KVM this host has and the capabilities that matter, then exit.
     #[arg(long)]
     host_info: bool,
+    /// Listen on this unix socket for control requests (line-delimited JSON: status, pause,
+    /// resume, shutdown, reset, quit, console_log).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// What a guest reboot does: exit (status 0, like a power-off) or restart in place.
+    #[arg(long, value_enum, default_value_t = OnReboot::Exit)]
+    on_reboot: OnReboot,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -121,7 +145,58 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
         },
     };
     let vm = builder::build(&cfg, opts)?;
-    runner::run(vm, cfg.serial == SerialMode::Stdio)
+    let boots = std::env::var(BOOT_ENV)
+        .ok()
+        .and_then(|b| b.parse().ok())
+        .unwrap_or(1);
+    let control = args
+        .control
+        .as_deref()
+        .map(ControlServer::bind)
+        .transpose()?;
+    let end = runner::run(
+        vm,
+        RunOptions {
+            console_input: cfg.serial == SerialMode::Stdio,
+            control,
+            memory_mib: cfg.memory_mib,
+            boots,
+        },
+    )?;
+    let mut control = end.control;
+    if end.reason == ExitReason::Reboot && args.on_reboot == OnReboot::Restart {
+        if let Some(c) = &mut control {
+            c.announce(ControlEvent::Restart);
+        }
+        if let Some(c) = socket_console() {
+            c.hand_over();
+        }
+        return Err(restart_in_place(boots + 1));
+    }
+    if let Some(c) = &mut control {
+        c.announce(ControlEvent::Exit {
+            reason: end.reason,
+            code: end.status as i32,
+        });
+        let _ = std::fs::remove_file(c.path());
+    }
+    if let Some(c) = socket_console() {
+        let _ = std::fs::remove_file(c.path());
+    }
+    Ok(end.status)
+}
+
+/// Executes this program again with the same arguments; returns only on failure.
+fn restart_in_place(boot: u32) -> VmmError {
+    use std::os::unix::process::CommandExt;
+    let mut argv = std::env::args_os();
+    let arg0 = argv.next().unwrap_or_else(|| "ferro-vmm".into());
+    let err = std::process::Command::new("/proc/self/exe")
+        .arg0(arg0)
+        .args(argv)
+        .env(BOOT_ENV, boot.to_string())
+        .exec();
+    VmmError::io("cannot restart the VMM in place")(err)
 }
 
 fn main() -> ExitCode {

@@ -1,18 +1,51 @@
 //! Running a built VM: one thread per vCPU, and the event loop on the main thread that feeds
-//! console input to COM1 and waits for the end (guest request, vCPU failure, SIGTERM/SIGINT).
+//! console input to COM1, serves the control socket and waits for the end (guest request, vCPU
+//! failure, SIGTERM/SIGINT, a `quit` or `reset` request).
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferro_api::control::{
+    ControlErrorCode, ControlRequest, ExitReason, VmmRunState, VmmStatus, CONTROL_PROTOCOL_VERSION,
+};
+use ferro_arch::layout::ports;
+use ferro_devices::AcpiPmDevice;
 
 use crate::builder::BuiltVm;
-use crate::console::{EscapeFilter, RawTerminal};
-use std::sync::Arc;
-
+use crate::console::{socket_console, EscapeFilter, RawTerminal};
+use crate::control::{ControlServer, ControlTarget};
+use crate::machine::ExitLatch;
 use crate::vcpu::{install_kick_handler, run_vcpu, VcpuControl};
 use crate::{ExitStatus, VmmError};
 
 /// Stack size of a vCPU thread: the loop needs little, and 32 of them should stay small.
 const VCPU_STACK: usize = 256 * 1024;
+/// How long a `pause` request may take to park every vCPU.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the event loop serves besides the VM.
+pub struct RunOptions {
+    /// Read console input from stdin (`--serial stdio`).
+    pub console_input: bool,
+    /// The control socket, if `--control` was given.
+    pub control: Option<ControlServer>,
+    /// Guest memory in MiB, for status reports.
+    pub memory_mib: u64,
+    /// Which boot of the guest this is in this process (1 + in-place restarts).
+    pub boots: u32,
+}
+
+/// How a run ended.
+pub struct RunEnd {
+    /// The process exit status it maps to.
+    pub status: ExitStatus,
+    /// Why, as the control protocol says it.
+    pub reason: ExitReason,
+    /// The control socket, to announce the end on.
+    pub control: Option<ControlServer>,
+}
 
 /// Blocks SIGTERM and SIGINT in this thread (and the threads it spawns) and returns a signalfd
 /// that reports them instead.
@@ -42,11 +75,137 @@ fn signal_fd() -> Result<std::fs::File, VmmError> {
     Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
+/// The VM as the control socket sees it.
+struct VmHandle<'a> {
+    vcpus: &'a VcpuControl,
+    acpi_pm: &'a Mutex<AcpiPmDevice>,
+    latch: &'a ExitLatch,
+    vcpu_count: u32,
+    memory_mib: u64,
+    boots: u32,
+    started: Instant,
+    /// Set by `quit` and `reset`, which end the run with status 0 for their own reason.
+    requested: Option<ExitReason>,
+}
+
+impl ControlTarget for VmHandle<'_> {
+    fn status(&self) -> VmmStatus {
+        VmmStatus {
+            state: if self.vcpus.is_paused() {
+                VmmRunState::Paused
+            } else {
+                VmmRunState::Running
+            },
+            pid: std::process::id(),
+            vcpus: self.vcpu_count,
+            memory_mib: self.memory_mib,
+            uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
+            boots: self.boots,
+            protocol: CONTROL_PROTOCOL_VERSION,
+        }
+    }
+
+    fn apply(
+        &mut self,
+        req: &ControlRequest,
+    ) -> Result<Option<String>, (ControlErrorCode, String)> {
+        let paused = self.vcpus.is_paused();
+        match req {
+            ControlRequest::Status => {}
+            ControlRequest::Pause if paused => {
+                return Err((
+                    ControlErrorCode::InvalidState,
+                    "the VM is paused already".into(),
+                ))
+            }
+            ControlRequest::Pause => self
+                .vcpus
+                .pause(PAUSE_TIMEOUT)
+                .map_err(|e| (ControlErrorCode::Failed, e.to_string()))?,
+            ControlRequest::Resume if !paused => {
+                return Err((
+                    ControlErrorCode::InvalidState,
+                    "the VM is not paused".into(),
+                ))
+            }
+            ControlRequest::Resume => self.vcpus.resume(),
+            ControlRequest::Shutdown => self
+                .acpi_pm
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .press_power_button(),
+            ControlRequest::Reset | ControlRequest::Quit => {
+                self.requested
+                    .get_or_insert(if *req == ControlRequest::Reset {
+                        ExitReason::Reboot
+                    } else {
+                        ExitReason::Quit
+                    });
+                self.latch.request(ExitStatus::Ok);
+            }
+            ControlRequest::ConsoleLog => {
+                let text = socket_console()
+                    .map(|c| String::from_utf8_lossy(&c.recent()).into_owned())
+                    .ok_or((
+                        ControlErrorCode::InvalidState,
+                        "the console is not on a socket (--serial socket:PATH)".to_string(),
+                    ))?;
+                return Ok(Some(text));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Why the VM ended, from its exit status and, for status 0, what asked for it: a control
+/// request, or else the guest (an S5 sleep type left in PM1a_CNT means power-off, anything
+/// else a reset).
+fn reason(
+    status: ExitStatus,
+    requested: Option<ExitReason>,
+    acpi_pm: &Mutex<AcpiPmDevice>,
+) -> ExitReason {
+    match status {
+        ExitStatus::Ok => requested.unwrap_or_else(|| {
+            let control = acpi_pm
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .save()
+                .control;
+            if (control >> 10) & 0b111 == u16::from(ports::S5_SLP_TYP) {
+                ExitReason::PowerOff
+            } else {
+                ExitReason::Reboot
+            }
+        }),
+        ExitStatus::Error => ExitReason::Error,
+        ExitStatus::TripleFault => ExitReason::TripleFault,
+        ExitStatus::GuestPanic => ExitReason::Panic,
+        ExitStatus::KvmFailure => ExitReason::KvmFailure,
+        ExitStatus::Interrupted | ExitStatus::Terminated => ExitReason::Signal,
+    }
+}
+
+fn pollfd(fd: i32) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
 /// Runs the VM until it ends and returns how.
-pub fn run(vm: BuiltVm, console_input: bool) -> Result<ExitStatus, VmmError> {
+pub fn run(vm: BuiltVm, opts: RunOptions) -> Result<RunEnd, VmmError> {
+    let RunOptions {
+        console_input,
+        mut control,
+        memory_mib,
+        boots,
+    } = opts;
     let mut sigfd = signal_fd()?;
     install_kick_handler()?;
-    let control = Arc::new(VcpuControl::new(vm.vcpus.len()));
+    let vcpu_control = Arc::new(VcpuControl::new(vm.vcpus.len()));
+    let vcpu_count = u32::try_from(vm.vcpus.len()).unwrap_or(u32::MAX);
     let BuiltVm {
         vcpus,
         machine,
@@ -60,13 +219,24 @@ pub fn run(vm: BuiltVm, console_input: bool) -> Result<ExitStatus, VmmError> {
     for vcpu in vcpus {
         let bus = machine.bus.clone();
         let latch = latch.clone();
-        let control = control.clone();
+        let control = vcpu_control.clone();
         std::thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id()))
             .stack_size(VCPU_STACK)
             .spawn(move || run_vcpu(vcpu, bus, latch, control))
             .map_err(VmmError::io("cannot start a vCPU thread"))?;
     }
+    let mut handle = VmHandle {
+        vcpus: &vcpu_control,
+        acpi_pm: &machine.acpi_pm,
+        latch: &latch,
+        vcpu_count,
+        memory_mib,
+        boots,
+        started: Instant::now(),
+        requested: None,
+    };
+    let console = socket_console();
 
     let terminal = if console_input {
         Some(RawTerminal::enter())
@@ -78,29 +248,31 @@ pub fn run(vm: BuiltVm, console_input: bool) -> Result<ExitStatus, VmmError> {
     let mut filter = EscapeFilter::default();
     let mut pending: Vec<u8> = Vec::new();
     let mut buf = [0u8; 1024];
+    let mut fds = Vec::new();
     loop {
         if let Some(status) = latch.status() {
-            return Ok(status);
-        }
-        let mut fds = vec![
-            libc::pollfd {
-                fd: latch.event().as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: sigfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // Only read more input when the guest has taken what we hold.
-        if stdin_open && pending.is_empty() {
-            fds.push(libc::pollfd {
-                fd: 0,
-                events: libc::POLLIN,
-                revents: 0,
+            let reason = reason(status, handle.requested, &machine.acpi_pm);
+            return Ok(RunEnd {
+                status,
+                reason,
+                control,
             });
+        }
+        fds.clear();
+        fds.push(pollfd(latch.event().as_raw_fd()));
+        fds.push(pollfd(sigfd.as_raw_fd()));
+        // Only read more input when the guest has taken what we hold.
+        let stdin_at = fds.len();
+        if stdin_open && pending.is_empty() {
+            fds.push(pollfd(0));
+        }
+        let control_at = fds.len();
+        if let Some(c) = &control {
+            c.poll_fds(&mut fds);
+        }
+        let console_at = fds.len();
+        if let Some(c) = &console {
+            c.poll_fds(&mut fds, pending.is_empty());
         }
         let timeout = if pending.is_empty() { -1 } else { 5 };
         // SAFETY: `fds` is a live array of `fds.len()` pollfd structures.
@@ -116,25 +288,34 @@ pub fn run(vm: BuiltVm, console_input: bool) -> Result<ExitStatus, VmmError> {
             let mut info = [0u8; 128];
             if sigfd.read(&mut info).is_ok() {
                 let signo = u32::from_ne_bytes([info[0], info[1], info[2], info[3]]);
-                return Ok(if signo == libc::SIGINT as u32 {
+                latch.request(if signo == libc::SIGINT as u32 {
                     ExitStatus::Interrupted
                 } else {
                     ExitStatus::Terminated
                 });
+                continue;
             }
         }
-        if fds.len() > 2 && fds[2].revents & (libc::POLLIN | libc::POLLHUP) != 0 {
+        if stdin_at < control_at && fds[stdin_at].revents & (libc::POLLIN | libc::POLLHUP) != 0 {
             // SAFETY: reads into `buf`, which is valid for `buf.len()` bytes.
             let got = unsafe { libc::read(0, buf.as_mut_ptr().cast(), buf.len()) };
             if got <= 0 {
                 stdin_open = false;
             } else if interactive {
                 if filter.feed(&buf[..got as usize], &mut pending) {
-                    return Ok(ExitStatus::Interrupted);
+                    latch.request(ExitStatus::Interrupted);
+                    continue;
                 }
             } else {
                 pending.extend_from_slice(&buf[..got as usize]);
             }
+        }
+        if let Some(c) = &mut control {
+            c.handle(&fds[control_at..console_at], &mut handle);
+        }
+        if let Some(c) = &console {
+            let room = pending.is_empty();
+            c.handle(&fds[console_at..], &mut pending, room);
         }
         if !pending.is_empty() {
             let mut serial = machine
