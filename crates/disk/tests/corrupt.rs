@@ -19,12 +19,18 @@ fn qcow2_opts(readonly: bool) -> OpenOptions {
 
 /// A qemu-made image with 4 KiB clusters (metadata spread over many clusters).
 fn sample(dir: &TempDir) -> (PathBuf, Vec<u8>) {
+    sample_with(dir, &[])
+}
+
+fn sample_with(dir: &TempDir, extra: &[&str]) -> (PathBuf, Vec<u8>) {
     let raw = dir.join("s.raw");
     let mut data = pattern(MIB, 3);
     data[300_000..500_000].fill(0);
+    // Text that compresses, for images converted with -c.
+    data[600_000..800_000].copy_from_slice(&b"0123456789".repeat(20_000));
     std::fs::write(&raw, &data).unwrap();
     let q = dir.join("sample.qcow2");
-    qemu_img(&[
+    let mut args = vec![
         "convert",
         "-f",
         "raw",
@@ -32,9 +38,10 @@ fn sample(dir: &TempDir) -> (PathBuf, Vec<u8>) {
         "qcow2",
         "-o",
         "cluster_size=4096",
-        raw.to_str().unwrap(),
-        q.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    args.extend_from_slice(&[raw.to_str().unwrap(), q.to_str().unwrap()]);
+    qemu_img(&args);
     (q, data)
 }
 
@@ -297,21 +304,27 @@ fn random_byte_flips() {
     if !have_qemu_img() {
         return;
     }
-    let dir = TempDir::new("flips");
-    let (q, _) = sample(&dir);
-    let good = std::fs::read(&q).unwrap();
-    let t = dir.join("x.qcow2");
-    // Metadata sits in the first clusters of a converted image; flip bytes there.
-    let meta_end = good.len().min(64 * 1024);
-    let mut rng = Rng(0x5eed);
-    for round in 0..400 {
-        let mut b = good.clone();
-        for _ in 0..1 + rng.below(6) {
-            let at = rng.below(meta_end as u64) as usize;
-            b[at] ^= 1 << rng.below(8);
+    for (extra, rounds) in [(&[][..], 400), (&["-c"][..], 200)] {
+        let dir = TempDir::new("flips");
+        let (q, _) = sample_with(&dir, extra);
+        let good = std::fs::read(&q).unwrap();
+        let t = dir.join("x.qcow2");
+        // Metadata sits in the first clusters of a converted image; compressed data after.
+        let meta_end = good.len().min(if extra.is_empty() {
+            64 * 1024
+        } else {
+            good.len()
+        });
+        let mut rng = Rng(0x5eed);
+        for round in 0..rounds {
+            let mut b = good.clone();
+            for _ in 0..1 + rng.below(6) {
+                let at = rng.below(meta_end as u64) as usize;
+                b[at] ^= 1 << rng.below(8);
+            }
+            std::fs::write(&t, &b).unwrap();
+            let r = std::panic::catch_unwind(|| try_everything(&t));
+            assert!(r.is_ok(), "panic in round {round} of {extra:?}");
         }
-        std::fs::write(&t, &b).unwrap();
-        let r = std::panic::catch_unwind(|| try_everything(&t));
-        assert!(r.is_ok(), "panic in round {round}");
     }
 }

@@ -12,7 +12,6 @@ const MIB: usize = 1 << 20;
 
 /// A raw file with data, holes and zero runs, converted by qemu-img with `opts`.
 fn converted(dir: &TempDir, size: usize, opts: &[&str]) -> (PathBuf, Vec<u8>) {
-    let raw = dir.join("src.raw");
     let mut data = pattern(size, 42);
     let mut rng = Rng(7);
     for _ in 0..size / 65536 {
@@ -20,6 +19,12 @@ fn converted(dir: &TempDir, size: usize, opts: &[&str]) -> (PathBuf, Vec<u8>) {
         let len = (rng.below(200_000) as usize).min(size - at);
         data[at..at + len].fill(0);
     }
+    convert(dir, data, opts)
+}
+
+/// `data` written to a raw file and converted by qemu-img with `opts`.
+fn convert(dir: &TempDir, data: Vec<u8>, opts: &[&str]) -> (PathBuf, Vec<u8>) {
+    let raw = dir.join("src.raw");
     std::fs::write(&raw, &data).unwrap();
     let q = dir.join("img.qcow2");
     let mut args = vec!["convert", "-f", "raw", "-O", "qcow2"];
@@ -32,6 +37,17 @@ fn converted(dir: &TempDir, size: usize, opts: &[&str]) -> (PathBuf, Vec<u8>) {
     args.push(&qs);
     qemu_img(&args);
     (q, data)
+}
+
+/// Text with random bytes sprinkled in: compresses, but not to nothing.
+fn compressible(size: usize) -> Vec<u8> {
+    let mut data = b"ferrovisor compressible text ".repeat(size / 29 + 1);
+    data.truncate(size);
+    let noise = pattern(size / 64, 5);
+    for (i, b) in noise.iter().enumerate() {
+        data[i * 64] = *b;
+    }
+    data
 }
 
 fn create(dir: &TempDir, name: &str, size: &str, opts: &[&str]) -> PathBuf {
@@ -229,16 +245,96 @@ fn readonly_refuses_writes() {
 }
 
 #[test]
-fn compressed_clusters_are_refused() {
+fn compressed_clusters_read_and_copy_out_on_write() {
     if !have_qemu_img() {
         return;
     }
-    let dir = TempDir::new("compressed");
-    let (q, _) = converted(&dir, MIB, &["-c"]);
+    for opts in [
+        &["-c"][..],
+        &["-c", "-o", "cluster_size=4096"][..],
+        &["-c", "-o", "compat=0.10"][..],
+    ] {
+        let dir = TempDir::new("compressed");
+        let (q, mut expect) = convert(&dir, compressible(3 * MIB + 1024), opts);
+        // Compressed clusters show as data without a host offset.
+        let map = qemu_img(&["map", "--output=json", q.to_str().unwrap()]);
+        assert!(
+            map.contains("\"data\": true}"),
+            "{opts:?}: nothing compressed: {map}"
+        );
+        let d = open(&q, &rw()).unwrap();
+        let got = read_all(&*d);
+        let bad = got.iter().zip(expect.iter()).position(|(a, b)| a != b);
+        assert!(bad.is_none(), "{opts:?}: first difference at {bad:?}");
+        let mut buf = vec![0u8; 70_001];
+        d.read_at(&mut buf, 12_345).unwrap();
+        assert!(buf == expect[12_345..82_346], "{opts:?}");
+        // Partial writes keep the rest of the compressed cluster; zeroing drops it.
+        write_both(&*d, &mut expect, &pattern(100, 1), 5);
+        write_both(&*d, &mut expect, &pattern(200_000, 2), MIB as u64 + 7);
+        d.write_zeroes(2 * MIB as u64, 300_000, true).unwrap();
+        expect[2 * MIB..2 * MIB + 300_000].fill(0);
+        d.discard(0, 3 * MIB as u64 + 1024).unwrap();
+        drop(d);
+        let d = open(&q, &rw()).unwrap();
+        let got = read_all(&*d);
+        drop(d);
+        // Discard leaves contents unspecified: take what it left as expected.
+        expect.copy_from_slice(&got);
+        assert_clean(&q);
+        assert_same(&q, &write_expected(&dir, &expect));
+    }
+}
+
+#[test]
+fn compressed_writes_without_discard_match() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = TempDir::new("compressed-w");
+    let (q, mut expect) = convert(&dir, compressible(2 * MIB), &["-c"]);
+    let d = open(&q, &rw()).unwrap();
+    scribble(&*d, &mut expect, 77, 40, 100_000);
+    d.write_zeroes(65536, 65536 * 3, true).unwrap();
+    expect[65536..65536 * 4].fill(0);
+    d.flush().unwrap();
+    drop(d);
+    assert_clean(&q);
+    assert_same(&q, &write_expected(&dir, &expect));
+}
+
+#[test]
+fn zstd_compressed_clusters_are_refused() {
+    if !have_qemu_img() {
+        return;
+    }
+    let dir = TempDir::new("zstd");
+    let raw = dir.join("z.raw");
+    std::fs::write(&raw, b"compressible ".repeat(MIB / 8)).unwrap();
+    let q = dir.join("z.qcow2");
+    let out = std::process::Command::new("qemu-img")
+        .args([
+            "convert",
+            "-c",
+            "-f",
+            "raw",
+            "-O",
+            "qcow2",
+            "-o",
+            "compression_type=zstd",
+        ])
+        .arg(&raw)
+        .arg(&q)
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        eprintln!("skipped: qemu-img has no zstd");
+        return;
+    }
     let d = open(&q, &ro()).unwrap();
     let mut buf = vec![0u8; 4096];
     let e = d.read_at(&mut buf, 0).unwrap_err();
-    assert!(e.to_string().contains("compressed clusters"), "{e}");
+    assert!(e.to_string().contains("zstd-compressed clusters"), "{e}");
 }
 
 /// Writes, leaves without writing back metadata (as a kill -9 would), and checks that

@@ -45,6 +45,8 @@ pub(crate) struct Header {
     pub backing_file: Option<String>,
     /// "raw" or "qcow2" from the backing-format extension, if present.
     pub backing_format: Option<String>,
+    /// Compression of compressed clusters: 0 zlib (deflate), 1 zstd.
+    pub compression_type: u8,
 }
 
 fn be32(b: &[u8], at: usize) -> u32 {
@@ -99,6 +101,7 @@ impl Header {
             refcount_order: 4,
             backing_file: None,
             backing_format: None,
+            compression_type: 0,
         };
         if be32(&fixed, 32) != 0 {
             return Err(file.unsupported("encrypted image"));
@@ -117,6 +120,11 @@ impl Header {
             }
             if h.refcount_order > 6 {
                 return Err(file.corrupt(format!("refcount order {}", h.refcount_order)));
+            }
+            if h.incompatible & INCOMPAT_COMPRESSION_TYPE != 0 && header_len > 104 {
+                let mut ct = [0u8; 1];
+                file.read_upto(&mut ct, 104)?;
+                h.compression_type = ct[0];
             }
             if h.incompatible & INCOMPAT_EXTERNAL_DATA != 0 {
                 return Err(file.unsupported("external data file"));

@@ -32,15 +32,11 @@ pub(crate) enum Cluster {
     /// Not allocated here: read the backing file, or zeros.
     Unallocated,
     /// Reads as zeros; `host` is a preallocated cluster or 0.
-    Zero {
-        host: u64,
-    },
+    Zero { host: u64 },
     /// Data at `host`; `copied` means refcount 1 (writable in place).
-    Data {
-        host: u64,
-        copied: bool,
-    },
-    Compressed,
+    Data { host: u64, copied: bool },
+    /// Compressed data: `len` bytes at `host` (not cluster-aligned).
+    Compressed { host: u64, len: u64 },
 }
 
 /// How [`Meta::update_refcount`] changes a refcount.
@@ -218,7 +214,13 @@ impl Meta {
 
     fn classify(&self, f: &DiskFile, geo: &Geometry, e: u64) -> Result<Cluster, DiskError> {
         if e & COMPRESSED != 0 {
-            return Ok(Cluster::Compressed);
+            let (host, len) = super::compressed::parse(e, geo.cluster_bits);
+            if host < geo.cs || host >= self.next_free {
+                return Err(f.corrupt(format!(
+                    "compressed cluster at {host:#x} is outside the file"
+                )));
+            }
+            return Ok(Cluster::Compressed { host, len });
         }
         let host = e & OFFSET_MASK;
         if geo.version >= 3 && e & ZERO != 0 {
@@ -266,6 +268,17 @@ impl Meta {
     pub(crate) fn free_later(&mut self, host: u64) {
         if host != 0 {
             self.pending_free.push(host);
+        }
+    }
+
+    /// Frees the host clusters compressed data occupies, as [`Meta::free_later`] does.
+    pub(crate) fn free_compressed_later(&mut self, geo: &Geometry, host: u64, len: u64) {
+        let first = host & !(geo.cs - 1);
+        let last = (host + len.max(1) - 1) & !(geo.cs - 1);
+        let mut c = first;
+        while c <= last {
+            self.pending_free.push(c);
+            c += geo.cs;
         }
     }
 

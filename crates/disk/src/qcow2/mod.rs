@@ -1,8 +1,10 @@
 //! qcow2 images (versions 2 and 3): reads through L1/L2 tables with a backing chain,
 //! copy-on-write allocation at the end of the file, zero clusters, crash-safe metadata
-//! order (see [`meta`]). Compressed clusters, internal snapshots (for writing), encryption,
+//! order (see [`meta`]). Compressed clusters (zlib) read, and are copied out on write.
+//! Internal snapshots (for writing), zstd compression, encryption,
 //! external data files and subclusters are refused with an `Unsupported` error.
 
+mod compressed;
 pub(crate) mod header;
 mod meta;
 
@@ -83,8 +85,15 @@ impl Geometry {
 /// Where the bytes of one piece of a read come from.
 enum Source {
     Zero,
+    /// Guest offset in the backing file.
     Backing(u64),
     Host(u64),
+    /// Compressed data at `host`, `len` bytes; the piece starts `in_c` into the cluster.
+    Compressed {
+        host: u64,
+        len: u64,
+        in_c: usize,
+    },
 }
 
 /// An open qcow2 image.
@@ -92,6 +101,8 @@ pub(crate) struct Qcow2 {
     file: DiskFile,
     geo: Geometry,
     size: u64,
+    /// Compressed clusters use zstd (unsupported) rather than zlib.
+    zstd: bool,
     backing: Option<Box<dyn BlockBackend>>,
     meta: Mutex<Meta>,
 }
@@ -131,6 +142,7 @@ impl Qcow2 {
             file,
             geo,
             size: hdr.size,
+            zstd: hdr.compression_type != 0,
             backing,
             meta: Mutex::new(meta),
         })
@@ -149,8 +161,19 @@ impl Qcow2 {
         check_range(self.file.name(), offset, len, self.size)
     }
 
-    fn compressed(&self) -> DiskError {
-        self.file.unsupported("compressed clusters")
+    /// Reads and inflates the compressed cluster of `len` bytes at `host` into `out`.
+    fn read_compressed(&self, host: u64, len: u64, out: &mut [u8]) -> Result<(), DiskError> {
+        if self.zstd {
+            return Err(self.file.unsupported("zstd-compressed clusters"));
+        }
+        let mut input = vec![0u8; len as usize];
+        self.file.read_zero_fill(&mut input, host)?;
+        if !compressed::inflate(&input, out) {
+            return Err(self
+                .file
+                .corrupt(format!("compressed cluster at {host:#x} does not inflate")));
+        }
+        Ok(())
     }
 
     /// Reads `buf` at guest `offset` from the backing file; beyond its end reads zeros.
@@ -186,7 +209,7 @@ impl Qcow2 {
     }
 
     /// Appends to `out` the full new contents of guest cluster `vc` whose old contents are
-    /// `old` (zeros or backing data), with `data` at `in_c`.
+    /// `old` (zeros, backing data or compressed data), with `data` at `in_c`.
     fn cluster_contents(
         &self,
         out: &mut Vec<u8>,
@@ -203,10 +226,14 @@ impl Qcow2 {
         let start = out.len();
         out.resize(start + cs, 0);
         let new = &mut out[start..];
-        if old == Cluster::Unallocated {
-            let g = vc * self.geo.cs;
-            let valid = self.size.saturating_sub(g).min(self.geo.cs) as usize;
-            self.read_backing(&mut new[..valid], g)?;
+        match old {
+            Cluster::Unallocated => {
+                let g = vc * self.geo.cs;
+                let valid = self.size.saturating_sub(g).min(self.geo.cs) as usize;
+                self.read_backing(&mut new[..valid], g)?;
+            }
+            Cluster::Compressed { host, len } => self.read_compressed(host, len, new)?,
+            _ => {}
         }
         new[in_c as usize..in_c as usize + data.len()].copy_from_slice(data);
         Ok(())
@@ -233,10 +260,10 @@ impl Qcow2 {
             let old = m.lookup(&self.file, &geo, vc)?;
             let host = match old {
                 Cluster::Data { host, .. } | Cluster::Zero { host } => host,
-                Cluster::Unallocated | Cluster::Compressed => 0,
+                Cluster::Unallocated | Cluster::Compressed { .. } => 0,
             };
             let entry = if geo.version >= 3 {
-                if !unmap && host != 0 && old != Cluster::Compressed {
+                if !unmap && host != 0 {
                     Some(host | COPIED | ZERO)
                 } else {
                     Some(ZERO)
@@ -251,7 +278,9 @@ impl Qcow2 {
                 Some(_) if old == Cluster::Unallocated && self.backing.is_none() => {}
                 Some(e) => {
                     m.set_entry(&self.file, &geo, vc, e)?;
-                    if e & meta::OFFSET_MASK != host {
+                    if let Cluster::Compressed { host, len } = old {
+                        m.free_compressed_later(&geo, host, len);
+                    } else if e & meta::OFFSET_MASK != host {
                         m.free_later(host);
                     }
                 }
@@ -304,7 +333,6 @@ impl Qcow2 {
                         "data cluster {host:#x} is shared (refcount > 1) and cannot be written"
                     )))
                 }
-                Cluster::Compressed => return Err(self.compressed()),
                 old => {
                     // A preallocated zero cluster is reused: its L2 entry loses the zero flag
                     // only at writeback, after this data is durable.
@@ -317,30 +345,13 @@ impl Qcow2 {
                     }
                     batch.start(host);
                     self.cluster_contents(batch.data(), vc, in_c, data, old)?;
-                    batch.entries.push((vc, host));
+                    batch.entries.push((vc, host, old));
                 }
             }
             done += n as usize;
         }
         batch.write(self, m)?;
         Ok(in_place)
-    }
-
-    /// Pieces of writes or reads spanning clusters adjacent on the host go out as one call.
-    fn merge<T: Copy>(
-        runs: &mut Vec<(u64, T, u64)>,
-        host: u64,
-        tag: T,
-        len: u64,
-        same: impl Fn(T, T) -> bool,
-    ) {
-        if let Some(last) = runs.last_mut() {
-            if same(last.1, tag) && last.0 + last.2 == host {
-                last.2 += len;
-                return;
-            }
-        }
-        runs.push((host, tag, len));
     }
 }
 
@@ -353,8 +364,9 @@ struct NewClusters {
     /// Bytes of contents the buffer holds without moving.
     cap: usize,
     host: u64,
-    /// (guest cluster, host cluster) whose L2 entries are set once the data is written.
-    entries: Vec<(u64, u64)>,
+    /// (guest cluster, host cluster, what it replaces) whose L2 entries are set once the data
+    /// is written.
+    entries: Vec<(u64, u64, Cluster)>,
 }
 
 impl NewClusters {
@@ -401,8 +413,12 @@ impl NewClusters {
             return Ok(());
         }
         q.file.write_all(&self.buf[self.align..], self.host)?;
-        for (vc, host) in self.entries.drain(..) {
+        for (vc, host, old) in self.entries.drain(..) {
             m.set_entry(&q.file, &q.geo, vc, host | COPIED)?;
+            // Compressed data is freed only after the entry no longer points at it.
+            if let Cluster::Compressed { host, len } = old {
+                m.free_compressed_later(&q.geo, host, len);
+            }
         }
         Ok(())
     }
@@ -415,12 +431,11 @@ impl BlockBackend for Qcow2 {
 
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
         check_range(self.file.name(), offset, buf.len() as u64, self.size)?;
-        // Map every piece under the lock, then read without it.
-        let mut runs: Vec<(u64, u8, u64)> = Vec::new(); // (start, kind, len); start is host or guest
-        let mut kinds: Vec<(Source, usize, usize)> = Vec::new();
+        // Map every piece under the lock (pieces contiguous at their source merged), then
+        // read without it.
+        let mut plan: Vec<(Source, usize)> = Vec::new();
         {
             let mut m = self.lock();
-            let mut at = 0usize;
             for (vc, in_c, n) in self.pieces(offset, buf.len() as u64) {
                 let src = match m.lookup(&self.file, &self.geo, vc)? {
                     Cluster::Unallocated if self.backing.is_some() => {
@@ -428,33 +443,39 @@ impl BlockBackend for Qcow2 {
                     }
                     Cluster::Unallocated | Cluster::Zero { .. } => Source::Zero,
                     Cluster::Data { host, .. } => Source::Host(host + in_c),
-                    Cluster::Compressed => return Err(self.compressed()),
+                    Cluster::Compressed { host, len } => Source::Compressed {
+                        host,
+                        len,
+                        in_c: in_c as usize,
+                    },
                 };
-                let (start, kind) = match src {
-                    Source::Zero => (at as u64, 0u8),
-                    Source::Backing(g) => (g, 1),
-                    Source::Host(h) => (h, 2),
-                };
-                Self::merge(&mut runs, start, kind, n, |a, b| a == b);
-                at += n as usize;
-            }
-            let mut pos = 0usize;
-            for (start, kind, len) in &runs {
-                let src = match kind {
-                    0 => Source::Zero,
-                    1 => Source::Backing(*start),
-                    _ => Source::Host(*start),
-                };
-                kinds.push((src, pos, *len as usize));
-                pos += *len as usize;
+                let n = n as usize;
+                match (plan.last_mut(), &src) {
+                    (Some((Source::Zero, l)), Source::Zero) => *l += n,
+                    (Some((Source::Backing(a), l)), Source::Backing(b)) if *a + *l as u64 == *b => {
+                        *l += n
+                    }
+                    (Some((Source::Host(a), l)), Source::Host(b)) if *a + *l as u64 == *b => {
+                        *l += n
+                    }
+                    _ => plan.push((src, n)),
+                }
             }
         }
-        for (src, pos, len) in kinds {
+        let mut pos = 0usize;
+        let mut cluster = Vec::new();
+        for (src, len) in plan {
             let piece = &mut buf[pos..pos + len];
+            pos += len;
             match src {
                 Source::Zero => piece.fill(0),
                 Source::Backing(g) => self.read_backing(piece, g)?,
                 Source::Host(h) => self.file.read_zero_fill(piece, h)?,
+                Source::Compressed { host, len, in_c } => {
+                    cluster.resize(self.geo.cs as usize, 0);
+                    self.read_compressed(host, len, &mut cluster)?;
+                    piece.copy_from_slice(&cluster[in_c..in_c + piece.len()]);
+                }
             }
         }
         Ok(())
