@@ -16,6 +16,8 @@ pub const LINUX_CMDLINE: &str = "console=ttyS0 quiet panic=-1 probe.exit=powerof
 const MARKER: &str = "linux-init: start";
 /// Each nested VM is killed after this long (seconds).
 const VM_TIMEOUT_S: u64 = 60;
+/// The lab is killed when its console stays silent this long (seconds).
+const LAB_IDLE_S: u64 = 300;
 
 const METRICS: [Metric; 3] = [Metric::LabFirstByte, Metric::LabMarker, Metric::LabExit];
 
@@ -275,6 +277,8 @@ pub fn run(env: &Env, runs: usize, r: &mut Results) -> LabOutcome {
         markers: &[],
         smaps_at: None,
         echo: true,
+        // A hung lab (seen once: a nested QEMU that bench-timer could not end) prints nothing.
+        idle_timeout: Some(Duration::from_secs(LAB_IDLE_S)),
     });
     let o = match res {
         Ok(o) => o,

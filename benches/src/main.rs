@@ -278,6 +278,7 @@ fn bench_boot(env: &Env, args: &Args, r: &mut Results) {
                 markers: &["probe=start", "probe=exit:poweroff"],
                 smaps_at: None,
                 echo: false,
+                idle_timeout: None,
             });
             let tag = if round == 0 {
                 "warm-up".to_string()
@@ -353,6 +354,7 @@ fn bench_rss(env: &Env, args: &Args, r: &mut Results) {
                 markers: &[],
                 smaps_at: Some("probe=exit:halt"),
                 echo: false,
+                idle_timeout: None,
             }) {
                 Ok(o) => o,
                 Err(e) => {
@@ -504,7 +506,7 @@ fn bench_pio(env: &Env, args: &Args, r: &mut Results) {
 }
 
 /// The host lines of the report.
-fn host_lines(env: Option<&Env>, repo: &Path) -> Vec<String> {
+fn host_lines(env: Option<&Env>, repo: &Path, start_load: Option<[f64; 3]>) -> Vec<String> {
     let mut lines = Vec::new();
     let ferro = env
         .map(|e| e.ferro.clone())
@@ -545,11 +547,43 @@ fn host_lines(env: Option<&Env>, repo: &Path) -> Vec<String> {
             }
         }
     }
-    if let Ok(s) = std::fs::read_to_string("/proc/loadavg") {
-        let la: Vec<&str> = s.split_whitespace().take(3).collect();
-        lines.push(format!("load average at the end: {}", la.join(" ")));
+    let end = loadavg();
+    lines.push(format!(
+        "load average (1, 5, 15 min) at the start: {}; at the end: {}",
+        fmt_load(start_load),
+        fmt_load(end)
+    ));
+    let busiest = [start_load, end]
+        .iter()
+        .flatten()
+        .map(|l| l[0])
+        .fold(0.0, f64::max);
+    if busiest > 0.5 * cores.max(1) as f64 {
+        lines.push(format!(
+            "**the host was busy** (1-min load up to {busiest:.2} on {cores} CPUs): other work \
+             competed with the runs, so absolute times are inflated and noisy; the alternation \
+             and the per-round ratios keep the comparison fair, not exact"
+        ));
     }
     lines
+}
+
+/// /proc/loadavg's 1, 5 and 15 minute averages.
+fn loadavg() -> Option<[f64; 3]> {
+    let s = std::fs::read_to_string("/proc/loadavg").ok()?;
+    parse_loadavg(&s)
+}
+
+fn parse_loadavg(s: &str) -> Option<[f64; 3]> {
+    let mut it = s.split_whitespace().map(|v| v.parse::<f64>().ok());
+    Some([it.next()??, it.next()??, it.next()??])
+}
+
+fn fmt_load(l: Option<[f64; 3]>) -> String {
+    match l {
+        Some([a, b, c]) => format!("{a:.2} {b:.2} {c:.2}"),
+        None => "unknown".into(),
+    }
 }
 
 fn now_utc() -> String {
@@ -794,6 +828,7 @@ fn real_main() -> Result<()> {
 
     let old_doc = std::fs::read_to_string(&out_path).unwrap_or_default();
     let date = now_utc();
+    let start_load = loadavg();
     let head = git_head(&repo);
     let mut r = Results::default();
 
@@ -863,7 +898,7 @@ fn real_main() -> Result<()> {
     doc.push_str(&format!(
         "\n## Host\n\nLast run: {date}, commit {head}.\n\n"
     ));
-    for l in host_lines(Some(&env), &repo) {
+    for l in host_lines(Some(&env), &repo, start_load) {
         doc.push_str(&format!("- {l}\n"));
     }
     doc.push('\n');
@@ -900,6 +935,17 @@ mod tests {
         assert!(args(&["--runs"]).is_err());
         assert!(args(&["--runs", "0"]).is_err());
         assert!(args(&["--bogus"]).is_err());
+    }
+
+    #[test]
+    fn load() {
+        assert_eq!(
+            parse_loadavg("1.50 0.75 0.10 2/345 6789\n"),
+            Some([1.5, 0.75, 0.1])
+        );
+        assert_eq!(parse_loadavg("garbage"), None);
+        assert_eq!(fmt_load(Some([1.0, 2.0, 3.0])), "1.00 2.00 3.00");
+        assert_eq!(fmt_load(None), "unknown");
     }
 
     #[test]

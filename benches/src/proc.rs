@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -18,6 +19,8 @@ pub enum Status {
     Signaled(i32),
     /// Killed by us after the deadline.
     TimedOut,
+    /// Killed by us after printing nothing for `Spec::idle_timeout`.
+    Stalled,
     /// Killed by us on purpose after the smaps sample.
     Sampled,
 }
@@ -28,6 +31,7 @@ impl std::fmt::Display for Status {
             Status::Exited(c) => write!(f, "exit status {c}"),
             Status::Signaled(s) => write!(f, "killed by signal {s}"),
             Status::TimedOut => write!(f, "timed out (killed)"),
+            Status::Stalled => write!(f, "stalled: no output for too long (killed)"),
             Status::Sampled => write!(f, "killed after the sample"),
         }
     }
@@ -44,6 +48,8 @@ pub struct Spec<'a> {
     pub smaps_at: Option<&'a str>,
     /// Copy the child's stdout to our stderr as it arrives (long lab runs).
     pub echo: bool,
+    /// Kill the child when it prints nothing on stdout for this long.
+    pub idle_timeout: Option<Duration>,
 }
 
 /// What one run measured (durations are from just before the spawn).
@@ -78,11 +84,36 @@ fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// Kills the child and everything in its process group (a script's own children too).
 fn kill(pid: i32) {
-    // SAFETY: plain syscall on our own (not yet reaped) child's pid.
+    // SAFETY: plain syscalls on our own (not yet reaped) child's pid and the process group it
+    // leads (spawned with process_group(0)); no memory is passed.
     unsafe {
+        libc::kill(-pid, libc::SIGKILL);
         libc::kill(pid, libc::SIGKILL);
     }
+}
+
+/// Ends a child that overran: SIGTERM to its group (so scripts can clean up), then SIGKILL
+/// after a grace period. Returns the reaped status if it ended within the grace period.
+fn stop(pid: i32) -> Option<(Status, u64)> {
+    // SAFETY: plain syscalls on our own child's pid and its process group; no memory passed.
+    unsafe {
+        libc::kill(-pid, libc::SIGTERM);
+        libc::kill(pid, libc::SIGTERM);
+    }
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        if let Some(r) = wait4(pid, false) {
+            // The leader is gone; make sure nothing of its group lingers.
+            // SAFETY: a plain syscall on the group our child led; no memory is passed.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            return Some(r);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill(pid);
+    None
 }
 
 /// wait4 on `pid`; `Some((status, maxrss_kib))` once it has ended.
@@ -117,7 +148,9 @@ struct Stream {
 /// Runs `spec` to its end (or deadline) and measures it.
 pub fn run(spec: &Spec) -> Result<Outcome> {
     let mut cmd = Command::new(spec.program);
+    // Its own process group, so a kill reaches the grandchildren of scripts (lab.sh's QEMU).
     cmd.args(spec.args)
+        .process_group(0)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -146,6 +179,7 @@ pub fn run(spec: &Spec) -> Result<Outcome> {
     let mut killed: Option<Status> = None;
     let mut ended: Option<(Duration, Status, u64)> = None;
     let mut chunk = vec![0u8; 64 * 1024];
+    let mut last_output = t0;
 
     loop {
         let mut fds: Vec<libc::pollfd> = Vec::with_capacity(3);
@@ -180,7 +214,10 @@ pub fn run(spec: &Spec) -> Result<Outcome> {
             None if pidfd.is_none() && out.file.is_none() && err.file.is_none() => {
                 now + Duration::from_millis(1)
             }
-            None => deadline,
+            None => match spec.idle_timeout {
+                Some(idle) => deadline.min(last_output + idle),
+                None => deadline,
+            },
         };
         let wait_ms = until.saturating_duration_since(now).as_millis().min(60_000) as i32;
         // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs that lives across the call.
@@ -195,9 +232,22 @@ pub fn run(spec: &Spec) -> Result<Outcome> {
             if ended.is_some() {
                 break; // drained long enough
             }
-            if Instant::now() >= deadline && killed.is_none() {
-                kill(pid);
-                killed = Some(Status::TimedOut);
+            let now = Instant::now();
+            if killed.is_none() {
+                if now >= deadline {
+                    killed = Some(Status::TimedOut);
+                } else if spec
+                    .idle_timeout
+                    .is_some_and(|idle| now >= last_output + idle)
+                {
+                    killed = Some(Status::Stalled);
+                }
+                if killed.is_some() {
+                    if let Some((st, rss)) = stop(pid) {
+                        ended = Some((t0.elapsed(), st, rss));
+                        continue;
+                    }
+                }
             }
             if pidfd.is_none() || killed.is_some() {
                 if let Some((st, rss)) = wait4(pid, killed.is_some()) {
@@ -224,6 +274,9 @@ pub fn run(spec: &Spec) -> Result<Outcome> {
                         continue;
                     }
                     let at = t0.elapsed();
+                    if *role == 0 {
+                        last_output = Instant::now();
+                    }
                     let old_len = s.buf.len();
                     s.buf.extend_from_slice(&chunk[..n]);
                     if *role != 0 {
@@ -268,9 +321,7 @@ pub fn run(spec: &Spec) -> Result<Outcome> {
         }
     };
     if let Some(k) = killed {
-        if matches!(status, Status::Signaled(libc::SIGKILL)) {
-            status = k;
-        }
+        status = k;
     }
     Ok(Outcome {
         first_byte,
@@ -301,6 +352,7 @@ pub fn output(program: &Path, args: &[String], timeout: Duration) -> Result<Outc
         markers: &[],
         smaps_at: None,
         echo: false,
+        idle_timeout: None,
     })
 }
 
@@ -317,6 +369,7 @@ mod tests {
             markers,
             smaps_at,
             echo: false,
+            idle_timeout: None,
         })
         .unwrap()
     }
@@ -357,6 +410,42 @@ mod tests {
         let o = sh("exec sleep 20", 200, &[], None);
         assert_eq!(o.status, Status::TimedOut);
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn kills_when_stalled() {
+        let args = vec![
+            "-c".to_string(),
+            "echo a; sleep 0.1; echo b; exec sleep 20".to_string(),
+        ];
+        let t = Instant::now();
+        let o = run(&Spec {
+            program: Path::new("/bin/sh"),
+            args: &args,
+            timeout: Duration::from_secs(10),
+            markers: &[],
+            smaps_at: None,
+            echo: false,
+            idle_timeout: Some(Duration::from_millis(300)),
+        })
+        .unwrap();
+        assert_eq!(o.status, Status::Stalled);
+        assert_eq!(o.stdout, "a\nb\n");
+        assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    fn kill_reaches_grandchildren() {
+        // The grandchild keeps stdout open: unless it is killed too, EOF never comes and the
+        // drain after the exit would have to give up after 2 s.
+        let t = Instant::now();
+        let o = sh("sleep 30 & echo started; wait", 300, &[], None);
+        assert_eq!(o.status, Status::TimedOut);
+        assert!(
+            t.elapsed() < Duration::from_millis(1500),
+            "{:?}",
+            t.elapsed()
+        );
     }
 
     #[test]
