@@ -123,6 +123,25 @@ if [ "$quick" != "--quick" ]; then
         "~balloon_inflated=32768 balloon_deflated=32768 balloon_stats=[1-9][0-9]* balloon_irqs=[0-9]+" -- balloon_run
 fi
 
+# virtio-vsock through QEMU's vhost-user-vsock-pci and vsock-peer.py as the backend (the host has
+# no /dev/vhost-vsock); guest memory must be a shared memfd for the backend to map it.
+vsock_run() {
+    local mode=$1 port=$2 cmdline=$3 sock="$img/vsock.sock"
+    rm -f "$sock"
+    python3 "$here/vsock-peer.py" "$sock" "$mode" "$port" hello-vsock &
+    local i
+    for i in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
+    qemu q35,memory-backend=mem 512 1 "$cmdline" -object memory-backend-memfd,id=mem,size=512M,share=on \
+        -chardev "socket,id=vs,path=$sock" -device "vhost-user-vsock-pci,chardev=vs,$v1"
+    wait
+}
+export -f vsock_run
+check "qemu q35 vsock echo" 0 "vsock_cid=3" "vsock_listen=1234" "vsock_accept=2:5000" \
+    "vsock=ok vsock_rx_bytes=11 vsock_tx_bytes=11" "~vsock_irqs=[1-9][0-9]*" "peer_vsock=echo_ok" \
+    -- vsock_run echo 1234 "vsock=echo vsock_port=1234"
+check "qemu q35 vsock connect" 0 "vsock_reply=re:ping" "vsock=ok vsock_rx_bytes=7 vsock_tx_bytes=4" "peer_vsock=served" \
+    -- vsock_run serve 4321 "vsock=connect vsock_port=4321 vsock_msg=ping"
+
 # virtio-net on a tap inside a network namespace of its own (link-local addresses only).
 if [ "$(id -u)" = 0 ] && command -v ip >/dev/null && command -v ping >/dev/null; then
     ns="probe$$"
