@@ -32,6 +32,9 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 use crate::layout::{self, ports};
 
+mod pci;
+pub use pci::PciAcpi;
+
 /// OEM id Ferrovisor puts in every table.
 pub const DEFAULT_OEM_ID: [u8; 6] = *b"FERRO ";
 /// OEM table id of every table.
@@ -115,6 +118,8 @@ pub struct AcpiConfig {
     pub num_cpus: u8,
     /// OEM id of every table, e.g. [`DEFAULT_OEM_ID`].
     pub oem_id: [u8; 6],
+    /// The PCI root complex (MCFG, `\_SB.PCI0`), if the machine has one.
+    pub pci: Option<PciAcpi>,
 }
 
 impl AcpiConfig {
@@ -123,6 +128,7 @@ impl AcpiConfig {
         Self {
             num_cpus,
             oem_id: DEFAULT_OEM_ID,
+            pci: None,
         }
     }
 }
@@ -218,9 +224,13 @@ fn build_tables(cfg: &AcpiConfig) -> Result<TableArea, AcpiError> {
     Ok(area)
 }
 
-/// The tables the XSDT lists besides the FADT. Later: MCFG for the PCIe ECAM.
+/// The tables the XSDT lists besides the FADT: MADT, and MCFG for the PCIe ECAM.
 fn system_tables(cfg: &AcpiConfig) -> Vec<([u8; 4], Vec<u8>)> {
-    vec![(*b"APIC", madt(cfg))]
+    let mut t = vec![(*b"APIC", madt(cfg))];
+    if let Some(p) = &cfg.pci {
+        t.push((*b"MCFG", pci::mcfg(cfg, p)));
+    }
+    t
 }
 
 /// Serialises an AML object or table.
@@ -337,10 +347,13 @@ fn dsdt(cfg: &AcpiConfig) -> Vec<u8> {
     dsdt.as_slice().to_vec()
 }
 
-/// The AML of the devices under `\_SB`. Later: the PCIe host bridge.
-fn sb_devices(_cfg: &AcpiConfig) -> Vec<u8> {
+/// The AML of the devices under `\_SB`: COM1, pvpanic, the PCIe host bridge.
+fn sb_devices(cfg: &AcpiConfig) -> Vec<u8> {
     let mut aml = com1();
     aml.extend(pvpanic());
+    if let Some(p) = &cfg.pci {
+        aml.extend(pci::devices(p));
+    }
     aml
 }
 
@@ -540,6 +553,19 @@ mod tests {
             !entries.contains(&tables[b"DSDT"].0),
             "the DSDT is reached through the FADT"
         );
+    }
+
+    #[test]
+    fn pci_adds_mcfg_to_the_xsdt() {
+        let mem = guest_memory();
+        let mut cfg = AcpiConfig::new(2);
+        cfg.pci = Some(PciAcpi::standard(1 << 30));
+        let rsdp = write_acpi_tables(&mem, &cfg).expect("tables fit");
+        let tables = walk(&mem, rsdp);
+        let xsdt = &tables[b"XSDT"].1;
+        let entries: Vec<u64> = xsdt[36..].chunks(8).map(|e| u64_at(e, 0)).collect();
+        assert!(entries.contains(&tables[b"MCFG"].0));
+        assert!(find(&tables[b"DSDT"].1, b"PCI0").is_some());
     }
 
     #[test]
@@ -766,6 +792,7 @@ mod tests {
         let cfg = AcpiConfig {
             num_cpus: 2,
             oem_id: *b"TESTID",
+            pci: Some(PciAcpi::standard(0)),
         };
         let rsdp = write_acpi_tables(&mem, &cfg).expect("tables fit");
         for (_, (_, table)) in walk(&mem, rsdp).iter().filter(|(s, _)| *s != b"FACS") {

@@ -9,8 +9,13 @@
 //! 0x0009_fc00  end of low RAM (EBDA-sized gap up to 0xa0000 is reserved)
 //! 0x000e_0000  ACPI tables, RSDP first (reserved in the memory map)
 //! 0x0010_0000  high RAM; PVH kernels are loaded from here; initrd goes at the top of RAM below 4 GiB
-//! 0xc000_0000  32-bit MMIO hole (PCI, IOAPIC at 0xfec0_0000, LAPIC at 0xfee0_0000) up to 4 GiB
+//! 0xc000_0000  32-bit MMIO hole up to 4 GiB:
+//!   0xc000_0000    PCI 32-bit memory window (512 MiB): BARs placed by the VMM or the guest
+//!   0xe000_0000    PCIe ECAM of bus 0 (1 MiB; MCFG, reserved by a PNP0C02 device)
+//!   0xfec0_0000    IOAPIC, 0xfee0_0000 LAPIC, 0xfffb_c000 KVM identity map + TSS
 //! 0x1_0000_0000 RAM above the hole
+//! above RAM     PCI 64-bit memory window ([`pci_mmio64_window`]): 32 GiB from the first 1 GiB
+//!               boundary at or above the end of RAM (and at least 4 GiB)
 //! ```
 //! The guest's own trampolines (the probe's AP start-up code) may use 0x8000..0x9000.
 
@@ -52,6 +57,28 @@ pub const HIGH_RAM_START: u64 = 0x100000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 /// End (exclusive) of the 32-bit MMIO hole: RAM continues above.
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
+/// PCI 32-bit memory window: start.
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+/// PCI 32-bit memory window: size.
+pub const PCI_MMIO32_SIZE: u64 = 0x2000_0000;
+/// PCIe ECAM (enhanced configuration access) of bus 0.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+/// ECAM size: one bus (32 devices x 8 functions x 4 KiB).
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+const _: () = assert!(PCI_MMIO32_START + PCI_MMIO32_SIZE <= PCI_ECAM_START);
+const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_START);
+
+/// Size of the PCI 64-bit memory window.
+pub const PCI_MMIO64_SIZE: u64 = 32 << 30;
+
+/// The PCI 64-bit memory window (start, size) for a VM whose RAM above 4 GiB is `high_ram`
+/// bytes: from the first 1 GiB boundary at or above the end of RAM.
+pub fn pci_mmio64_window(high_ram: u64) -> (u64, u64) {
+    const GIB: u64 = 1 << 30;
+    let end = MMIO_HOLE_END.saturating_add(high_ram);
+    (end.div_ceil(GIB).saturating_mul(GIB), PCI_MMIO64_SIZE)
+}
+
 /// IOAPIC MMIO base.
 pub const IOAPIC_START: u64 = 0xfec0_0000;
 /// Local APIC MMIO base.
@@ -87,6 +114,22 @@ pub mod ports {
     pub const RESET_VALUE: u8 = 0x06;
     /// pvpanic device (ACPI `QEMU0001`): the guest writes bit 0 on a kernel panic.
     pub const PVPANIC: u16 = 0x505;
+    /// PCI type 1 CONFIG_ADDRESS (32-bit accesses only; 0xcf9 is `RESET_REG`).
+    pub const PCI_CONFIG_ADDRESS: u16 = 0xcf8;
+    /// PCI type 1 CONFIG_DATA, 4 ports.
+    pub const PCI_CONFIG_DATA: u16 = 0xcfc;
     /// POST/debug port, written by firmware and kernels for delays.
     pub const POST: u16 = 0x80;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mmio64_window_follows_ram() {
+        assert_eq!(pci_mmio64_window(0), (4 << 30, PCI_MMIO64_SIZE));
+        assert_eq!(pci_mmio64_window(1), (5 << 30, PCI_MMIO64_SIZE));
+        assert_eq!(pci_mmio64_window(1 << 30), (5 << 30, PCI_MMIO64_SIZE));
+    }
 }

@@ -1,6 +1,7 @@
 //! The thin KVM layer of Ferrovisor. The VMM and its devices talk to KVM only through these types:
 //! [`Hypervisor`] (the `/dev/kvm` handle and what the host can do), [`Vm`] (memory slots,
-//! interrupt controller, irqfds) and [`Vcpu`] (registers and the run loop, whose exits come back
+//! interrupt controller, irqfds, GSI routing with MSI routes, ioeventfds) and [`Vcpu`]
+//! (registers and the run loop, whose exits come back
 //! as a small [`VmExit`]).
 
 mod error;
@@ -12,7 +13,7 @@ pub use error::HypervisorError;
 pub use host::{HostInfo, HostKind};
 pub use kvm_bindings;
 pub use vcpu::{Vcpu, VmExit};
-pub use vm::Vm;
+pub use vm::{default_irqchip_routes, IrqRoute, Vm, IRQCHIP_GSIS};
 
 use kvm_bindings::{CpuId, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::Kvm;

@@ -1,7 +1,11 @@
 //! One VM: memory slots, the in-kernel interrupt controllers and interrupt file descriptors.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::VmFd;
+use kvm_bindings::{
+    kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
+    KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
+    KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{HypervisorError, Vcpu};
@@ -10,6 +14,80 @@ use crate::{HypervisorError, Vcpu};
 const TSS_ADDRESS: usize = 0xfffb_d000;
 /// Address of the identity-map page KVM needs on Intel, just below the TSS.
 const IDENTITY_MAP_ADDRESS: u64 = 0xfffb_c000;
+
+/// GSIs 0..`IRQCHIP_GSIS` are the in-kernel PIC/IOAPIC pins; MSI routes use GSIs from here up.
+pub const IRQCHIP_GSIS: u32 = 24;
+
+/// One entry of the GSI routing table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IrqRoute {
+    /// GSI `gsi` drives `pin` of an in-kernel interrupt controller.
+    Irqchip {
+        /// The GSI.
+        gsi: u32,
+        /// `KVM_IRQCHIP_PIC_MASTER`, `KVM_IRQCHIP_PIC_SLAVE` or `KVM_IRQCHIP_IOAPIC`.
+        chip: u32,
+        /// The pin.
+        pin: u32,
+    },
+    /// GSI `gsi` sends an MSI message.
+    Msi {
+        /// The GSI.
+        gsi: u32,
+        /// Message address.
+        address: u64,
+        /// Message data.
+        data: u32,
+    },
+}
+
+/// KVM's default routes, which KVM_SET_GSI_ROUTING replaces and so every table we set must
+/// repeat: GSI 0..16 to the IOAPIC pin and the PIC pin of the same number, 16..24 to the IOAPIC.
+pub fn default_irqchip_routes() -> Vec<IrqRoute> {
+    let mut routes = Vec::with_capacity(40);
+    for gsi in 0..IRQCHIP_GSIS {
+        routes.push(IrqRoute::Irqchip {
+            gsi,
+            chip: KVM_IRQCHIP_IOAPIC,
+            pin: gsi,
+        });
+        if gsi < 16 {
+            let chip = if gsi < 8 {
+                KVM_IRQCHIP_PIC_MASTER
+            } else {
+                KVM_IRQCHIP_PIC_SLAVE
+            };
+            routes.push(IrqRoute::Irqchip {
+                gsi,
+                chip,
+                pin: gsi % 8,
+            });
+        }
+    }
+    routes
+}
+
+impl IrqRoute {
+    fn to_kvm(self) -> kvm_irq_routing_entry {
+        let mut e = kvm_irq_routing_entry::default();
+        match self {
+            Self::Irqchip { gsi, chip, pin } => {
+                e.gsi = gsi;
+                e.type_ = KVM_IRQ_ROUTING_IRQCHIP;
+                e.u.irqchip.irqchip = chip;
+                e.u.irqchip.pin = pin;
+            }
+            Self::Msi { gsi, address, data } => {
+                e.gsi = gsi;
+                e.type_ = KVM_IRQ_ROUTING_MSI;
+                e.u.msi.address_lo = address as u32;
+                e.u.msi.address_hi = (address >> 32) as u32;
+                e.u.msi.data = data;
+            }
+        }
+        e
+    }
+}
 
 /// A KVM VM.
 pub struct Vm {
@@ -78,6 +156,45 @@ impl Vm {
         self.fd.register_irqfd(fd, gsi).map_err(vm_err("KVM_IRQFD"))
     }
 
+    /// Stops a signal on `fd` from raising `gsi`.
+    pub fn unregister_irqfd(&self, fd: &EventFd, gsi: u32) -> Result<(), HypervisorError> {
+        self.fd
+            .unregister_irqfd(fd, gsi)
+            .map_err(vm_err("KVM_IRQFD (deassign)"))
+    }
+
+    /// Replaces the whole GSI routing table with `routes` (include
+    /// [`default_irqchip_routes`] to keep the legacy interrupt lines working).
+    pub fn set_gsi_routing(&self, routes: &[IrqRoute]) -> Result<(), HypervisorError> {
+        let entries: Vec<kvm_irq_routing_entry> = routes.iter().map(|r| r.to_kvm()).collect();
+        let table = KvmIrqRouting::from_entries(&entries).map_err(|_| HypervisorError::Vm {
+            op: "KVM_SET_GSI_ROUTING (table too large)",
+            source: kvm_ioctls::Error::new(libc::E2BIG),
+        })?;
+        self.fd
+            .set_gsi_routing(&table)
+            .map_err(vm_err("KVM_SET_GSI_ROUTING"))
+    }
+
+    /// Makes a guest write of any length at MMIO address `addr` signal `fd` inside KVM, with
+    /// no exit to the VMM.
+    pub fn register_mmio_ioeventfd(&self, fd: &EventFd, addr: u64) -> Result<(), HypervisorError> {
+        self.fd
+            .register_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(vm_err("KVM_IOEVENTFD"))
+    }
+
+    /// Undoes [`Vm::register_mmio_ioeventfd`].
+    pub fn unregister_mmio_ioeventfd(
+        &self,
+        fd: &EventFd,
+        addr: u64,
+    ) -> Result<(), HypervisorError> {
+        self.fd
+            .unregister_ioevent(fd, &IoEventAddress::Mmio(addr), NoDatamatch)
+            .map_err(vm_err("KVM_IOEVENTFD (deassign)"))
+    }
+
     /// Creates vCPU `id` (its APIC id).
     pub fn create_vcpu(&self, id: u32) -> Result<Vcpu, HypervisorError> {
         let fd = self
@@ -89,5 +206,36 @@ impl Vm {
                 source,
             })?;
         Ok(Vcpu::new(id, fd))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_routes_match_kvm() {
+        let r = default_irqchip_routes();
+        assert_eq!(r.len(), 16 * 2 + 8);
+        assert!(r.contains(&IrqRoute::Irqchip {
+            gsi: 9,
+            chip: KVM_IRQCHIP_PIC_SLAVE,
+            pin: 1
+        }));
+        assert!(r.contains(&IrqRoute::Irqchip {
+            gsi: 23,
+            chip: KVM_IRQCHIP_IOAPIC,
+            pin: 23
+        }));
+        let e = IrqRoute::Msi {
+            gsi: 30,
+            address: 0x1_fee0_0000,
+            data: 0x41,
+        }
+        .to_kvm();
+        assert_eq!(e.type_, KVM_IRQ_ROUTING_MSI);
+        // SAFETY: `to_kvm` filled the `msi` member of the union for an MSI route.
+        let (lo, hi, data) = unsafe { (e.u.msi.address_lo, e.u.msi.address_hi, e.u.msi.data) };
+        assert_eq!((lo, hi, data), (0xfee0_0000, 1, 0x41));
     }
 }

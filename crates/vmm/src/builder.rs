@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use ferro_api::VmConfig;
-use ferro_arch::acpi::{write_acpi_tables, AcpiConfig};
+use ferro_arch::acpi::{write_acpi_tables, AcpiConfig, PciAcpi};
 use ferro_arch::boot::{write_linux_boot_params, write_pvh_start_info, LinuxBoot};
 use ferro_arch::cpuid::{configure_cpuid, Backend, CpuidConfig};
 use ferro_arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START};
@@ -15,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::kernel::{self, BootProtocol, KernelEntry};
 use crate::machine::{self, ExitLatch, Machine};
 use crate::memory::{self, GuestMemory};
+use crate::pci::PciDevices;
 use crate::{console, VmmError};
 
 /// Choices that are not part of the VM's identity.
@@ -32,8 +33,8 @@ pub struct BuiltVm {
     pub machine: Machine,
     /// Where the end of the VM is announced.
     pub latch: Arc<ExitLatch>,
-    /// The KVM VM.
-    pub vm: Vm,
+    /// The KVM VM (shared with the devices that route interrupts and place ioeventfds).
+    pub vm: Arc<Vm>,
     /// Guest RAM.
     pub memory: GuestMemory,
     /// The /dev/kvm handle.
@@ -69,12 +70,8 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
             })?;
         }
     }
-    if !cfg.disks.is_empty()
-        || !cfg.nets.is_empty()
-        || cfg.rng
-        || cfg.vsock.is_some()
-        || cfg.balloon
-    {
+    // virtio-rng exists; the other virtio devices do not yet.
+    if !cfg.disks.is_empty() || !cfg.nets.is_empty() || cfg.vsock.is_some() || cfg.balloon {
         return Err(VmmError::Devices(
             "virtio devices are not available in this build yet".into(),
         ));
@@ -82,7 +79,7 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
     let serial_out = console::output(&cfg.serial)?;
 
     let hypervisor = Hypervisor::new()?;
-    let vm = hypervisor.create_vm()?;
+    let vm = Arc::new(hypervisor.create_vm()?);
     // Memory slots first: on some KVMs (PVM measured: 5-7 ms against 0.15 ms) the first slot
     // added after the in-kernel irqchip waits for a grace period that nothing else needs.
     let (mem, layout) = memory::create(&vm, cfg.memory_mib)?;
@@ -118,6 +115,7 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
         &AcpiConfig {
             num_cpus: cfg.cpus as u8,
             oem_id: *b"FERRO ",
+            pci: Some(PciAcpi::standard(layout.high)),
         },
     )
     .map_err(|e| VmmError::Acpi(e.to_string()))?;
@@ -151,7 +149,14 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
     };
 
     let latch = Arc::new(ExitLatch::new()?);
-    let machine = machine::build(&vm, &layout, latch.clone(), serial_out)?;
+    let machine = machine::build(
+        &vm,
+        &mem,
+        &layout,
+        latch.clone(),
+        serial_out,
+        &PciDevices { rng: cfg.rng },
+    )?;
     let vcpus = create_vcpus(&hypervisor, &vm, cfg.cpus, entry)?;
     Ok(BuiltVm {
         vcpus,

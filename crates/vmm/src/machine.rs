@@ -1,6 +1,8 @@
 //! The legacy PC around the CPUs: COM1, i8042 (reset only), CMOS/RTC, ACPI power management,
-//! the 0xcf9 reset port, pvpanic and a sink for POST codes, all on one port I/O bus; and the
-//! latch through which a guest request (power-off, reset, panic) or a vCPU failure ends the VM.
+//! the 0xcf9 reset port, pvpanic and a sink for POST codes, all on one port I/O bus; the PCI
+//! root bus with its virtio devices ([`crate::pci`]) on the MMIO bus and the 0xcf8/0xcfc ports;
+//! and the latch through which a guest request (power-off, reset, panic) or a vCPU failure ends
+//! the VM.
 
 use std::io::Write;
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -13,6 +15,10 @@ use ferro_devices::{
     PvPanicDevice, ResetDevice, SerialDevice, SinkDevice,
 };
 use ferro_hypervisor::Vm;
+
+use crate::memory::GuestMemory;
+use crate::mmio::MmioBus;
+use crate::pci::{PciDevices, PciMachine};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::{ExitStatus, VmmError};
@@ -80,10 +86,22 @@ impl GuestRequestSink for ExitLatch {
     }
 }
 
-/// The legacy devices of one VM.
+/// The buses the vCPUs dispatch exits to.
+pub struct Buses {
+    /// Port I/O.
+    pub pio: PioBus,
+    /// MMIO outside RAM: PCIe ECAM and the PCI BAR windows.
+    pub mmio: MmioBus,
+}
+
+/// The devices of one VM.
 pub struct Machine {
-    /// The port I/O bus the vCPUs dispatch to.
-    pub bus: Arc<PioBus>,
+    /// The buses the vCPUs dispatch to.
+    pub bus: Arc<Buses>,
+    /// The PCI root bus and the virtio devices on it.
+    pub pci: PciMachine,
+    /// The device event loop thread, if any device has queues.
+    pub events: Option<std::thread::JoinHandle<()>>,
     /// COM1, for console input.
     pub serial: Arc<Mutex<SerialDevice>>,
     /// ACPI PM, for the power button.
@@ -94,12 +112,15 @@ fn dev_err(e: impl std::fmt::Display) -> VmmError {
     VmmError::Devices(e.to_string())
 }
 
-/// Creates the legacy devices, wires their interrupts through irqfds and puts them on a bus.
+/// Creates the devices, wires their interrupts through irqfds, puts them on the buses and
+/// starts the device event loop.
 pub fn build(
-    vm: &Vm,
+    vm: &Arc<Vm>,
+    mem: &GuestMemory,
     layout: &RamLayout,
     latch: Arc<ExitLatch>,
     serial_out: Box<dyn Write + Send>,
+    devices: &PciDevices,
 ) -> Result<Machine, VmmError> {
     let requests: Arc<dyn GuestRequestSink> = latch;
     let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
@@ -139,8 +160,13 @@ pub fn build(
     for base in [0x2f8, 0x3e8, 0x2e8] {
         add(base, 8, sink.clone())?;
     }
+    let mut mmio = MmioBus::new();
+    let pci = crate::pci::build(vm, mem, layout.high, devices, &mut bus, &mut mmio)?;
+    let events = crate::event_loop::start(&pci.virtio)?;
     Ok(Machine {
-        bus: Arc::new(bus),
+        bus: Arc::new(Buses { pio: bus, mmio }),
+        pci,
+        events,
         serial,
         acpi_pm,
     })

@@ -1,6 +1,6 @@
 //! The KVM_RUN loop of one vCPU, and the control that pauses and resumes all of them.
 //!
-//! Port I/O goes to the bus; anything that ends the machine (triple fault, KVM system events,
+//! Port I/O and MMIO go to the buses (MMIO: PCIe ECAM and PCI BARs); anything that ends the machine (triple fault, KVM system events,
 //! failures) pulls the exit latch. To pause, [`VcpuControl`] flips the run state and kicks every
 //! vCPU thread with `SIGRTMIN`: its handler sets KVM's immediate-exit flag for that thread, so a
 //! kick that lands just before KVM_RUN is not lost; KVM_RUN returns EINTR and the loop parks.
@@ -9,10 +9,9 @@ use std::cell::Cell;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
-use ferro_devices::PioBus;
 use ferro_hypervisor::{Vcpu, VmExit};
 
-use crate::machine::ExitLatch;
+use crate::machine::{Buses, ExitLatch};
 use crate::{ExitStatus, VmmError};
 
 thread_local! {
@@ -160,12 +159,7 @@ impl VcpuControl {
 }
 
 /// Runs `vcpu` until the VM ends.
-pub fn run_vcpu(
-    mut vcpu: Vcpu,
-    bus: Arc<PioBus>,
-    latch: Arc<ExitLatch>,
-    control: Arc<VcpuControl>,
-) {
+pub fn run_vcpu(mut vcpu: Vcpu, bus: Arc<Buses>, latch: Arc<ExitLatch>, control: Arc<VcpuControl>) {
     let id = vcpu.id();
     IMMEDIATE_EXIT.with(|c| c.set(vcpu.immediate_exit_ptr()));
     control.register_thread();
@@ -174,7 +168,7 @@ pub fn run_vcpu(
             Ok(VmExit::IoOut { port, data, size }) => {
                 // A `rep outs` delivers several accesses to the same port at once.
                 for access in data.chunks(size) {
-                    bus.write(port, access);
+                    bus.pio.write(port, access);
                 }
                 if latch.is_set() {
                     return;
@@ -182,14 +176,20 @@ pub fn run_vcpu(
             }
             Ok(VmExit::IoIn { port, data, size }) => {
                 for access in data.chunks_mut(size) {
-                    if !bus.read(port, access) {
+                    if !bus.pio.read(port, access) {
                         access.fill(0xff);
                     }
                 }
             }
-            // No MMIO devices yet: reads of unbacked addresses float high, writes are dropped.
-            Ok(VmExit::MmioRead { data, .. }) => data.fill(0xff),
-            Ok(VmExit::MmioWrite { .. }) => {}
+            // Unclaimed addresses read as all ones; writes to them are dropped.
+            Ok(VmExit::MmioRead { addr, data }) => {
+                if !bus.mmio.read(addr, data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VmExit::MmioWrite { addr, data }) => {
+                bus.mmio.write(addr, data);
+            }
             Ok(VmExit::TripleFault) => {
                 latch.request(ExitStatus::TripleFault);
                 return;
