@@ -371,14 +371,12 @@ struct NewClusters {
 
 impl NewClusters {
     fn new(max_clusters: u64, cs: u64) -> Self {
-        // At most 4 MiB (or one cluster) at a time, reserved up front so that the buffer
-        // never moves and keeps its alignment.
+        // At most 4 MiB (or one cluster) at a time. The buffer is reserved when the first new
+        // cluster comes, whole, so that it never moves and keeps its alignment.
         let cap = (max_clusters * cs).min((4 << 20).max(cs)) as usize;
-        let buf: Vec<u8> = Vec::with_capacity(cap + 4096);
-        let align = buf.as_ptr().align_offset(4096).min(4096);
         Self {
-            buf,
-            align,
+            buf: Vec::new(),
+            align: 0,
             cap,
             host: 0,
             entries: Vec::new(),
@@ -396,6 +394,10 @@ impl NewClusters {
     }
 
     fn start(&mut self, host: u64) {
+        if self.buf.capacity() == 0 {
+            self.buf = Vec::with_capacity(self.cap + 4096);
+            self.align = self.buf.as_ptr().align_offset(4096).min(4096);
+        }
         if self.entries.is_empty() {
             self.buf.clear();
             self.buf.resize(self.align, 0);
