@@ -208,35 +208,27 @@ impl Qcow2 {
         })
     }
 
-    /// Appends to `out` the full new contents of guest cluster `vc` whose old contents are
-    /// `old` (zeros, backing data or compressed data), with `data` at `in_c`.
-    fn cluster_contents(
+    /// The full new contents of guest cluster `vc` for a write of `data` at `in_c` that does
+    /// not cover it: the old contents (zeros, backing data or compressed data) around `data`.
+    fn cow_cluster(
         &self,
-        out: &mut Vec<u8>,
         vc: u64,
         in_c: u64,
         data: &[u8],
         old: Cluster,
-    ) -> Result<(), DiskError> {
-        let cs = self.geo.cs as usize;
-        if data.len() == cs {
-            out.extend_from_slice(data);
-            return Ok(());
-        }
-        let start = out.len();
-        out.resize(start + cs, 0);
-        let new = &mut out[start..];
+    ) -> Result<Vec<u8>, DiskError> {
+        let mut new = vec![0u8; self.geo.cs as usize];
         match old {
             Cluster::Unallocated => {
                 let g = vc * self.geo.cs;
                 let valid = self.size.saturating_sub(g).min(self.geo.cs) as usize;
                 self.read_backing(&mut new[..valid], g)?;
             }
-            Cluster::Compressed { host, len } => self.read_compressed(host, len, new)?,
+            Cluster::Compressed { host, len } => self.read_compressed(host, len, &mut new)?,
             _ => {}
         }
         new[in_c as usize..in_c as usize + data.len()].copy_from_slice(data);
-        Ok(())
+        Ok(new)
     }
 
     /// Makes whole clusters `[first, first + count)` read as zeros.
@@ -312,7 +304,7 @@ impl Qcow2 {
     ) -> Result<Vec<(u64, usize, usize)>, DiskError> {
         let cs = self.geo.cs;
         let mut in_place: Vec<(u64, usize, usize)> = Vec::new();
-        let mut batch = NewClusters::new(buf.len() as u64 / cs + 2, cs);
+        let mut batch = NewClusters::default();
         let mut done = 0usize;
         for (vc, in_c, n) in self.pieces(offset, buf.len() as u64) {
             let data = &buf[done..done + n as usize];
@@ -340,87 +332,70 @@ impl Qcow2 {
                         Cluster::Zero { host } if host != 0 => host,
                         _ => m.alloc(&self.file, &self.geo)?,
                     };
-                    if !batch.follows(host, cs) {
-                        batch.write(self, m)?;
+                    if n == cs {
+                        // Whole clusters adjacent in `buf` and on the host go out together,
+                        // straight from `buf`.
+                        if !batch.follows(host, done) {
+                            batch.write(self, m, buf)?;
+                            batch.host = host;
+                            batch.at = done;
+                        }
+                        batch.len += n as usize;
+                        batch.entries.push((vc, host, old));
+                    } else {
+                        batch.write(self, m, buf)?;
+                        let new = self.cow_cluster(vc, in_c, data, old)?;
+                        self.file.write_all(&new, host)?;
+                        NewClusters::point(self, m, vc, host, old)?;
                     }
-                    batch.start(host);
-                    self.cluster_contents(batch.data(), vc, in_c, data, old)?;
-                    batch.entries.push((vc, host, old));
                 }
             }
             done += n as usize;
         }
-        batch.write(self, m)?;
+        batch.write(self, m, buf)?;
         Ok(in_place)
     }
 }
 
-/// New clusters of one write that are adjacent on the host, gathered in a buffer aligned
-/// for O_DIRECT and written in one call.
+/// Whole new clusters of one write that are adjacent both in the caller's buffer and on the
+/// host: written in one call, then pointed at.
+#[derive(Default)]
 struct NewClusters {
-    buf: Vec<u8>,
-    /// Where the contents start in `buf` (for 4 KiB alignment).
-    align: usize,
-    /// Bytes of contents the buffer holds without moving.
-    cap: usize,
     host: u64,
+    /// Where the run starts in the caller's buffer, and its length.
+    at: usize,
+    len: usize,
     /// (guest cluster, host cluster, what it replaces) whose L2 entries are set once the data
     /// is written.
     entries: Vec<(u64, u64, Cluster)>,
 }
 
 impl NewClusters {
-    fn new(max_clusters: u64, cs: u64) -> Self {
-        // At most 4 MiB (or one cluster) at a time. The buffer is reserved when the first new
-        // cluster comes, whole, so that it never moves and keeps its alignment.
-        let cap = (max_clusters * cs).min((4 << 20).max(cs)) as usize;
-        Self {
-            buf: Vec::new(),
-            align: 0,
-            cap,
-            host: 0,
-            entries: Vec::new(),
-        }
+    /// Whether a cluster at `host`, from `at` in the buffer, continues the run.
+    fn follows(&self, host: u64, at: usize) -> bool {
+        !self.entries.is_empty() && self.host + self.len as u64 == host && self.at + self.len == at
     }
 
-    fn len(&self) -> u64 {
-        self.buf.len().saturating_sub(self.align) as u64
-    }
-
-    /// Whether a cluster at `host` continues the batch (or the batch is empty).
-    fn follows(&self, host: u64, cs: u64) -> bool {
-        self.entries.is_empty()
-            || (self.host + self.len() == host && self.len() + cs <= self.cap as u64)
-    }
-
-    fn start(&mut self, host: u64) {
-        if self.buf.capacity() == 0 {
-            self.buf = Vec::with_capacity(self.cap + 4096);
-            self.align = self.buf.as_ptr().align_offset(4096).min(4096);
-        }
-        if self.entries.is_empty() {
-            self.buf.clear();
-            self.buf.resize(self.align, 0);
-            self.host = host;
-        }
-    }
-
-    fn data(&mut self) -> &mut Vec<u8> {
-        &mut self.buf
-    }
-
-    /// Writes the gathered clusters, then points their L2 entries at them.
-    fn write(&mut self, q: &Qcow2, m: &mut Meta) -> Result<(), DiskError> {
+    /// Writes the run, then points its L2 entries at it.
+    fn write(&mut self, q: &Qcow2, m: &mut Meta, buf: &[u8]) -> Result<(), DiskError> {
         if self.entries.is_empty() {
             return Ok(());
         }
-        q.file.write_all(&self.buf[self.align..], self.host)?;
+        q.file
+            .write_all(&buf[self.at..self.at + self.len], self.host)?;
         for (vc, host, old) in self.entries.drain(..) {
-            m.set_entry(&q.file, &q.geo, vc, host | COPIED)?;
-            // Compressed data is freed only after the entry no longer points at it.
-            if let Cluster::Compressed { host, len } = old {
-                m.free_compressed_later(&q.geo, host, len);
-            }
+            Self::point(q, m, vc, host, old)?;
+        }
+        self.len = 0;
+        Ok(())
+    }
+
+    /// Sets the L2 entry of `vc` to the written cluster at `host`; compressed data it
+    /// replaces is freed only after that.
+    fn point(q: &Qcow2, m: &mut Meta, vc: u64, host: u64, old: Cluster) -> Result<(), DiskError> {
+        m.set_entry(&q.file, &q.geo, vc, host | COPIED)?;
+        if let Cluster::Compressed { host, len } = old {
+            m.free_compressed_later(&q.geo, host, len);
         }
         Ok(())
     }
