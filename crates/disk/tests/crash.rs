@@ -92,8 +92,10 @@ fn kill_minus_nine_leaks_at_most() {
                 .stdout(Stdio::piped())
                 .spawn()
                 .unwrap();
-            // Let it run a while, then kill it mid-stream.
+            // Once it has flushed something, let it run a little longer, then kill it
+            // mid-stream.
             let stdout = child.stdout.take().unwrap();
+            let (tx, rx) = std::sync::mpsc::channel();
             let lines = std::thread::spawn(move || {
                 BufReader::new(stdout)
                     .lines()
@@ -102,9 +104,13 @@ fn kill_minus_nine_leaks_at_most() {
                         l.strip_prefix("durable ")
                             .and_then(|n| n.parse::<u64>().ok())
                     })
+                    .inspect(|_| {
+                        let _ = tx.send(());
+                    })
                     .last()
             });
-            std::thread::sleep(Duration::from_millis(150 + Rng(seed).below(400)));
+            let _ = rx.recv_timeout(Duration::from_secs(60));
+            std::thread::sleep(Duration::from_millis(Rng(seed).below(300)));
             child.kill().unwrap();
             let status = child.wait().unwrap();
             // The writer must have been killed, not have stopped on an error of its own.
