@@ -173,6 +173,7 @@ if [ "$(id -u)" = 0 ] && command -v ip >/dev/null && command -v ping >/dev/null;
             cat "$log" "$img/peer.log"
         }
         export -f net_ping net_bench
+        ns_ok=1
         check "qemu q35 net ping" 0 "net_ready=52:54:00:12:34:56" "host_ping=ok" \
             "~net_mac=52:54:00:12:34:56 net_rx=[0-9]+ net_tx=4 net_arp=1 net_icmp=3" "~net_irqs=[1-9][0-9]*" -- net_ping
         check "qemu q35 net bench" 0 "~net_tx_frames=20000 net_tx_fps=[1-9][0-9]* net_tx_mbps=[0-9]+" \
@@ -197,6 +198,80 @@ if [ -x "$vmm" ] && [ -e /dev/kvm ]; then
     check "ferro-vmm reboot" 0 "probe=exit:reboot" -- fv --cpus 2 --memory 256 --cmdline "exit=reboot"
     check "ferro-vmm triplefault" 2 "probe=exit:triplefault" -- fv --cpus 2 --memory 256 --cmdline "exit=triplefault"
     check "ferro-vmm panic" 3 "probe=exit:panic" -- fv --cpus 2 --memory 256 --cmdline "exit=panic"
+
+    # Devices. One the VMM does not offer yet (it refuses the option, or the probe prints
+    # `<dev>=none`) is a skip, not a failure.
+    fvd() { "$vmm" --kernel "$probe" --serial stdio "$@" 2>"$img/fv.err"; }
+    export -f fvd
+    check_dev() {
+        local dev=$1 f0=$fail
+        shift
+        check "$@" >"$img/check.log"
+        if [ "$fail" != "$f0" ] && { grep -qx "$dev=none" <(tr -d '\r' <"$out") ||
+            grep -q "not available in this build" "$img/fv.err" 2>/dev/null; }; then
+            fail=$f0
+            echo "skip $1 (ferro-vmm does not offer $dev yet)"
+        else
+            cat "$img/check.log"
+        fi
+    }
+    check_dev rng "ferro-vmm rng" 0 "~pci_config=ecam:0x[0-9a-f]+" "~pci=00:[0-9a-f]{2}.0 1af4:1044 class=0x[0-9a-f]{6}" \
+        "$rngline" "probe=done" -- fvd --cpus 2 --memory 256 --rng --cmdline "rng=4096"
+    check_dev blk "ferro-vmm blk write 2 disks" 0 "blk_devices=2" "blk_capacity=131072 blk_ro=0 blk_serial=FV0" \
+        "blk_write=ok" "blk_flush=ok" "blk_verify=ok" "~blk_irqs=[1-9][0-9]*" \
+        -- fvd --cpus 2 --memory 256 --disk "path=$img/d0.img,serial=FV0" --disk "path=$img/d1.img,serial=FV1" \
+        --cmdline "blk=write blk_sectors=1000 blk_seed=77"
+    check_dev blk "ferro-vmm blk verify after restart" 0 "blk_verify=ok" \
+        -- fvd --cpus 1 --memory 256 --disk "path=$img/d0.img,serial=FV0" --cmdline "blk=verify blk_sectors=1000 blk_seed=77"
+    check_dev blk "ferro-vmm blk second disk" 0 "blk_capacity=32768 blk_ro=0 blk_serial=FV1" "blk_write=ok" "blk_verify=ok" \
+        -- fvd --cpus 1 --memory 256 --disk "path=$img/d0.img,serial=FV0" --disk "path=$img/d1.img,serial=FV1" \
+        --cmdline "blk=write blk_dev=1 blk_sectors=300"
+    check_dev blk "ferro-vmm blk read-only" 0 "blk_capacity=16384 blk_ro=1 blk_serial=RO" "blk_write=ioerr" "probe=done" \
+        -- fvd --cpus 1 --memory 256 --disk "path=$img/ro.img,readonly=on,serial=RO" --cmdline "blk=write blk_sectors=64"
+    check_dev balloon "ferro-vmm balloon" 0 "balloon_target=0" "~balloon_inflated=0 balloon_deflated=0 balloon_stats=[0-9]+ balloon_irqs=[0-9]+" \
+        -- fvd --cpus 1 --memory 256 --balloon --cmdline "balloon=on balloon_secs=1"
+    # vsock with a Firecracker-style unix socket: the host connects and says `CONNECT <port>`.
+    fv_vsock() {
+        local sock="$img/fv-vsock.sock" log="$img/fv-vsock.log"
+        rm -f "$sock"
+        fvd --cpus 1 --memory 256 --vsock "cid=3,uds=$sock" --cmdline "vsock=echo vsock_port=1234" >"$log" &
+        local i
+        for i in $(seq 100); do grep -q "vsock_listen=\|vsock=none" "$log" && break; sleep 0.1; done
+        python3 - "$sock" <<'PY' || true
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(sys.argv[1])
+s.sendall(b"CONNECT 1234\n")
+ok = s.recv(64)
+s.sendall(b"hello-vsock")
+got = b""
+while len(got) < 11:
+    got += s.recv(64)
+s.close()
+print("peer_vsock=echo_ok" if ok.startswith(b"OK") and got == b"hello-vsock" else f"peer_vsock=fail:{ok!r}:{got!r}")
+PY
+        wait
+        cat "$log"
+    }
+    export -f fv_vsock
+    check_dev vsock "ferro-vmm vsock echo" 0 "vsock_listen=1234" "peer_vsock=echo_ok" "~vsock=ok vsock_rx_bytes=11 vsock_tx_bytes=11" \
+        -- fv_vsock
+    if [ -n "${ns_ok:-}" ]; then
+        fv_net() {
+            local log="$img/fv-net.log"
+            ip netns exec "$ns" bash -c 'fvd "$@"' bash --cpus 1 --memory 256 --net tap=ptap0 \
+                --cmdline "net=on net_ip=169.254.77.2 net_secs=20 net_frames=4" >"$log" &
+            local i
+            for i in $(seq 100); do grep -q "net_ready\|net=none" "$log" && break; sleep 0.1; done
+            ip netns exec "$ns" ping -c 3 -i 0.3 -W 2 169.254.77.2 >/dev/null && echo "host_ping=ok"
+            wait
+            cat "$log"
+        }
+        export -f fv_net
+        check_dev net "ferro-vmm net ping" 0 "host_ping=ok" "~net_mac=[0-9a-f:]{17} net_rx=[0-9]+ net_tx=4 net_arp=1 net_icmp=3" \
+            -- fv_net
+    fi
 else
     echo "skip ferro-vmm (no $vmm or no /dev/kvm)"
 fi
