@@ -64,6 +64,7 @@ pub struct DevOpts {
     pub net_frames: u64,
     pub net_tx_frames: u64,
     pub net_frame_len: u64,
+    pub net_reflect: bool,
     pub vsock: Option<VsockMode>,
     pub vsock_port: u32,
     pub vsock_msg: &'static [u8],
@@ -111,6 +112,7 @@ impl DevOpts {
             net_frames: 0,
             net_tx_frames: 10000,
             net_frame_len: 1514,
+            net_reflect: false,
             vsock: None,
             vsock_port: 1234,
             vsock_msg: b"hello",
@@ -153,6 +155,7 @@ impl DevOpts {
                 b"net_secs" => o.net_secs = n.unwrap_or(o.net_secs),
                 b"net_frames" => o.net_frames = n.unwrap_or(0),
                 b"net_tx_frames" => o.net_tx_frames = n.unwrap_or(o.net_tx_frames),
+                b"net_reflect" => o.net_reflect = v == b"on",
                 b"net_frame_len" => o.net_frame_len = n.unwrap_or(o.net_frame_len).clamp(60, 1514),
                 b"vsock" => {
                     o.vsock = match v {

@@ -274,7 +274,7 @@ fn bench(n: &mut Net, o: &crate::devices::DevOpts) {
     // from the first frame to the last.
     Line::new().s("net_rx=listening");
     let deadline = now_ns().saturating_add(o.net_secs.saturating_mul(1_000_000_000));
-    let (mut frames, mut bytes, mut first, mut last) = (0u64, 0u64, 0u64, 0u64);
+    let (mut frames, mut bytes, mut first, mut last, mut reflected) = (0u64, 0u64, 0u64, 0u64, 0u64);
     while now_ns() < deadline && (o.net_frames == 0 || frames < o.net_frames) {
         if !wait_used(&n.rx, 200_000, deadline.saturating_sub(now_ns())) {
             break;
@@ -284,13 +284,27 @@ fn bench(n: &mut Net, o: &crate::devices::DevOpts) {
             first = t;
         }
         last = t;
-        while let Some((_, l)) = n.rx.pop() {
+        while let Some((d, l)) = n.rx.pop() {
             frames += 1;
             bytes += (l as u64).saturating_sub(HDR as u64);
+            if o.net_reflect {
+                let f = &slice(n.rxbuf + d as u64 * BUF, BUF as usize)[HDR..(l as usize).clamp(HDR, BUF as usize)];
+                if f.len() >= 60 && be16(f, 12) == BENCH_ETHERTYPE {
+                    if let Some((t, out)) = n.tx_slot() {
+                        out[..f.len()].copy_from_slice(f);
+                        out[0..6].copy_from_slice(&f[6..12]);
+                        out[6..12].copy_from_slice(&mac);
+                        n.send(t, f.len());
+                        reflected += 1;
+                    }
+                }
+            }
             n.post_rx();
         }
         n.rx.kick();
+        n.tx.kick();
     }
+    n.reclaim_tx();
     n.rx_frames = frames;
     let ns = last - first;
     Line::new()
@@ -302,4 +316,7 @@ fn bench(n: &mut Net, o: &crate::devices::DevOpts) {
         .dec(per_sec(frames, ns))
         .s(" net_rx_mbps=")
         .dec(per_sec(bytes, ns) / 1_000_000);
+    if o.net_reflect {
+        Line::new().s("net_reflected=").dec(reflected);
+    }
 }
