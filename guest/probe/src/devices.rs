@@ -228,7 +228,7 @@ impl Ctx {
     }
 }
 
-/// Size of the DMA area taken from the first free RAM range.
+/// Most of the first free RAM range taken for rings and buffers.
 const DMA_BYTES: u64 = 32 << 20;
 
 extern "sysv64" fn scan_user(arg: u64) -> u64 {
@@ -298,10 +298,12 @@ pub fn run(cmdline: &'static [u8], si: &crate::pvh::StartInfo, ecam: u64, dsdt: 
     }
     c.busy.add(0xfec0_0000, 0x140_0000);
     for &(s, e) in &free.ranges[..free.n] {
-        if c.dma.end == 0 && e - s >= DMA_BYTES + (4 << 20) {
-            c.dma = Dma { next: s, end: s + DMA_BYTES };
+        // The first range of at least 8 MiB; at most half of it, so the balloon keeps some.
+        if c.dma.end == 0 && e - s >= 8 << 20 {
+            let len = DMA_BYTES.min((e - s) / 2);
+            c.dma = Dma { next: s, end: s + len };
             if c.nspare < c.spare.len() {
-                c.spare[c.nspare] = (s + DMA_BYTES, e);
+                c.spare[c.nspare] = (s + len, e);
                 c.nspare += 1;
             }
         } else if c.nspare < c.spare.len() {
