@@ -63,7 +63,10 @@ fn linux_guest_uses_virtio_rng_over_pci() {
     );
     assert!(console.contains("lab-virtio: done"), "{console}");
     assert_eq!(line(&console, "virtio-rng rc="), Some("0"), "{console}");
-    assert!(console.contains("G-END"), "the guest ran every command: {console}");
+    assert!(
+        console.contains("G-END"),
+        "the guest ran every command: {console}"
+    );
 
     // Bus 0: the host bridge and virtio-rng (modern id 0x1040 + 4), bound to virtio-pci.
     let pci: Vec<&str> = console
@@ -71,7 +74,8 @@ fn linux_guest_uses_virtio_rng_over_pci() {
         .filter_map(|l| l.trim_start().strip_prefix("G-PCI "))
         .collect();
     assert!(
-        pci.iter().any(|l| l.starts_with("0000:00:00.0 0x1b36:0x0008")),
+        pci.iter()
+            .any(|l| l.starts_with("0000:00:00.0 0x1b36:0x0008")),
         "host bridge: {pci:?}"
     );
     assert!(
@@ -96,7 +100,8 @@ fn linux_guest_uses_virtio_rng_over_pci() {
         .filter_map(|l| l.trim_start().strip_prefix("G-IRQ "))
         .collect();
     assert!(
-        irqs.iter().any(|l| l.contains("PCI-MSI") && l.contains("virtio0-config")),
+        irqs.iter()
+            .any(|l| l.contains("PCI-MSI") && l.contains("virtio0-config")),
         "{irqs:?}"
     );
     let input = irqs

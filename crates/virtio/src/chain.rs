@@ -89,8 +89,9 @@ fn read_desc<M: GuestMemoryBackend>(
 }
 
 /// Walks the chain starting at `head` in the descriptor table at `table` of a queue of
-/// `queue_size` entries, and returns its buffers. `indirect` says whether INDIRECT_DESC was
-/// negotiated.
+/// `queue_size` entries, and returns its buffers, every byte of which is guest memory (an
+/// empty buffer has no bytes, so its address is not checked). `indirect` says whether
+/// INDIRECT_DESC was negotiated.
 pub fn walk_chain<M>(
     mem: &M,
     table: GuestAddress,

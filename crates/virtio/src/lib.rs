@@ -18,6 +18,7 @@
 #![deny(missing_docs)]
 
 pub mod chain;
+pub mod fuzzing;
 pub mod rng;
 #[cfg(test)]
 mod testutil;

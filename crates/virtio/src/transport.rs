@@ -451,12 +451,13 @@ fn notify_addr(bar0: u64, queue: usize) -> u64 {
     bar0 + NOTIFY_OFFSET + queue as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)
 }
 
-/// PCI class code of a virtio device type (as QEMU presents them).
+/// PCI class code of a virtio device type, as QEMU presents them (others: class 0x00,
+/// subclass 0xff).
 fn class_of(device_type: u32) -> u32 {
     match device_type {
         crate::device_type::NET => 0x02_00_00,
         crate::device_type::BLOCK => 0x01_00_00,
-        _ => 0xff_00_00,
+        _ => 0x00_ff_00,
     }
 }
 
