@@ -145,3 +145,128 @@ pub fn run_probe(cmdline: &str, extra: &[&str]) -> Run {
     args.extend_from_slice(extra);
     run_vmm(&args, Duration::from_secs(60))
 }
+
+/// The release `ferro` binary (and `ferro-vmm` next to it), built once per test process.
+pub fn ferro() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        vmm();
+        run_checked(
+            Command::new(env!("CARGO"))
+                .args(["build", "--release", "-q", "-p", "ferro-cli"])
+                .current_dir(repo()),
+            "cargo build -p ferro-cli",
+        );
+        repo().join("target/release/ferro")
+    })
+}
+
+/// A `ferro daemon` on a fresh data directory; killed (not its VMMs' data) on drop, after
+/// its VMs are stopped.
+pub struct Daemon {
+    /// The data directory.
+    pub dir: PathBuf,
+    child: Option<std::process::Child>,
+}
+
+impl Daemon {
+    /// Starts a daemon on a new temporary data directory named after `test`.
+    pub fn start(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("ferro-d-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("data dir");
+        let mut d = Self { dir, child: None };
+        d.restart();
+        d
+    }
+
+    /// The API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("ferro.sock")
+    }
+
+    /// Kills the daemon (SIGKILL: no chance to clean up) and starts a new one on the same
+    /// data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(self.socket());
+        let log = std::fs::File::create(self.dir.join("daemon.log")).expect("daemon log");
+        let child = Command::new(ferro())
+            .args(["daemon", "--data-dir"])
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start ferro daemon");
+        self.child = Some(child);
+        let t = std::time::Instant::now();
+        while std::os::unix::net::UnixStream::connect(self.socket()).is_err() {
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "the daemon did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Kills the daemon process (its VMMs keep running).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Runs `ferro ARGS` against this daemon.
+    pub fn ferro(&self, args: &[&str]) -> Run {
+        let out = Command::new(ferro())
+            .args(args)
+            .env("FERRO_HOST", format!("unix:{}", self.socket().display()))
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ferro");
+        out.into()
+    }
+
+    /// Runs `ferro ARGS --json`, checks it succeeded and parses its output.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let r = self.ferro(&a);
+        assert_eq!(r.code, Some(0), "ferro {args:?}: {}{}", r.stdout, r.stderr);
+        serde_json::from_str(&r.stdout).unwrap_or_else(|e| panic!("{e}: {}", r.stdout))
+    }
+
+    /// Sends raw HTTP over the API socket and returns the status and the body.
+    pub fn http(&self, request: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(self.socket()).expect("connect");
+        s.write_all(request.as_bytes()).expect("send");
+        let mut text = String::new();
+        let _ = s.read_to_string(&mut text);
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+        (status, body)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            if let Ok(list) = std::panic::catch_unwind(|| self.json(&["vm", "list"])) {
+                for vm in list.as_array().into_iter().flatten() {
+                    if let Some(name) = vm["name"].as_str() {
+                        let _ = self.ferro(&["vm", "delete", name, "--force"]);
+                    }
+                }
+            }
+        }
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

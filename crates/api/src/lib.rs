@@ -6,6 +6,7 @@
 mod config;
 pub mod control;
 mod devices;
+pub mod rest;
 mod size;
 
 pub use config::{ConfigError, SerialMode, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};

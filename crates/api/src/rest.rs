@@ -1,0 +1,276 @@
+//! The daemon's REST API (`/v1/...`): request and response bodies, shared by the server, the
+//! typed client and the `ferro` CLI. The OpenAPI document is generated from these types.
+//!
+//! Additions are append-only: new optional request fields, new response fields, new routes.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::devices::{DiskConfig, NetConfig};
+
+/// Where a VM is in its life. Transitions are checked against [`VmState::can_become`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VmState {
+    /// Defined, no VMM process.
+    Stopped,
+    /// A VMM process runs the guest.
+    Running,
+    /// A VMM process holds the guest with its vCPUs parked.
+    Paused,
+    /// The VMM died unexpectedly and the restart policy did not (or no longer) restart it.
+    Crashed,
+}
+
+impl VmState {
+    /// The lifecycle table: whether a VM in `self` may move to `next`.
+    ///
+    /// | from \ to | stopped | running | paused | crashed |
+    /// | --- | --- | --- | --- | --- |
+    /// | stopped | | start | | |
+    /// | running | stop, power-off | reboot (in place) | pause | VMM died |
+    /// | paused | stop | resume | | VMM died |
+    /// | crashed | stop (acknowledge) | start, restart policy | | |
+    pub fn can_become(self, next: VmState) -> bool {
+        use VmState::*;
+        matches!(
+            (self, next),
+            (Stopped, Running)
+                | (Running, Stopped | Running | Paused | Crashed)
+                | (Paused, Stopped | Running | Crashed)
+                | (Crashed, Stopped | Running)
+        )
+    }
+
+    /// Whether a VMM process exists in this state.
+    pub fn has_vmm(self) -> bool {
+        matches!(self, VmState::Running | VmState::Paused)
+    }
+
+    /// The lowercase name used on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmState::Stopped => "stopped",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+            VmState::Crashed => "crashed",
+        }
+    }
+
+    /// Parses [`Self::as_str`]'s output.
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Stopped, Self::Running, Self::Paused, Self::Crashed]
+            .into_iter()
+            .find(|v| v.as_str() == s)
+    }
+}
+
+/// What the daemon does when a VM's VMM ends without being asked to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Leave it: a failure leaves the VM `crashed`, a power-off `stopped`.
+    #[default]
+    Never,
+    /// Restart after a failure (non-zero exit, killed), not after the guest powers off.
+    OnFailure,
+    /// Restart after a failure and after the guest powers off (not after `stop`).
+    Always,
+}
+
+impl RestartPolicy {
+    /// The name used on the wire and in the CLI.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RestartPolicy::Never => "never",
+            RestartPolicy::OnFailure => "on-failure",
+            RestartPolicy::Always => "always",
+        }
+    }
+}
+
+impl std::str::FromStr for RestartPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "never" => Ok(Self::Never),
+            "on-failure" => Ok(Self::OnFailure),
+            "always" => Ok(Self::Always),
+            _ => Err(format!("'{s}' is not one of never, on-failure, always")),
+        }
+    }
+}
+
+/// `POST /v1/vms`: define a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// Unique name: 1 to 63 of `a-z A-Z 0-9 - _ .`, not starting with `.` or `-`.
+    pub name: String,
+    /// Kernel file on the host (PVH ELF, vmlinux or bzImage).
+    #[schema(value_type = String)]
+    pub kernel: PathBuf,
+    /// Initial ramdisk on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// vCPUs (1..=32, default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory in MiB (16 MiB .. 1 TiB, default 256).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// virtio-blk disks, as `ferro-vmm --disk` takes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<Object>)]
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net NICs, as `ferro-vmm --net` takes them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<Object>)]
+    pub nets: Vec<NetConfig>,
+    /// Restart policy (default never).
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Start it right after creating it.
+    #[serde(default)]
+    pub start: bool,
+}
+
+/// `PATCH /v1/vms/{name}`: change a stopped VM (the restart policy may change at any time).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EditVm {
+    /// New vCPU count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// New memory size in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// New kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+    /// Replaces the disk list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub disks: Option<Vec<DiskConfig>>,
+    /// Replaces the NIC list.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Vec<Object>>)]
+    pub nets: Option<Vec<NetConfig>>,
+    /// New restart policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<RestartPolicy>,
+}
+
+/// A VM as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Vm {
+    /// Its name.
+    pub name: String,
+    /// Lifecycle state.
+    pub state: VmState,
+    /// Process id of its VMM while one runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Automatic restarts so far.
+    pub restarts: u32,
+    /// Restart policy.
+    pub restart: RestartPolicy,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory in MiB.
+    pub memory_mib: u64,
+    /// Kernel file.
+    #[schema(value_type = String)]
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// Disks.
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub disks: Vec<DiskConfig>,
+    /// NICs.
+    #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
+    pub nets: Vec<NetConfig>,
+    /// The VMM's console socket (local clients may attach to it directly).
+    #[schema(value_type = String)]
+    pub console_socket: PathBuf,
+    /// Creation time, Unix milliseconds.
+    pub created_ms: u64,
+}
+
+/// One entry of a VM's event log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct VmEvent {
+    /// Unix milliseconds.
+    pub at_ms: u64,
+    /// Machine-readable kind: created, started, stopped, powered_off, crashed, restarted, ...
+    pub kind: String,
+    /// A sentence for people.
+    pub message: String,
+}
+
+/// The body of every error response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ApiErrorBody {
+    /// Machine-readable: bad_request, not_found, conflict, invalid_state, unauthorized,
+    /// not_implemented, vmm_failed, internal, ...
+    pub code: String,
+    /// What went wrong and, where there is one, what to do.
+    pub message: String,
+}
+
+/// `GET /v1/host`: what the daemon is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct HostInfo {
+    /// Daemon version.
+    pub version: String,
+    /// The data directory.
+    #[schema(value_type = String)]
+    pub data_dir: PathBuf,
+    /// VMs defined.
+    pub vms: u32,
+    /// Database schema version.
+    pub schema_version: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifecycle_table() {
+        use VmState::*;
+        assert!(Stopped.can_become(Running));
+        assert!(!Stopped.can_become(Paused));
+        assert!(!Stopped.can_become(Crashed));
+        assert!(Running.can_become(Paused));
+        assert!(!Paused.can_become(Paused));
+        assert!(Crashed.can_become(Running));
+        assert!(!Crashed.can_become(Paused));
+        for s in [Stopped, Running, Paused, Crashed] {
+            assert_eq!(VmState::parse(s.as_str()), Some(s));
+        }
+    }
+
+    #[test]
+    fn create_rejects_unknown_fields() {
+        assert!(serde_json::from_str::<CreateVm>(r#"{"name":"a","kernel":"/k","cpu":2}"#).is_err());
+        let c: CreateVm = serde_json::from_str(r#"{"name":"a","kernel":"/k"}"#).unwrap();
+        assert_eq!(c.restart, RestartPolicy::Never);
+        assert_eq!(
+            serde_json::to_string(&RestartPolicy::OnFailure).unwrap(),
+            "\"on-failure\""
+        );
+    }
+}

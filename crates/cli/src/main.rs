@@ -1,0 +1,442 @@
+//! `ferro`: the command line of Ferrovisor. `ferro daemon` runs the host daemon; every other
+//! command is a client of its REST API (the same calls the API exposes, through [`client`]).
+
+mod client;
+mod console;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{CommandFactory, Parser, Subcommand};
+use ferro_api::rest::{CreateVm, EditVm, RestartPolicy};
+use ferro_api::{parse_mib, DiskConfig, NetConfig};
+use ferro_daemon::{DaemonConfig, Listen, DEFAULT_DATA_DIR, SOCKET_NAME};
+
+use client::{Client, ClientError, Host};
+
+/// Run virtual machines on this host.
+#[derive(Parser, Debug)]
+#[command(name = "ferro", version)]
+struct Cli {
+    /// The daemon: unix:PATH or http://HOST:PORT (default: $FERRO_HOST, else
+    /// unix:/var/lib/ferro/ferro.sock).
+    #[arg(long, global = true, env = "FERRO_HOST")]
+    host: Option<String>,
+    /// A file holding the bearer token of a daemon on TCP.
+    #[arg(long, global = true, env = "FERRO_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Print the API's JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the host daemon.
+    Daemon {
+        /// Database and VM files.
+        #[arg(long, default_value = DEFAULT_DATA_DIR)]
+        data_dir: PathBuf,
+        /// unix:PATH (default DATA_DIR/ferro.sock) or tcp:HOST:PORT (needs --token-file).
+        #[arg(long)]
+        listen: Option<Listen>,
+        /// The ferro-vmm binary (default: next to this program).
+        #[arg(long)]
+        vmm: Option<PathBuf>,
+    },
+    /// Virtual machines.
+    #[command(subcommand)]
+    Vm(VmCmd),
+    /// Attach to a VM's serial console (detach with Ctrl-]).
+    Console {
+        /// The VM.
+        name: String,
+    },
+    /// Disk images (not implemented yet).
+    Image {
+        /// Arguments.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Templates (not implemented yet).
+    Template {
+        /// Arguments.
+        #[arg(trailing_var_arg = true)]
+        args: Vec<String>,
+    },
+    /// Facts about the daemon.
+    Info,
+    /// Print a shell completion script (bash, zsh, fish, ...).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum VmCmd {
+    /// Define a VM.
+    Create {
+        /// Its name.
+        name: String,
+        /// Kernel on this host.
+        #[arg(long, required_unless_present = "template")]
+        kernel: Option<PathBuf>,
+        /// Initial ramdisk.
+        #[arg(long)]
+        initrd: Option<PathBuf>,
+        /// Kernel command line.
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        /// A template to create it from (not implemented yet).
+        #[arg(long, conflicts_with = "kernel")]
+        template: Option<String>,
+        /// vCPUs.
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory: MiB (512) or with a suffix (512M, 2G).
+        #[arg(long, value_parser = size)]
+        memory: Option<u64>,
+        /// A disk: path=FILE[,format=raw|qcow2][,readonly=on]. Repeatable.
+        #[arg(long = "disk")]
+        disks: Vec<DiskConfig>,
+        /// A NIC: tap=NAME[,mac=MAC] or auto. Repeatable.
+        #[arg(long = "net")]
+        nets: Vec<NetConfig>,
+        /// Restart policy: never, on-failure, always.
+        #[arg(long, default_value = "never")]
+        restart: RestartPolicy,
+        /// Start it right away.
+        #[arg(long)]
+        start: bool,
+    },
+    /// List VMs.
+    List,
+    /// Show one VM.
+    Show {
+        /// The VM.
+        name: String,
+    },
+    /// Start a VM.
+    Start {
+        /// The VM.
+        name: String,
+    },
+    /// Stop a VM: ACPI power button, then a forced stop after --timeout.
+    Stop {
+        /// The VM.
+        name: String,
+        /// Seconds to wait for the guest to power off.
+        #[arg(long, default_value_t = 30.0)]
+        timeout: f64,
+        /// Stop it at once, without asking the guest.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Reset a VM (it boots again).
+    Reboot {
+        /// The VM.
+        name: String,
+    },
+    /// Pause a VM's vCPUs.
+    Pause {
+        /// The VM.
+        name: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        /// The VM.
+        name: String,
+    },
+    /// Delete a VM.
+    Delete {
+        /// The VM.
+        name: String,
+        /// Stop it first if it runs.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Change a stopped VM (the restart policy may change at any time).
+    Edit {
+        /// The VM.
+        name: String,
+        /// vCPUs.
+        #[arg(long)]
+        cpus: Option<u32>,
+        /// Memory.
+        #[arg(long, value_parser = size)]
+        memory: Option<u64>,
+        /// Kernel command line.
+        #[arg(long)]
+        cmdline: Option<String>,
+        /// Replace the disks (repeatable).
+        #[arg(long = "disk")]
+        disks: Vec<DiskConfig>,
+        /// Remove every disk.
+        #[arg(long, conflicts_with = "disks")]
+        no_disks: bool,
+        /// Replace the NICs (repeatable).
+        #[arg(long = "net")]
+        nets: Vec<NetConfig>,
+        /// Remove every NIC.
+        #[arg(long, conflicts_with = "nets")]
+        no_nets: bool,
+        /// Restart policy.
+        #[arg(long)]
+        restart: Option<RestartPolicy>,
+    },
+    /// A VM's event log.
+    Events {
+        /// The VM.
+        name: String,
+    },
+    /// A VM's recent console output.
+    Log {
+        /// The VM.
+        name: String,
+    },
+    /// Clone a VM (not implemented yet).
+    Clone {
+        /// Source VM.
+        src: String,
+        /// New VM.
+        dst: String,
+        /// A linked clone (qcow2 overlay).
+        #[arg(long)]
+        linked: bool,
+    },
+}
+
+fn size(s: &str) -> Result<u64, String> {
+    parse_mib(s).map_err(|e| e.to_string())
+}
+
+fn client(cli: &Cli) -> Result<Client> {
+    let host: Host = match &cli.host {
+        Some(h) => h.parse()?,
+        None => Host::Unix(PathBuf::from(DEFAULT_DATA_DIR).join(SOCKET_NAME)),
+    };
+    let token = match &cli.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("cannot read token file {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    Ok(Client::new(host, token))
+}
+
+fn daemon(
+    data_dir: PathBuf,
+    listen: Option<Listen>,
+    vmm: Option<PathBuf>,
+    token_file: Option<PathBuf>,
+) -> Result<()> {
+    let vmm = match vmm {
+        Some(v) => v,
+        None => std::env::current_exe()
+            .context("cannot find this program's path")?
+            .with_file_name("ferro-vmm"),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    rt.block_on(ferro_daemon::run(DaemonConfig {
+        data_dir,
+        listen,
+        token_file,
+        vmm,
+    }))?;
+    Ok(())
+}
+
+async fn vm(cli: &Cli, c: &Client, cmd: &VmCmd) -> Result<()> {
+    let json = cli.json;
+    let one = |vm: ferro_api::rest::Vm| output::vm(&vm, json);
+    match cmd {
+        VmCmd::Create {
+            name,
+            kernel,
+            initrd,
+            cmdline,
+            template,
+            cpus,
+            memory,
+            disks,
+            nets,
+            restart,
+            start,
+        } => {
+            if template.is_some() {
+                bail!("templates are not implemented yet: create the VM with --kernel");
+            }
+            let Some(kernel) = kernel else {
+                bail!("--kernel is required")
+            };
+            let kernel = std::path::absolute(kernel).unwrap_or_else(|_| kernel.clone());
+            let initrd = initrd
+                .as_ref()
+                .map(|i| std::path::absolute(i).unwrap_or_else(|_| i.clone()));
+            let vm = c
+                .create_vm(&CreateVm {
+                    name: name.clone(),
+                    kernel,
+                    initrd,
+                    cmdline: cmdline.clone(),
+                    cpus: *cpus,
+                    memory_mib: *memory,
+                    disks: disks.clone(),
+                    nets: nets.clone(),
+                    restart: *restart,
+                    start: *start,
+                })
+                .await?;
+            one(vm)
+        }
+        VmCmd::List => output::vms(&c.list_vms().await?, json),
+        VmCmd::Show { name } => one(c.get_vm(name).await?),
+        VmCmd::Start { name } => one(c.action(name, "start").await?),
+        VmCmd::Stop {
+            name,
+            timeout,
+            force,
+        } => one(c
+            .action(name, &format!("stop?timeout={timeout}&force={force}"))
+            .await?),
+        VmCmd::Reboot { name } => one(c.action(name, "reboot").await?),
+        VmCmd::Pause { name } => one(c.action(name, "pause").await?),
+        VmCmd::Resume { name } => one(c.action(name, "resume").await?),
+        VmCmd::Delete { name, force } => {
+            c.delete_vm(name, *force).await?;
+            if json {
+                println!("{{}}");
+            } else {
+                println!("deleted {name}");
+            }
+            Ok(())
+        }
+        VmCmd::Edit {
+            name,
+            cpus,
+            memory,
+            cmdline,
+            disks,
+            no_disks,
+            nets,
+            no_nets,
+            restart,
+        } => {
+            let req = EditVm {
+                cpus: *cpus,
+                memory_mib: *memory,
+                cmdline: cmdline.clone(),
+                disks: if *no_disks {
+                    Some(Vec::new())
+                } else {
+                    (!disks.is_empty()).then(|| disks.clone())
+                },
+                nets: if *no_nets {
+                    Some(Vec::new())
+                } else {
+                    (!nets.is_empty()).then(|| nets.clone())
+                },
+                restart: *restart,
+            };
+            one(c.edit_vm(name, &req).await?)
+        }
+        VmCmd::Events { name } => output::events(&c.events(name).await?, json),
+        VmCmd::Log { name } => {
+            print!("{}", c.log(name).await?);
+            Ok(())
+        }
+        VmCmd::Clone { src, .. } => {
+            c.post_raw(&format!("/v1/vms/{src}/clone")).await?;
+            Ok(())
+        }
+    }
+}
+
+async fn client_main(cli: &Cli) -> Result<()> {
+    let c = client(cli)?;
+    match &cli.cmd {
+        Cmd::Vm(cmd) => vm(cli, &c, cmd).await,
+        Cmd::Console { name } => {
+            let vm = c.get_vm(name).await?;
+            if !vm.state.has_vmm() {
+                bail!(
+                    "VM '{name}' is {}: start it first (ferro vm start {name})",
+                    vm.state.as_str()
+                );
+            }
+            console::attach(name, &vm.console_socket)
+        }
+        Cmd::Info => {
+            let h = c.host().await?;
+            if cli.json {
+                println!("{}", serde_json::to_string_pretty(&h)?);
+            } else {
+                println!(
+                    "version {}, data dir {}, {} VMs, schema {}",
+                    h.version,
+                    h.data_dir.display(),
+                    h.vms,
+                    h.schema_version
+                );
+            }
+            Ok(())
+        }
+        Cmd::Image { .. } => Ok(c.post_raw("/v1/images").await?),
+        Cmd::Template { .. } => Ok(c.post_raw("/v1/templates").await?),
+        Cmd::Daemon { .. } | Cmd::Completions { .. } => Ok(()),
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Daemon {
+            data_dir,
+            listen,
+            vmm,
+        } => daemon(data_dir, listen, vmm, cli.token_file),
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "ferro", &mut std::io::stdout());
+            Ok(())
+        }
+        _ => {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            rt.block_on(async {
+                tokio::time::timeout(Duration::from_secs(3600), client_main(&cli))
+                    .await
+                    .context("timed out")?
+            })
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            match e.downcast_ref::<ClientError>() {
+                Some(ClientError::Api { code, message, .. }) => {
+                    eprintln!("ferro: {message} [{code}]")
+                }
+                _ => eprintln!("ferro: {e:#}"),
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

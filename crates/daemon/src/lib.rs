@@ -1,0 +1,167 @@
+//! `ferro daemon`: the host daemon. It keeps VM definitions in SQLite under a data directory
+//! ([`store`]), runs each VM in its own detached `ferro-vmm` ([`process`]), watches and
+//! restarts them per policy ([`supervisor`], [`restart`]), re-adopts them after its own
+//! restart, and serves the REST API ([`routes`]) on a unix socket or, with a bearer token, TCP.
+
+pub mod error;
+pub mod ops;
+pub mod process;
+pub mod restart;
+pub mod routes;
+pub mod store;
+pub mod supervisor;
+
+use std::path::{Path, PathBuf};
+
+use axum::extract::Request;
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
+
+pub use error::DaemonError;
+pub use supervisor::Supervisor;
+
+/// The default data directory.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/ferro";
+/// The API socket's name under the data directory.
+pub const SOCKET_NAME: &str = "ferro.sock";
+
+/// Where the API listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    /// A unix socket (no authentication: its file mode guards it).
+    Unix(PathBuf),
+    /// TCP `HOST:PORT` (a bearer token is required).
+    Tcp(String),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Some(p) = s.strip_prefix("unix:") {
+            if !p.is_empty() {
+                return Ok(Self::Unix(p.into()));
+            }
+        }
+        if let Some(a) = s.strip_prefix("tcp:") {
+            if a.contains(':') {
+                return Ok(Self::Tcp(a.to_string()));
+            }
+        }
+        Err(format!("'{s}' is not unix:PATH or tcp:HOST:PORT"))
+    }
+}
+
+/// How the daemon runs.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// Where the database and the VMs' files live.
+    pub data_dir: PathBuf,
+    /// Where the API listens (default: `DATA/ferro.sock`).
+    pub listen: Option<Listen>,
+    /// A file holding the bearer token TCP clients must send.
+    pub token_file: Option<PathBuf>,
+    /// The `ferro-vmm` binary.
+    pub vmm: PathBuf,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT. The VMMs keep running after it ends.
+pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
+    let sup = Supervisor::open(&cfg.data_dir, cfg.vmm.clone()).await?;
+    let token = match &cfg.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(DaemonError::io(format!(
+                    "cannot read token file {}",
+                    p.display()
+                )))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let listen = cfg
+        .listen
+        .clone()
+        .unwrap_or_else(|| Listen::Unix(cfg.data_dir.join(SOCKET_NAME)));
+    let app = routes::router(sup);
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {},
+            _ = async { match &mut term { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {},
+        }
+    };
+    match listen {
+        Listen::Unix(path) => {
+            remove_stale_socket(&path)?;
+            let l = tokio::net::UnixListener::bind(&path).map_err(DaemonError::io(format!(
+                "cannot listen on {}",
+                path.display()
+            )))?;
+            eprintln!("ferro daemon: listening on unix:{}", path.display());
+            axum::serve(l, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .map_err(DaemonError::io("serve"))?;
+            let _ = std::fs::remove_file(&path);
+        }
+        Listen::Tcp(addr) => {
+            let token = token.ok_or_else(|| {
+                DaemonError::BadRequest(
+                    "a TCP listener needs --token-file (clients send it as a bearer token)".into(),
+                )
+            })?;
+            let app = app.layer(axum::middleware::from_fn(
+                move |req: Request, next: Next| {
+                    let token = token.clone();
+                    async move { bearer(req, next, &token).await }
+                },
+            ));
+            let l = tokio::net::TcpListener::bind(&addr)
+                .await
+                .map_err(DaemonError::io(format!("cannot listen on {addr}")))?;
+            eprintln!("ferro daemon: listening on tcp:{addr}");
+            axum::serve(l, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+                .map_err(DaemonError::io("serve"))?;
+        }
+    }
+    Ok(())
+}
+
+fn remove_stale_socket(path: &Path) -> Result<(), DaemonError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(DaemonError::io(format!("cannot create {}", dir.display())))?;
+    }
+    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+        return Err(DaemonError::InvalidState(format!(
+            "another daemon answers on {}: stop it first",
+            path.display()
+        )));
+    }
+    let _ = std::fs::remove_file(path);
+    Ok(())
+}
+
+async fn bearer(req: Request, next: Next, token: &str) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t.as_bytes() == token.as_bytes());
+    if ok || req.uri().path() == "/openapi.json" {
+        next.run(req).await
+    } else {
+        error::error_response(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token: pass the daemon's token (ferro --token-file FILE)"
+                .into(),
+        )
+    }
+}

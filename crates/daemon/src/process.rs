@@ -1,0 +1,211 @@
+//! `ferro-vmm` processes: starting one detached, finding it again after a daemon restart, its
+//! control socket, and ending it.
+//!
+//! A VMM runs in its own session (setsid), so it outlives the daemon and no terminal signal
+//! reaches it. Its files live in `DATA/vms/NAME/`: `config.json` (what it runs), `control.sock`,
+//! `console.sock` and `vmm.log` (its stderr).
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use ferro_api::control::{ControlLine, ControlRequest, ControlResponse, VmmStatus};
+use ferro_api::{SerialMode, VmConfig};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::{Child, Command};
+
+use crate::error::DaemonError;
+
+/// How long a starting VMM may take to answer on its control socket.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The files of one VM.
+#[derive(Debug, Clone)]
+pub struct VmDir(pub PathBuf);
+
+impl VmDir {
+    /// `DATA/vms/NAME`.
+    pub fn new(data_dir: &Path, name: &str) -> Self {
+        Self(data_dir.join("vms").join(name))
+    }
+    /// The control socket.
+    pub fn control(&self) -> PathBuf {
+        self.0.join("control.sock")
+    }
+    /// The console socket.
+    pub fn console(&self) -> PathBuf {
+        self.0.join("console.sock")
+    }
+    /// The VMM's stderr.
+    pub fn log(&self) -> PathBuf {
+        self.0.join("vmm.log")
+    }
+    /// The console output the daemon kept of the last run.
+    pub fn console_log(&self) -> PathBuf {
+        self.0.join("console.log")
+    }
+    /// What the VMM runs.
+    pub fn config(&self) -> PathBuf {
+        self.0.join("config.json")
+    }
+}
+
+/// The start time of `pid` in clock ticks since boot, which tells a process from a later one
+/// that reuses its pid. `None` when there is no such process.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Field 22; fields after the command name (which may hold spaces) start after ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// Whether `pid` is still the process that started at `start`, and not a zombie.
+pub fn is_alive(pid: u32, start: u64) -> bool {
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .and_then(|i| s.get(i + 2..i + 3).map(str::to_string))
+        });
+    start_time(pid) == Some(start) && state.as_deref() != Some("Z")
+}
+
+/// Sends SIGKILL to `pid` if it is still the process that started at `start`.
+pub fn kill(pid: u32, start: u64) {
+    if is_alive(pid, start) {
+        if let Ok(p) = libc::pid_t::try_from(pid) {
+            // SAFETY: kill(2) only sends a signal; the pid was checked to be our VMM (same
+            // start time) just before, so it is not a stranger that reused the number.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
+    }
+}
+
+/// A started VMM: its child handle, pid and start time.
+pub struct Started {
+    /// The child (the daemon reaps it).
+    pub child: Child,
+    /// Its pid.
+    pub pid: u32,
+    /// Its start time (see [`start_time`]).
+    pub start: u64,
+}
+
+/// Writes the VMM's config and starts `vmm` on it, detached; returns once it answers on its
+/// control socket, or the error it printed if it ended first.
+pub async fn spawn(vmm: &Path, dir: &VmDir, config: &VmConfig) -> Result<Started, DaemonError> {
+    std::fs::create_dir_all(&dir.0).map_err(DaemonError::io("cannot create the VM directory"))?;
+    for stale in [dir.control(), dir.console()] {
+        let _ = std::fs::remove_file(stale);
+    }
+    let mut cfg = config.clone();
+    cfg.serial = SerialMode::Socket(dir.console());
+    let json = serde_json::to_vec_pretty(&cfg).map_err(|e| DaemonError::Vmm(e.to_string()))?;
+    std::fs::write(dir.config(), json).map_err(DaemonError::io("cannot write the VM config"))?;
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.log())
+        .map_err(DaemonError::io("cannot open the VMM log"))?;
+    let log2 = log
+        .try_clone()
+        .map_err(DaemonError::io("cannot open the VMM log"))?;
+    let log_len = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut cmd = Command::new(vmm);
+    cmd.arg("--config")
+        .arg(dir.config())
+        .arg("--control")
+        .arg(dir.control())
+        .args(["--on-reboot", "restart"])
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(log2)
+        .kill_on_drop(false);
+    // SAFETY: the closure runs in the child between fork and exec and calls only setsid(2),
+    // which is async-signal-safe and touches no memory of the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| {
+        DaemonError::Vmm(format!(
+            "cannot run {}: {e} (pass --vmm PATH to `ferro daemon`)",
+            vmm.display()
+        ))
+    })?;
+    let pid = child
+        .id()
+        .ok_or_else(|| DaemonError::Vmm("the VMM ended at once".into()))?;
+    let start = start_time(pid).unwrap_or(0);
+    let t = Instant::now();
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            let text = std::fs::read(dir.log()).unwrap_or_default();
+            let tail = String::from_utf8_lossy(&text[text.len().min(log_len as usize)..])
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("")
+                .to_string();
+            return Err(DaemonError::Vmm(format!(
+                "the VMM failed to start ({status}): {tail}"
+            )));
+        }
+        if request(&dir.control(), &ControlRequest::Status)
+            .await
+            .is_ok()
+        {
+            return Ok(Started { child, pid, start });
+        }
+        if t.elapsed() > START_TIMEOUT {
+            let _ = child.start_kill();
+            return Err(DaemonError::Vmm(format!(
+                "the VMM did not answer on {} within {START_TIMEOUT:?}",
+                dir.control().display()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Sends one control request and returns the VMM's status, and console text if asked for.
+pub async fn request(
+    socket: &Path,
+    req: &ControlRequest,
+) -> Result<(VmmStatus, Option<String>), DaemonError> {
+    let fail = |e: std::io::Error| DaemonError::Vmm(format!("control socket: {e}"));
+    let stream = tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(socket))
+        .await
+        .map_err(|_| DaemonError::Vmm("control socket: timed out".into()))?
+        .map_err(fail)?;
+    let mut stream = BufReader::new(stream);
+    let mut line = serde_json::to_vec(req).map_err(|e| DaemonError::Vmm(e.to_string()))?;
+    line.push(b'\n');
+    stream.get_mut().write_all(&line).await.map_err(fail)?;
+    let mut text = String::new();
+    loop {
+        text.clear();
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read_line(&mut text))
+            .await
+            .map_err(|_| DaemonError::Vmm("control socket: no answer".into()))?
+            .map_err(fail)?;
+        if n == 0 {
+            return Err(DaemonError::Vmm("the VMM closed its control socket".into()));
+        }
+        match serde_json::from_str::<ControlLine>(&text) {
+            Ok(ControlLine::Response(ControlResponse::Ok { status, console })) => {
+                return Ok((status, console))
+            }
+            Ok(ControlLine::Response(ControlResponse::Error { message, .. })) => {
+                return Err(DaemonError::InvalidState(message))
+            }
+            Ok(ControlLine::Event(_)) => continue,
+            Err(e) => return Err(DaemonError::Vmm(format!("control socket: {e}"))),
+        }
+    }
+}

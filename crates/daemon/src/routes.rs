@@ -1,0 +1,312 @@
+//! The HTTP routes of the REST API (`/v1/...`) and the OpenAPI document describing them.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use ferro_api::rest::{
+    ApiErrorBody, CreateVm, EditVm, HostInfo, RestartPolicy, Vm, VmEvent, VmState,
+};
+use serde::Deserialize;
+use utoipa::OpenApi;
+
+use crate::error::{error_response, DaemonError};
+use crate::ops;
+use crate::supervisor::Supervisor;
+
+type ApiResult<T> = Result<T, DaemonError>;
+
+fn bad_json(e: JsonRejection) -> DaemonError {
+    DaemonError::BadRequest(format!("invalid request body: {}", e.body_text()))
+}
+
+fn bad_query(e: QueryRejection) -> DaemonError {
+    DaemonError::BadRequest(format!("invalid query: {}", e.body_text()))
+}
+
+/// The OpenAPI document of the API.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Ferrovisor daemon API",
+        description = "VMs on one host: define, start, stop, watch."
+    ),
+    paths(
+        host, list_vms, create_vm, get_vm, edit_vm, delete_vm, start_vm, stop_vm, reboot_vm,
+        pause_vm, resume_vm, vm_events, vm_log, clone_vm, images
+    ),
+    components(schemas(
+        ApiErrorBody,
+        CreateVm,
+        EditVm,
+        HostInfo,
+        RestartPolicy,
+        Vm,
+        VmEvent,
+        VmState
+    ))
+)]
+pub struct ApiDoc;
+
+/// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds).
+pub fn openapi_json() -> String {
+    let mut doc = ApiDoc::openapi();
+    doc.info.version = "1".to_string();
+    doc.info.license = None;
+    doc.to_pretty_json().unwrap_or_default() + "\n"
+}
+
+/// The router of every route.
+pub fn router(sup: Supervisor) -> Router {
+    Router::new()
+        .route(
+            "/openapi.json",
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], openapi_json()) }),
+        )
+        .route("/v1/host", get(host))
+        .route("/v1/vms", get(list_vms).post(create_vm))
+        .route(
+            "/v1/vms/{name}",
+            get(get_vm).patch(edit_vm).delete(delete_vm),
+        )
+        .route("/v1/vms/{name}/start", post(start_vm))
+        .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/reboot", post(reboot_vm))
+        .route("/v1/vms/{name}/pause", post(pause_vm))
+        .route("/v1/vms/{name}/resume", post(resume_vm))
+        .route("/v1/vms/{name}/events", get(vm_events))
+        .route("/v1/vms/{name}/log", get(vm_log))
+        .route("/v1/vms/{name}/clone", post(clone_vm))
+        .route("/v1/images", get(images).post(images))
+        .route("/v1/templates", get(images).post(images))
+        .fallback(|m: axum::http::Method, uri: axum::http::Uri| async move {
+            error_response(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("no route {m} {uri} (see GET /openapi.json)"),
+            )
+        })
+        .layer(axum::middleware::from_fn(json_errors))
+        .with_state(sup)
+}
+
+/// Makes every error a JSON `{"code", "message"}`, including the ones axum produces itself
+/// (unknown route, wrong method).
+async fn json_errors(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let uri = req.uri().clone();
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (code, message) = match status {
+        StatusCode::NOT_FOUND => (
+            "not_found",
+            format!("no route {method} {uri} (see GET /openapi.json)"),
+        ),
+        StatusCode::BAD_REQUEST => ("bad_request", format!("{method} {uri}: bad request")),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            format!("{method} is not allowed on {uri}"),
+        ),
+        StatusCode::PAYLOAD_TOO_LARGE => ("too_large", "request body is too large".to_string()),
+        _ => (
+            "error",
+            status.canonical_reason().unwrap_or("error").to_string(),
+        ),
+    };
+    error_response(status, code, message)
+}
+
+/// Host and daemon facts.
+#[utoipa::path(get, path = "/v1/host", responses((status = 200, body = HostInfo)))]
+async fn host(State(sup): State<Supervisor>) -> ApiResult<Json<HostInfo>> {
+    let (vms, schema) = sup.store(|s| Ok((s.list()?.len(), s.schema_version()?)))?;
+    Ok(Json(HostInfo {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        data_dir: sup.0.data_dir.clone(),
+        vms: u32::try_from(vms).unwrap_or(u32::MAX),
+        schema_version: schema,
+    }))
+}
+
+/// Every VM.
+#[utoipa::path(get, path = "/v1/vms", responses((status = 200, body = Vec<Vm>)))]
+async fn list_vms(State(sup): State<Supervisor>) -> ApiResult<Json<Vec<Vm>>> {
+    Ok(Json(ops::list(&sup)?))
+}
+
+/// Defines a VM; nothing is stored when it fails.
+#[utoipa::path(post, path = "/v1/vms", request_body = CreateVm, responses(
+    (status = 201, body = Vm), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn create_vm(
+    State(sup): State<Supervisor>,
+    body: Result<Json<CreateVm>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Vm>)> {
+    let Json(req) = body.map_err(bad_json)?;
+    Ok((StatusCode::CREATED, Json(ops::create(&sup, req).await?)))
+}
+
+/// One VM.
+#[utoipa::path(get, path = "/v1/vms/{name}", params(("name" = String, Path)), responses(
+    (status = 200, body = Vm), (status = 404, body = ApiErrorBody)))]
+async fn get_vm(State(sup): State<Supervisor>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+    Ok(Json(ops::get(&sup, &name)?))
+}
+
+/// Changes a stopped VM's CPUs, memory, command line, disks, NICs; or any VM's restart policy.
+#[utoipa::path(patch, path = "/v1/vms/{name}", params(("name" = String, Path)), request_body = EditVm, responses(
+    (status = 200, body = Vm), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn edit_vm(
+    State(sup): State<Supervisor>,
+    Path(name): Path<String>,
+    body: Result<Json<EditVm>, JsonRejection>,
+) -> ApiResult<Json<Vm>> {
+    let Json(req) = body.map_err(bad_json)?;
+    Ok(Json(ops::edit(&sup, &name, req).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ForceQuery {
+    #[serde(default)]
+    force: bool,
+}
+
+/// Deletes a VM (a running one only with `force=true`).
+#[utoipa::path(delete, path = "/v1/vms/{name}", params(("name" = String, Path), ("force" = Option<bool>, Query)), responses(
+    (status = 204), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn delete_vm(
+    State(sup): State<Supervisor>,
+    Path(name): Path<String>,
+    q: Result<Query<ForceQuery>, QueryRejection>,
+) -> ApiResult<StatusCode> {
+    let Query(q) = q.map_err(bad_query)?;
+    ops::delete(&sup, &name, q.force).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Starts a stopped or crashed VM.
+#[utoipa::path(post, path = "/v1/vms/{name}/start", params(("name" = String, Path)), responses(
+    (status = 200, body = Vm), (status = 409, body = ApiErrorBody), (status = 500, body = ApiErrorBody)))]
+async fn start_vm(State(sup): State<Supervisor>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+    Ok(Json(ops::start(&sup, &name).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StopQuery {
+    /// Seconds to wait for the guest to power off before forcing (default 30).
+    timeout: Option<f64>,
+    #[serde(default)]
+    force: bool,
+}
+
+/// Stops a VM: ACPI power button, then a forced stop after `timeout` seconds (default 30).
+#[utoipa::path(post, path = "/v1/vms/{name}/stop", params(("name" = String, Path), ("timeout" = Option<f64>, Query), ("force" = Option<bool>, Query)), responses(
+    (status = 200, body = Vm), (status = 409, body = ApiErrorBody)))]
+async fn stop_vm(
+    State(sup): State<Supervisor>,
+    Path(name): Path<String>,
+    q: Result<Query<StopQuery>, QueryRejection>,
+) -> ApiResult<Json<Vm>> {
+    let Query(q) = q.map_err(bad_query)?;
+    let secs = q.timeout.unwrap_or(30.0);
+    if !(0.0..=3600.0).contains(&secs) {
+        return Err(DaemonError::BadRequest(format!(
+            "timeout {secs} is out of range: 0 to 3600 seconds"
+        )));
+    }
+    Ok(Json(
+        ops::stop(&sup, &name, Duration::from_secs_f64(secs), q.force).await?,
+    ))
+}
+
+/// Resets a running VM (its VMM boots the guest again in place).
+#[utoipa::path(post, path = "/v1/vms/{name}/reboot", params(("name" = String, Path)), responses(
+    (status = 200, body = Vm), (status = 409, body = ApiErrorBody)))]
+async fn reboot_vm(State(sup): State<Supervisor>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+    Ok(Json(ops::reboot(&sup, &name).await?))
+}
+
+/// Pauses a running VM.
+#[utoipa::path(post, path = "/v1/vms/{name}/pause", params(("name" = String, Path)), responses(
+    (status = 200, body = Vm), (status = 409, body = ApiErrorBody)))]
+async fn pause_vm(State(sup): State<Supervisor>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+    Ok(Json(ops::pause(&sup, &name).await?))
+}
+
+/// Resumes a paused VM.
+#[utoipa::path(post, path = "/v1/vms/{name}/resume", params(("name" = String, Path)), responses(
+    (status = 200, body = Vm), (status = 409, body = ApiErrorBody)))]
+async fn resume_vm(State(sup): State<Supervisor>, Path(name): Path<String>) -> ApiResult<Json<Vm>> {
+    Ok(Json(ops::resume(&sup, &name).await?))
+}
+
+/// A VM's event log, oldest first.
+#[utoipa::path(get, path = "/v1/vms/{name}/events", params(("name" = String, Path)), responses(
+    (status = 200, body = Vec<VmEvent>), (status = 404, body = ApiErrorBody)))]
+async fn vm_events(
+    State(sup): State<Supervisor>,
+    Path(name): Path<String>,
+) -> ApiResult<Json<Vec<VmEvent>>> {
+    Ok(Json(ops::events(&sup, &name)?))
+}
+
+/// The console's recent output (text).
+#[utoipa::path(get, path = "/v1/vms/{name}/log", params(("name" = String, Path)), responses(
+    (status = 200, body = String, content_type = "text/plain"), (status = 404, body = ApiErrorBody)))]
+async fn vm_log(State(sup): State<Supervisor>, Path(name): Path<String>) -> ApiResult<Response> {
+    sup.store(|s| s.get(&name))?;
+    let text = sup.console_log(&name).await?;
+    Ok((
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from(text),
+    )
+        .into_response())
+}
+
+/// Clones a VM (not implemented yet).
+#[utoipa::path(post, path = "/v1/vms/{name}/clone", params(("name" = String, Path)), responses((status = 501, body = ApiErrorBody)))]
+async fn clone_vm() -> DaemonError {
+    DaemonError::NotImplemented("cloning VMs")
+}
+
+/// Images and templates (not implemented yet).
+#[utoipa::path(get, path = "/v1/images", responses((status = 501, body = ApiErrorBody)))]
+async fn images() -> DaemonError {
+    DaemonError::NotImplemented("the image store")
+}
+
+#[cfg(test)]
+mod tests {
+    /// `docs/openapi.json` is the generated document; `FERRO_BLESS=1 cargo test -p
+    /// ferro-daemon openapi` rewrites it after an API change.
+    #[test]
+    fn openapi_document_is_checked_in() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../docs/openapi.json");
+        let generated = super::openapi_json();
+        if std::env::var_os("FERRO_BLESS").is_some() {
+            std::fs::write(&path, &generated).unwrap();
+        }
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            checked_in == generated,
+            "docs/openapi.json is stale: run FERRO_BLESS=1 cargo test -p ferro-daemon openapi"
+        );
+        let doc: serde_json::Value = serde_json::from_str(&generated).unwrap();
+        assert!(doc["paths"]["/v1/vms/{name}/start"]["post"].is_object());
+        assert!(doc["components"]["schemas"]["Vm"].is_object());
+    }
+}

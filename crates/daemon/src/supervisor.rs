@@ -1,0 +1,452 @@
+//! The supervisor: starts VMMs, watches them, applies the restart policy, and re-adopts the
+//! VMMs that outlived a daemon restart. Every lifecycle change goes through
+//! [`VmState::can_become`] and is written to the store with an event.
+//!
+//! Concurrency: one async lock per VM serialises its lifecycle operations; the watcher of a
+//! VMM ([`watch`]) does not take it, so `stop` can wait for the watcher while holding it.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ferro_api::control::{ControlEvent, ControlLine, ControlRequest, VmmRunState};
+use ferro_api::rest::{RestartPolicy, VmState};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::process::Child;
+use tokio::sync::watch;
+
+use crate::error::DaemonError;
+use crate::process::{self, is_alive, VmDir};
+use crate::restart::{Decision, History, Outcome};
+use crate::store::{Store, VmRecord};
+
+/// Console bytes the daemon keeps per VM.
+const CONSOLE_KEEP: usize = 64 * 1024;
+
+/// A VMM the daemon watches.
+struct Live {
+    pid: u32,
+    start: u64,
+    /// The daemon asked it to end: its end is a stop, not a crash.
+    stopping: bool,
+    exited: watch::Receiver<bool>,
+    console: Arc<Mutex<VecDeque<u8>>>,
+}
+
+/// How the watcher learns that a VMM ended.
+enum Watch {
+    /// Our child: reaped with its exit status.
+    Child(Child),
+    /// Adopted after a daemon restart: its control socket tells.
+    Adopted {
+        pid: u32,
+        start: u64,
+        control: PathBuf,
+    },
+}
+
+pub(crate) struct Inner {
+    pub(crate) data_dir: PathBuf,
+    vmm: PathBuf,
+    store: Mutex<Store>,
+    live: Mutex<HashMap<String, Live>>,
+    history: Mutex<HashMap<String, History>>,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The supervisor; cheap to clone.
+#[derive(Clone)]
+pub struct Supervisor(pub(crate) Arc<Inner>);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Supervisor {
+    /// Opens the store under `data_dir` and re-adopts the VMMs still running.
+    pub async fn open(data_dir: &Path, vmm: PathBuf) -> Result<Self, DaemonError> {
+        std::fs::create_dir_all(data_dir.join("vms")).map_err(DaemonError::io(format!(
+            "cannot create {}",
+            data_dir.display()
+        )))?;
+        let store = Store::open(&data_dir.join("ferro.db"))?;
+        let sup = Self(Arc::new(Inner {
+            data_dir: data_dir.to_path_buf(),
+            vmm,
+            store: Mutex::new(store),
+            live: Mutex::new(HashMap::new()),
+            history: Mutex::new(HashMap::new()),
+            locks: Mutex::new(HashMap::new()),
+        }));
+        sup.adopt_all().await?;
+        Ok(sup)
+    }
+
+    /// Runs `f` on the store.
+    pub fn store<T>(
+        &self,
+        f: impl FnOnce(&mut Store) -> Result<T, DaemonError>,
+    ) -> Result<T, DaemonError> {
+        f(&mut lock(&self.0.store))
+    }
+
+    /// The files of VM `name`.
+    pub fn dir(&self, name: &str) -> VmDir {
+        VmDir::new(&self.0.data_dir, name)
+    }
+
+    /// The per-VM operation lock.
+    pub async fn vm_lock(&self, name: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let l = lock(&self.0.locks)
+            .entry(name.to_string())
+            .or_default()
+            .clone();
+        l.lock_owned().await
+    }
+
+    /// The pid of VM `name`'s VMM, if one runs.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        lock(&self.0.live).get(name).map(|l| l.pid)
+    }
+
+    fn event(&self, name: &str, kind: &str, message: &str) {
+        // The event log is best effort: a full disk must not stop the VM's lifecycle.
+        let _ = self.store(|s| s.event(name, kind, message));
+    }
+
+    fn set_state(
+        &self,
+        name: &str,
+        state: VmState,
+        pid: Option<(u32, u64)>,
+    ) -> Result<(), DaemonError> {
+        self.store(|s| s.set_state(name, state, pid))
+    }
+
+    /// Checks the lifecycle table.
+    pub fn check(name: &str, from: VmState, to: VmState, verb: &str) -> Result<(), DaemonError> {
+        if from.can_become(to) {
+            Ok(())
+        } else {
+            Err(DaemonError::InvalidState(format!(
+                "cannot {verb} VM '{name}': it is {}",
+                from.as_str()
+            )))
+        }
+    }
+
+    /// Starts the VMM of `rec` (caller holds the VM's lock and checked the transition).
+    pub async fn start_locked(&self, rec: &VmRecord, restart: bool) -> Result<(), DaemonError> {
+        let dir = self.dir(&rec.name);
+        let started = process::spawn(&self.0.vmm, &dir, &rec.config).await?;
+        let pid = (started.pid, started.start);
+        self.set_state(&rec.name, VmState::Running, Some(pid))?;
+        if restart {
+            self.store(|s| s.count_restart(&rec.name))?;
+        }
+        self.event(
+            &rec.name,
+            if restart { "restarted" } else { "started" },
+            &format!("VMM started (pid {})", started.pid),
+        );
+        self.watch(&rec.name, Watch::Child(started.child), pid);
+        Ok(())
+    }
+
+    fn watch(&self, name: &str, how: Watch, (pid, start): (u32, u64)) {
+        let (tx, rx) = watch::channel(false);
+        let console = Arc::new(Mutex::new(VecDeque::new()));
+        lock(&self.0.live).insert(
+            name.to_string(),
+            Live {
+                pid,
+                start,
+                stopping: false,
+                exited: rx,
+                console: console.clone(),
+            },
+        );
+        tokio::spawn(follow_console(self.clone(), name.to_string(), pid, console));
+        let sup = self.clone();
+        let name = name.to_string();
+        tokio::spawn(async move {
+            let outcome = wait(how).await;
+            sup.ended(&name, pid, outcome).await;
+            let _ = tx.send(true);
+        });
+    }
+
+    /// A VMM ended: record it and apply the restart policy.
+    async fn ended(&self, name: &str, pid: u32, outcome: Outcome) {
+        let live = {
+            let mut map = lock(&self.0.live);
+            match map.get(name) {
+                Some(l) if l.pid == pid => map.remove(name),
+                _ => None,
+            }
+        };
+        let stopping = live.as_ref().is_some_and(|l| l.stopping);
+        if let Some(l) = &live {
+            let text: Vec<u8> = lock(&l.console).iter().copied().collect();
+            let _ = std::fs::write(self.dir(name).console_log(), text);
+        }
+        let Ok(rec) = self.store(|s| s.get(name)) else {
+            return; // deleted
+        };
+        if stopping {
+            let _ = self.set_state(name, VmState::Stopped, None);
+            self.event(name, "stopped", "VM stopped");
+            return;
+        }
+        let what = match outcome {
+            Outcome::Clean => "the guest powered off".to_string(),
+            Outcome::Failed(code) => format!("the VMM exited with status {code}"),
+            Outcome::Killed => "the VMM was killed".to_string(),
+        };
+        let decision = lock(&self.0.history)
+            .entry(name.to_string())
+            .or_default()
+            .decide(rec.restart, outcome, Instant::now());
+        let kind = if outcome == Outcome::Clean {
+            "powered_off"
+        } else {
+            "crashed"
+        };
+        let state = if outcome == Outcome::Clean {
+            VmState::Stopped
+        } else {
+            VmState::Crashed
+        };
+        let _ = self.set_state(name, state, None);
+        match decision {
+            Decision::Stop | Decision::Crashed => self.event(name, kind, &what),
+            Decision::GiveUp => {
+                let _ = self.set_state(name, VmState::Crashed, None);
+                self.event(
+                    name,
+                    "crash_loop",
+                    &format!(
+                        "{what}; restarted {} times within {:?}: giving up (start it by hand)",
+                        crate::restart::LOOP_LIMIT,
+                        crate::restart::LOOP_WINDOW
+                    ),
+                );
+            }
+            Decision::Restart(delay) => {
+                self.event(
+                    name,
+                    kind,
+                    &format!(
+                        "{what}; restarting (policy {}) in {delay:?}",
+                        rec.restart.as_str()
+                    ),
+                );
+                let sup = self.clone();
+                let name = name.to_string();
+                tokio::spawn(async move {
+                    tokio::time::sleep(delay).await;
+                    let _guard = sup.vm_lock(&name).await;
+                    // Someone may have started, stopped or deleted it meanwhile.
+                    let Ok(rec) = sup.store(|s| s.get(&name)) else {
+                        return;
+                    };
+                    if rec.state != state || sup.pid(&name).is_some() {
+                        return;
+                    }
+                    if let Err(e) = sup.start_locked(&rec, true).await {
+                        let _ = sup.set_state(&name, VmState::Crashed, None);
+                        sup.event(&name, "restart_failed", &e.to_string());
+                    }
+                });
+            }
+        }
+    }
+
+    /// Stops VM `name` (caller holds its lock): power button, then after `timeout` a forced
+    /// stop. With `force`, the forced stop comes at once.
+    pub async fn stop_locked(
+        &self,
+        name: &str,
+        timeout: Duration,
+        force: bool,
+    ) -> Result<(), DaemonError> {
+        let Some(mut exited) = ({
+            let mut map = lock(&self.0.live);
+            map.get_mut(name).map(|l| {
+                l.stopping = true;
+                l.exited.clone()
+            })
+        }) else {
+            return Ok(());
+        };
+        let control = self.dir(name).control();
+        let ended = |rx: &mut watch::Receiver<bool>, t: Duration| {
+            let mut rx = rx.clone();
+            async move { tokio::time::timeout(t, rx.wait_for(|e| *e)).await.is_ok() }
+        };
+        if !force {
+            let _ = process::request(&control, &ControlRequest::Shutdown).await;
+            if ended(&mut exited, timeout).await {
+                return Ok(());
+            }
+            self.event(
+                name,
+                "stop_timeout",
+                &format!("the guest did not power off within {timeout:?}: forcing"),
+            );
+        }
+        let _ = process::request(&control, &ControlRequest::Quit).await;
+        if ended(&mut exited, Duration::from_secs(2)).await {
+            return Ok(());
+        }
+        if let Some((pid, start)) = lock(&self.0.live).get(name).map(|l| (l.pid, l.start)) {
+            process::kill(pid, start);
+        }
+        if ended(&mut exited, Duration::from_secs(5)).await {
+            Ok(())
+        } else {
+            Err(DaemonError::Vmm(format!("VM '{name}' did not stop")))
+        }
+    }
+
+    /// The console's recent output: from the running VMM, or what was kept of the last run.
+    pub async fn console_log(&self, name: &str) -> Result<String, DaemonError> {
+        if self.pid(name).is_some() {
+            if let Ok((_, Some(text))) =
+                process::request(&self.dir(name).control(), &ControlRequest::ConsoleLog).await
+            {
+                return Ok(text);
+            }
+        }
+        let live = lock(&self.0.live).get(name).map(|l| l.console.clone());
+        if let Some(c) = live {
+            return Ok(
+                String::from_utf8_lossy(&lock(&c).iter().copied().collect::<Vec<_>>()).into_owned(),
+            );
+        }
+        Ok(std::fs::read(self.dir(name).console_log())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default())
+    }
+
+    /// Re-adopts the VMMs the store says run; VMs whose VMM is gone get their policy applied.
+    async fn adopt_all(&self) -> Result<(), DaemonError> {
+        let recs = self.store(|s| s.list())?;
+        for rec in recs.into_iter().filter(|r| r.state.has_vmm()) {
+            let control = self.dir(&rec.name).control();
+            let adopted = match rec.pid {
+                Some((pid, start)) if is_alive(pid, start) => {
+                    match process::request(&control, &ControlRequest::Status).await {
+                        Ok((st, _)) if st.pid == pid => Some((pid, start, st.state)),
+                        _ => None,
+                    }
+                }
+                _ => None,
+            };
+            match adopted {
+                Some((pid, start, run)) => {
+                    let state = if run == VmmRunState::Paused {
+                        VmState::Paused
+                    } else {
+                        VmState::Running
+                    };
+                    self.set_state(&rec.name, state, Some((pid, start)))?;
+                    self.event(
+                        &rec.name,
+                        "adopted",
+                        &format!("daemon restarted: re-adopted VMM pid {pid}"),
+                    );
+                    self.watch(
+                        &rec.name,
+                        Watch::Adopted {
+                            pid,
+                            start,
+                            control,
+                        },
+                        (pid, start),
+                    );
+                }
+                None => {
+                    self.event(&rec.name, "lost", "the VMM ended while the daemon was down");
+                    self.ended(&rec.name, 0, Outcome::Killed).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The restart policy of a VM changed: forget its crash history.
+    pub fn reset_history(&self, name: &str) {
+        lock(&self.0.history).remove(name);
+    }
+
+    /// The policy of a VM.
+    pub fn policy(&self, name: &str) -> Result<RestartPolicy, DaemonError> {
+        Ok(self.store(|s| s.get(name))?.restart)
+    }
+}
+
+/// Waits for a VMM to end and says how.
+async fn wait(how: Watch) -> Outcome {
+    match how {
+        Watch::Child(mut child) => match child.wait().await {
+            Ok(s) => match s.code() {
+                Some(0) => Outcome::Clean,
+                Some(c) => Outcome::Failed(c),
+                None => Outcome::Killed,
+            },
+            Err(_) => Outcome::Killed,
+        },
+        Watch::Adopted {
+            pid,
+            start,
+            control,
+        } => loop {
+            if let Ok(stream) = UnixStream::connect(&control).await {
+                let mut lines = BufReader::new(stream).lines();
+                let mut last = None;
+                while let Ok(Some(line)) = lines.next_line().await {
+                    if let Ok(ControlLine::Event(e)) = serde_json::from_str(&line) {
+                        last = Some(e);
+                    }
+                }
+                match last {
+                    Some(ControlEvent::Exit { code: 0, .. }) => return Outcome::Clean,
+                    Some(ControlEvent::Exit { code, .. }) => return Outcome::Failed(code),
+                    _ => {}
+                }
+            }
+            if !is_alive(pid, start) {
+                return Outcome::Killed;
+            }
+            // Restarting in place, or not listening yet.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        },
+    }
+}
+
+/// Follows a VMM's console into the daemon's ring while that VMM runs (reconnecting across
+/// in-place restarts).
+async fn follow_console(sup: Supervisor, name: String, pid: u32, ring: Arc<Mutex<VecDeque<u8>>>) {
+    let socket = sup.dir(&name).console();
+    let running = || sup.pid(&name) == Some(pid);
+    while running() {
+        if let Ok(mut stream) = UnixStream::connect(&socket).await {
+            // The VMM replays its ring first: it replaces ours.
+            lock(&ring).clear();
+            let mut buf = vec![0u8; 4096];
+            while let Ok(n) = stream.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                let mut r = lock(&ring);
+                r.extend(&buf[..n]);
+                let excess = r.len().saturating_sub(CONSOLE_KEEP);
+                r.drain(..excess);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,288 @@
+//! `ferro daemon` and the `ferro` CLI end to end: real daemon, real VMMs, the probe guest.
+
+use std::time::{Duration, Instant};
+
+use ferro_tests::{kvm_available, probe, Daemon};
+use serde_json::Value;
+
+fn create(d: &Daemon, name: &str, cmdline: &str, restart: &str) -> Value {
+    let p = probe().to_str().unwrap().to_string();
+    d.json(&[
+        "vm",
+        "create",
+        name,
+        "--kernel",
+        &p,
+        "--cmdline",
+        cmdline,
+        "--memory",
+        "64",
+        "--restart",
+        restart,
+    ])
+}
+
+/// Polls `ferro vm show NAME --json` until `ok` holds.
+fn wait_for(d: &Daemon, name: &str, limit: Duration, ok: impl Fn(&Value) -> bool) -> Value {
+    let t = Instant::now();
+    loop {
+        let v = d.json(&["vm", "show", name]);
+        if ok(&v) {
+            return v;
+        }
+        assert!(t.elapsed() < limit, "timed out; last: {v}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn pid_of(v: &Value) -> u32 {
+    v["pid"].as_u64().expect("a pid") as u32
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn kill9(pid: u32) {
+    // SAFETY: kill(2) on the pid of a VMM this test's daemon started.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+#[test]
+fn daemon_create_start_show_stop_delete() {
+    if !kvm_available("daemon_create_start_show_stop_delete") {
+        return;
+    }
+    let d = Daemon::start("basic");
+    let v = create(&d, "web", "exit=halt", "never");
+    assert_eq!(v["state"], "stopped");
+    assert!(v.get("pid").is_none());
+    assert_eq!(v["restarts"], 0);
+    let v = d.json(&["vm", "start", "web"]);
+    assert_eq!(v["state"], "running");
+    let pid = pid_of(&v);
+    assert!(alive(pid));
+    let v = d.json(&["vm", "show", "web"]);
+    assert_eq!((v["state"].as_str(), pid_of(&v)), (Some("running"), pid));
+    let list = d.json(&["vm", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let table = d.ferro(&["vm", "list"]);
+    assert!(
+        table.stdout.contains("web") && table.stdout.contains("running"),
+        "{}",
+        table.stdout
+    );
+    // Deleting a running VM is refused without --force.
+    let r = d.ferro(&["vm", "delete", "web"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("--force"), "{}", r.stderr);
+    // The probe ignores the power button: the forced stop comes after the timeout.
+    let v = d.json(&["vm", "stop", "web", "--timeout", "0.2"]);
+    assert_eq!(v["state"], "stopped");
+    assert!(v.get("pid").is_none());
+    assert!(!alive(pid));
+    let kinds: Vec<String> = d
+        .json(&["vm", "events", "web"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(kinds, ["created", "started", "stop_timeout", "stopped"]);
+    let r = d.ferro(&["vm", "delete", "web"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(d.json(&["vm", "list"]), Value::Array(vec![]));
+    assert!(!d.dir.join("vms/web").exists());
+}
+
+#[test]
+fn daemon_failed_create_leaves_nothing() {
+    let d = Daemon::start("badcreate");
+    let r = d.ferro(&["vm", "create", "x", "--kernel", "/nonexistent/kernel"]);
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stderr
+            .contains("kernel /nonexistent/kernel cannot be read"),
+        "{}",
+        r.stderr
+    );
+    let p = probe().to_str().unwrap().to_string();
+    let r = d.ferro(&["vm", "create", "y", "--kernel", &p, "--cpus", "0"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("bad_request"), "{}", r.stderr);
+    assert_eq!(d.json(&["vm", "list"]), Value::Array(vec![]));
+    assert!(!d.dir.join("vms/x").exists());
+    // Duplicate names are refused and change nothing.
+    create(&d, "z", "exit=halt", "never");
+    let r = d.ferro(&["vm", "create", "z", "--kernel", &p, "--cpus", "2"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("[conflict]"), "{}", r.stderr);
+    assert_eq!(d.json(&["vm", "show", "z"])["cpus"], 1);
+}
+
+#[test]
+fn daemon_malformed_requests_get_json_errors() {
+    let d = Daemon::start("malformed");
+    let p = probe().to_str().unwrap().to_string();
+    let post = |body: &str| {
+        d.http(&format!(
+            "POST /v1/vms HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ))
+    };
+    for (body, status) in [
+        ("{not json".to_string(), 400),
+        (format!(r#"{{"name":"a","kernel":"{p}","cpu":2}}"#), 400),
+        (
+            format!(r#"{{"name":"a","kernel":"{p}","memory_mib":-5}}"#),
+            400,
+        ),
+        (
+            format!(r#"{{"name":"a","kernel":"{p}","memory_mib":1}}"#),
+            400,
+        ),
+        (format!(r#"{{"name":"../a","kernel":"{p}"}}"#), 400),
+        (
+            format!(r#"{{"name":"a","kernel":"{p}","disks":[{{"path":"/no/such/disk"}}]}}"#),
+            400,
+        ),
+    ] {
+        let (s, b) = post(&body);
+        assert_eq!(s, status, "{body}: {b}");
+        let v: Value = serde_json::from_str(&b).unwrap_or_else(|e| panic!("{e}: {b}"));
+        assert!(v["code"].is_string() && v["message"].is_string(), "{b}");
+    }
+    for (req, status, code) in [
+        ("GET /v1/vms/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404, "not_found"),
+        ("GET /v2/what HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404, "not_found"),
+        ("PUT /v1/vms HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 405, "method_not_allowed"),
+        ("POST /v1/vms/a/clone HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 501, "not_implemented"),
+        ("POST /v1/vms/a/stop?timeout=abc HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 400, "bad_request"),
+    ] {
+        let (s, b) = d.http(req);
+        assert_eq!(s, status, "{req}: {b}");
+        let v: Value = serde_json::from_str(&b).unwrap_or_else(|e| panic!("{e}: {b}"));
+        assert_eq!(v["code"], code, "{b}");
+    }
+    assert_eq!(d.json(&["vm", "list"]), Value::Array(vec![]));
+}
+
+#[test]
+fn daemon_restarts_a_killed_vmm_on_failure() {
+    if !kvm_available("daemon_restarts_a_killed_vmm_on_failure") {
+        return;
+    }
+    let d = Daemon::start("onfailure");
+    create(&d, "svc", "exit=halt", "on-failure");
+    let pid = pid_of(&d.json(&["vm", "start", "svc"]));
+    let t = Instant::now();
+    kill9(pid);
+    let v = wait_for(&d, "svc", Duration::from_secs(1), |v| {
+        v["state"] == "running" && v["pid"].as_u64().is_some_and(|p| p as u32 != pid)
+    });
+    assert!(t.elapsed() < Duration::from_secs(1));
+    assert_eq!(v["restarts"], 1);
+    assert!(alive(pid_of(&v)));
+    let events = d.json(&["vm", "events", "svc"]).to_string();
+    assert!(
+        events.contains("\"crashed\"") && events.contains("\"restarted\""),
+        "{events}"
+    );
+}
+
+#[test]
+fn daemon_never_policy_leaves_a_killed_vm_crashed() {
+    if !kvm_available("daemon_never_policy_leaves_a_killed_vm_crashed") {
+        return;
+    }
+    let d = Daemon::start("never");
+    create(&d, "svc", "exit=halt", "never");
+    let pid = pid_of(&d.json(&["vm", "start", "svc"]));
+    kill9(pid);
+    let v = wait_for(&d, "svc", Duration::from_secs(2), |v| {
+        v["state"] == "crashed"
+    });
+    assert_eq!(v["restarts"], 0);
+    assert!(v.get("pid").is_none());
+    // A crashed VM starts again by hand.
+    assert_eq!(d.json(&["vm", "start", "svc"])["state"], "running");
+}
+
+#[test]
+fn daemon_guest_poweroff_stops_without_restart() {
+    if !kvm_available("daemon_guest_poweroff_stops_without_restart") {
+        return;
+    }
+    let d = Daemon::start("poweroff");
+    // The probe waits for one byte of console input, then powers off.
+    create(&d, "po", "exit=poweroff input=1", "on-failure");
+    let v = d.json(&["vm", "start", "po"]);
+    let sock = v["console_socket"].as_str().unwrap().to_string();
+    let mut con = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    std::io::Write::write_all(&mut con, b"q").unwrap();
+    let v = wait_for(&d, "po", Duration::from_secs(5), |v| {
+        v["state"] == "stopped"
+    });
+    assert_eq!(v["restarts"], 0);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(d.json(&["vm", "show", "po"])["state"], "stopped");
+    let events = d.json(&["vm", "events", "po"]).to_string();
+    assert!(events.contains("powered_off"), "{events}");
+    // The console output is kept after the VM stopped.
+    let log = d.ferro(&["vm", "log", "po"]);
+    assert!(log.stdout.contains("probe=exit:poweroff"), "{}", log.stdout);
+}
+
+#[test]
+fn daemon_restart_readopts_running_vm() {
+    if !kvm_available("daemon_restart_readopts_running_vm") {
+        return;
+    }
+    let mut d = Daemon::start("readopt");
+    create(&d, "keep", "exit=halt", "on-failure");
+    let pid = pid_of(&d.json(&["vm", "start", "keep"]));
+    d.restart();
+    let v = d.json(&["vm", "show", "keep"]);
+    assert_eq!(v["state"], "running");
+    assert_eq!(pid_of(&v), pid, "same VMM");
+    assert!(alive(pid));
+    assert_eq!(v["restarts"], 0);
+    let events = d.json(&["vm", "events", "keep"]).to_string();
+    assert!(events.contains("adopted"), "{events}");
+    // The adopted VMM is still watched: a crash is noticed and restarted.
+    kill9(pid);
+    let v = wait_for(&d, "keep", Duration::from_secs(2), |v| {
+        v["state"] == "running" && v["pid"].as_u64().is_some_and(|p| p as u32 != pid)
+    });
+    assert_eq!(v["restarts"], 1);
+}
+
+#[test]
+fn daemon_pause_resume_and_log() {
+    if !kvm_available("daemon_pause_resume_and_log") {
+        return;
+    }
+    let d = Daemon::start("pause");
+    create(&d, "p", "exit=halt", "never");
+    d.json(&["vm", "start", "p"]);
+    assert_eq!(d.json(&["vm", "pause", "p"])["state"], "paused");
+    let r = d.ferro(&["vm", "pause", "p"]);
+    assert_eq!(r.code, Some(1), "pausing twice is refused");
+    assert_eq!(d.json(&["vm", "resume", "p"])["state"], "running");
+    let t = Instant::now();
+    loop {
+        let log = d.ferro(&["vm", "log", "p"]);
+        if log.stdout.contains("probe=exit:halt") {
+            assert!(log.stdout.starts_with("probe=start"), "{}", log.stdout);
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(5), "{}", log.stdout);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Reboot keeps the VMM process (restart in place).
+    let pid = pid_of(&d.json(&["vm", "show", "p"]));
+    assert_eq!(pid_of(&d.json(&["vm", "reboot", "p"])), pid);
+    assert_eq!(d.json(&["vm", "stop", "p", "--force"])["state"], "stopped");
+}
