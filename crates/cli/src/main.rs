@@ -85,14 +85,18 @@ enum VmCmd {
         /// Its name.
         name: String,
         /// Kernel on this host.
-        #[arg(long, required_unless_present = "template")]
+        #[arg(long, required_unless_present_any = ["template", "spec"])]
         kernel: Option<PathBuf>,
+        /// A spec file: the TOML or JSON `ferro-vmm --config` takes (kernel, initrd, cmdline,
+        /// cpus, memory_mib, disks, nets); flags override it.
+        #[arg(long)]
+        spec: Option<PathBuf>,
         /// Initial ramdisk.
         #[arg(long)]
         initrd: Option<PathBuf>,
         /// Kernel command line.
-        #[arg(long, default_value = "")]
-        cmdline: String,
+        #[arg(long)]
+        cmdline: Option<String>,
         /// A template to create it from (not implemented yet).
         #[arg(long, conflicts_with = "kernel")]
         template: Option<String>,
@@ -259,49 +263,67 @@ fn daemon(
     Ok(())
 }
 
+/// The create request `ferro vm create` sends: the spec file, then the flags over it.
+fn create_request(cmd: &VmCmd) -> Result<CreateVm> {
+    let VmCmd::Create {
+        name,
+        kernel,
+        spec,
+        initrd,
+        cmdline,
+        template,
+        cpus,
+        memory,
+        disks,
+        nets,
+        restart,
+        start,
+    } = cmd
+    else {
+        bail!("not a create command");
+    };
+    if template.is_some() {
+        bail!("templates are not implemented yet: create the VM with --kernel or --spec");
+    }
+    let mut cfg = match spec {
+        Some(path) => ferro_api::VmConfig::from_file(path)?,
+        None => ferro_api::VmConfig::new(PathBuf::new()),
+    };
+    if let Some(k) = kernel {
+        cfg.kernel = k.clone();
+    }
+    if let Some(i) = initrd {
+        cfg.initrd = Some(i.clone());
+    }
+    if let Some(c) = cmdline {
+        cfg.cmdline = c.clone();
+    }
+    cfg.disks.extend(disks.iter().cloned());
+    cfg.nets.extend(nets.iter().cloned());
+    // The daemon resolves paths on its own host: make relative ones absolute here.
+    let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+    for d in &mut cfg.disks {
+        d.path = abs(&d.path);
+    }
+    Ok(CreateVm {
+        name: name.clone(),
+        kernel: abs(&cfg.kernel),
+        initrd: cfg.initrd.as_ref().map(abs),
+        cmdline: cfg.cmdline,
+        cpus: cpus.or(spec.is_some().then_some(cfg.cpus)),
+        memory_mib: memory.or(spec.is_some().then_some(cfg.memory_mib)),
+        disks: cfg.disks,
+        nets: cfg.nets,
+        restart: *restart,
+        start: *start,
+    })
+}
+
 async fn vm(cli: &Cli, c: &Client, cmd: &VmCmd) -> Result<()> {
     let json = cli.json;
     let one = |vm: ferro_api::rest::Vm| output::vm(&vm, json);
     match cmd {
-        VmCmd::Create {
-            name,
-            kernel,
-            initrd,
-            cmdline,
-            template,
-            cpus,
-            memory,
-            disks,
-            nets,
-            restart,
-            start,
-        } => {
-            if template.is_some() {
-                bail!("templates are not implemented yet: create the VM with --kernel");
-            }
-            let Some(kernel) = kernel else {
-                bail!("--kernel is required")
-            };
-            let kernel = std::path::absolute(kernel).unwrap_or_else(|_| kernel.clone());
-            let initrd = initrd
-                .as_ref()
-                .map(|i| std::path::absolute(i).unwrap_or_else(|_| i.clone()));
-            let vm = c
-                .create_vm(&CreateVm {
-                    name: name.clone(),
-                    kernel,
-                    initrd,
-                    cmdline: cmdline.clone(),
-                    cpus: *cpus,
-                    memory_mib: *memory,
-                    disks: disks.clone(),
-                    nets: nets.clone(),
-                    restart: *restart,
-                    start: *start,
-                })
-                .await?;
-            one(vm)
-        }
+        VmCmd::Create { .. } => one(c.create_vm(&create_request(cmd)?).await?),
         VmCmd::List => output::vms(&c.list_vms().await?, json),
         VmCmd::Show { name } => one(c.get_vm(name).await?),
         VmCmd::Start { name } => one(c.action(name, "start").await?),

@@ -287,6 +287,9 @@ impl Supervisor {
             async move { tokio::time::timeout(t, rx.wait_for(|e| *e)).await.is_ok() }
         };
         if !force {
+            // A paused guest cannot answer the power button: let it run first (a VM that is
+            // not paused refuses the resume, which is fine).
+            let _ = process::request(&control, &ControlRequest::Resume).await;
             let _ = process::request(&control, &ControlRequest::Shutdown).await;
             if ended(&mut exited, timeout).await {
                 return Ok(());
