@@ -111,12 +111,17 @@ if [ "$quick" != "--quick" ]; then
     check "qemu q35 blk bench" 0 "~blk_seq_write_mbps=[1-9][0-9]* blk_seq_read_mbps=[1-9][0-9]* blk_rand_read_iops=[1-9][0-9]*" \
         "blk_flush=ok" -- qemu q35 256 1 "blk=bench blk_mib=16 blk_rand=1000" $(disk d0 d0.img B0)
     # Balloon: the monitor sets the target (384 of 512 MiB: 32768 pages), then gives it back.
+    # Each command waits for the guest's report of the previous step.
     balloon_run() {
-        local sock="$img/mon.sock"
-        ( sleep 1.5; python3 "$here/hmp.py" "$sock" "balloon 384"; sleep 1.5; python3 "$here/hmp.py" "$sock" "balloon 512" ) &
-        qemu q35 512 1 "balloon=on balloon_secs=5" -device "virtio-balloon-pci,$v1,guest-stats-polling-interval=1" \
-            -monitor "unix:$sock,server,nowait"
+        local sock="$img/mon.sock" log="$img/balloon.log" i
+        qemu q35 512 1 "balloon=on balloon_secs=6" -device "virtio-balloon-pci,$v1,guest-stats-polling-interval=1" \
+            -monitor "unix:$sock,server,nowait" >"$log" &
+        for i in $(seq 100); do grep -q "balloon_target=0" "$log" && break; sleep 0.1; done
+        python3 "$here/hmp.py" "$sock" "balloon 384"
+        for i in $(seq 40); do grep -q "balloon_actual=32768" "$log" && break; sleep 0.1; done
+        python3 "$here/hmp.py" "$sock" "balloon 512"
         wait
+        cat "$log"
     }
     export -f balloon_run
     check "qemu q35 balloon" 0 "balloon_target=32768" "balloon_actual=32768" "balloon_actual=0" \
@@ -128,12 +133,13 @@ fi
 vsock_run() {
     local mode=$1 port=$2 cmdline=$3 sock="$img/vsock.sock"
     rm -f "$sock"
-    python3 "$here/vsock-peer.py" "$sock" "$mode" "$port" hello-vsock &
+    python3 "$here/vsock-peer.py" "$sock" "$mode" "$port" hello-vsock >"$img/vsock-peer.log" &
     local i
     for i in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
     qemu q35,memory-backend=mem 512 1 "$cmdline" -object memory-backend-memfd,id=mem,size=512M,share=on \
         -chardev "socket,id=vs,path=$sock" -device "vhost-user-vsock-pci,chardev=vs,$v1"
     wait
+    cat "$img/vsock-peer.log"
 }
 export -f vsock_run
 check "qemu q35 vsock echo" 0 "vsock_cid=3" "vsock_listen=1234" "vsock_accept=2:5000" \
