@@ -245,6 +245,22 @@ impl PciRoot {
         }
     }
 
+    /// Re-reads where the BARs of the device in `slot` decode, e.g. after its configuration
+    /// space was restored from a snapshot, and tells the device about any change.
+    pub fn refresh(&self, slot: u8) {
+        let Some(dev) = self.device(slot) else {
+            return;
+        };
+        let old: Vec<(usize, u64, u64)> = {
+            let map = self.bars.read().unwrap_or_else(|e| e.into_inner());
+            map.iter()
+                .filter(|m| m.slot == slot)
+                .map(|m| (m.bar, m.addr, m.size))
+                .collect()
+        };
+        self.remap(slot, dev, &old);
+    }
+
     /// Configuration read of 00:`slot`.`func`, register `reg` (0..4096).
     pub fn config_read(&self, slot: u8, func: u8, reg: u16, data: &mut [u8]) {
         data.fill(0xff);
@@ -567,6 +583,21 @@ mod tests {
             dev.lock().unwrap().moves,
             vec![(0, None), (0, Some(0xd000_0000)), (0, None)]
         );
+    }
+
+    #[test]
+    fn refresh_picks_up_a_restored_config_space() {
+        let dev = Echo::new();
+        let root = root_with(dev.clone());
+        dev.lock().unwrap().config.set_bar_addr(0, 0xd000_0000);
+        assert_eq!(root.mapped_bars(), vec![(0xc000_0000, 0x4000, 1, 0)]);
+        root.refresh(1);
+        assert_eq!(root.mapped_bars(), vec![(0xd000_0000, 0x4000, 1, 0)]);
+        assert_eq!(
+            dev.lock().unwrap().moves.last(),
+            Some(&(0, Some(0xd000_0000)))
+        );
+        root.refresh(9);
     }
 
     #[test]

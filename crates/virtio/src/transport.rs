@@ -392,8 +392,8 @@ impl VirtioPciDevice {
     }
 
     /// Restores a saved state into a transport built for the same device; re-activates the
-    /// device when the saved one was running. The BAR placement is re-announced by the PCI
-    /// root after this (it re-reads the configuration space).
+    /// device when the saved one was running. Then call `PciRoot::refresh` for its slot, which
+    /// re-reads the BARs and moves the notification ioeventfds there.
     pub fn restore(&mut self, s: &VirtioPciState) -> Result<(), DeviceError> {
         let bad = |w: String| DeviceError::Restore(w);
         if s.version != STATE_VERSION {
