@@ -81,13 +81,13 @@ v1="disable-legacy=on"
 export img here v1
 
 disk() { echo "-drive if=none,id=$1,file=$img/$2,format=raw,cache=none${4:+,$4} -device virtio-blk-pci,drive=$1,$v1,serial=$3"; }
-rng="-device virtio-rng-pci,$v1"
+rng=(-device "virtio-rng-pci,$v1")
 rngline='~rng_bytes=4096 rng_nonzero=4[0-9]{3} rng_irqs=[1-9][0-9]*'
 # shellcheck disable=SC2046
 check "qemu q35 pci rng+blk write" 0 "pci_config=ecam:0xb0000000" "~pci=00:0[0-9].0 1af4:1044 class=0x00ff00" "$rngline" \
     "blk_devices=2" "blk_capacity=131072 blk_ro=0 blk_serial=SER0" "blk_write=ok" "blk_flush=ok" "blk_verify=ok" \
     "~blk_irqs=[1-9][0-9]*" "probe=done" \
-    -- qemu q35 256 2 "rng=4096 blk=write blk_sectors=1000 blk_seed=42" $rng $(disk d0 d0.img SER0) $(disk d1 d1.img SER1)
+    -- qemu q35 256 2 "rng=4096 blk=write blk_sectors=1000 blk_seed=42" "${rng[@]}" $(disk d0 d0.img SER0) $(disk d1 d1.img SER1)
 # shellcheck disable=SC2046
 check "qemu q35 blk verify after restart" 0 "blk_verify=ok" -- \
     qemu q35 256 1 "blk=verify blk_sectors=1000 blk_seed=42" $(disk d0 d0.img SER0)
@@ -104,8 +104,8 @@ check "qemu q35 no device" 0 "rng=none" "blk_devices=0" "blk=none" "probe=done" 
 # shellcheck disable=SC2046
 check "qemu microvm pcie rng+blk" 0 "pci_config=ecam:0xe0000000" "~pci_assign=00:01.0 bar4=0xc[0-9a-f]{7} size=0x4000" \
     "$rngline" "blk_write=ok" "blk_verify=ok" \
-    -- qemu "$microvm,pcie=on" 256 1 "pci_ecam=0xe0000000 rng=4096 blk=write blk_sectors=200" $rng $(disk d0 d0.img M0)
-check "qemu pc pci ports" 0 "pci_config=port" "$rngline" -- qemu pc 256 1 "rng=4096" $rng
+    -- qemu "$microvm,pcie=on" 256 1 "pci_ecam=0xe0000000 rng=4096 blk=write blk_sectors=200" "${rng[@]}" $(disk d0 d0.img M0)
+check "qemu pc pci ports" 0 "pci_config=port" "$rngline" -- qemu pc 256 1 "rng=4096" "${rng[@]}"
 if [ "$quick" != "--quick" ]; then
     # shellcheck disable=SC2046
     check "qemu q35 blk bench" 0 "~blk_seq_write_mbps=[1-9][0-9]* blk_seq_read_mbps=[1-9][0-9]* blk_rand_read_iops=[1-9][0-9]*" \
@@ -113,12 +113,12 @@ if [ "$quick" != "--quick" ]; then
     # Balloon: the monitor sets the target (384 of 512 MiB: 32768 pages), then gives it back.
     # Each command waits for the guest's report of the previous step.
     balloon_run() {
-        local sock="$img/mon.sock" log="$img/balloon.log" i
+        local sock="$img/mon.sock" log="$img/balloon.log"
         qemu q35 512 1 "balloon=on balloon_secs=6" -device "virtio-balloon-pci,$v1,guest-stats-polling-interval=1" \
             -monitor "unix:$sock,server,nowait" >"$log" &
-        for i in $(seq 100); do grep -q "balloon_target=0" "$log" && break; sleep 0.1; done
+        for _ in $(seq 100); do grep -q "balloon_target=0" "$log" && break; sleep 0.1; done
         python3 "$here/hmp.py" "$sock" "balloon 384"
-        for i in $(seq 40); do grep -q "balloon_actual=32768" "$log" && break; sleep 0.1; done
+        for _ in $(seq 40); do grep -q "balloon_actual=32768" "$log" && break; sleep 0.1; done
         python3 "$here/hmp.py" "$sock" "balloon 512"
         wait
         cat "$log"
@@ -134,8 +134,7 @@ vsock_run() {
     local mode=$1 port=$2 cmdline=$3 sock="$img/vsock.sock"
     rm -f "$sock"
     python3 "$here/vsock-peer.py" "$sock" "$mode" "$port" hello-vsock >"$img/vsock-peer.log" &
-    local i
-    for i in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
+    for _ in $(seq 50); do [ -S "$sock" ] && break; sleep 0.1; done
     qemu q35,memory-backend=mem 512 1 "$cmdline" -object memory-backend-memfd,id=mem,size=512M,share=on \
         -chardev "socket,id=vs,path=$sock" -device "vhost-user-vsock-pci,chardev=vs,$v1"
     wait
@@ -161,8 +160,7 @@ if [ "$(id -u)" = 0 ] && command -v ip >/dev/null && command -v ping >/dev/null;
             local log="$img/net.log"
             ip netns exec "$ns" bash -c 'qemu "$@"' bash q35 256 1 "net=on net_ip=169.254.77.2 net_secs=20 net_frames=4" \
                 -netdev tap,id=n0,ifname=ptap0,script=no,downscript=no -device virtio-net-pci,netdev=n0,$v1 >"$log" &
-            local i
-            for i in $(seq 100); do grep -q net_ready "$log" && break; sleep 0.1; done
+            for _ in $(seq 100); do grep -q net_ready "$log" && break; sleep 0.1; done
             ip netns exec "$ns" ping -c 3 -i 0.3 -W 2 169.254.77.2 >/dev/null && echo "host_ping=ok"
             wait
             cat "$log"
@@ -172,8 +170,7 @@ if [ "$(id -u)" = 0 ] && command -v ip >/dev/null && command -v ping >/dev/null;
             ip netns exec "$ns" python3 "$here/net-peer.py" count ptap0 15 >"$img/peer.log" &
             ip netns exec "$ns" bash -c 'qemu "$@"' bash q35 256 1 "net=bench net_secs=3 net_tx_frames=20000 net_frame_len=1000" \
                 -netdev tap,id=n0,ifname=ptap0,script=no,downscript=no -device virtio-net-pci,netdev=n0,$v1 >"$log" &
-            local i
-            for i in $(seq 200); do grep -q net_rx=listening "$log" && break; sleep 0.1; done
+            for _ in $(seq 200); do grep -q net_rx=listening "$log" && break; sleep 0.1; done
             ip netns exec "$ns" python3 "$here/net-peer.py" blast ptap0 2000 1000 >/dev/null
             wait
             cat "$log" "$img/peer.log"
@@ -241,8 +238,7 @@ if [ -x "$vmm" ] && [ -e /dev/kvm ]; then
         local sock="$img/fv-vsock.sock" log="$img/fv-vsock.log"
         rm -f "$sock"
         fvd --cpus 1 --memory 256 --vsock "cid=3,uds=$sock" --cmdline "vsock=echo vsock_port=1234" >"$log" &
-        local i
-        for i in $(seq 100); do grep -q "vsock_listen=\|vsock=none" "$log" && break; sleep 0.1; done
+        for _ in $(seq 100); do grep -q "vsock_listen=\|vsock=none" "$log" && break; sleep 0.1; done
         python3 - "$sock" <<'PY' || true
 import socket, sys
 s = socket.socket(socket.AF_UNIX)
@@ -268,8 +264,7 @@ PY
             local log="$img/fv-net.log"
             ip netns exec "$ns" bash -c 'fvd "$@"' bash --cpus 1 --memory 256 --net tap=ptap0 \
                 --cmdline "net=on net_ip=169.254.77.2 net_secs=20 net_frames=4" >"$log" &
-            local i
-            for i in $(seq 100); do grep -q "net_ready\|net=none" "$log" && break; sleep 0.1; done
+            for _ in $(seq 100); do grep -q "net_ready\|net=none" "$log" && break; sleep 0.1; done
             ip netns exec "$ns" ping -c 3 -i 0.3 -W 2 169.254.77.2 >/dev/null && echo "host_ping=ok"
             wait
             cat "$log"
