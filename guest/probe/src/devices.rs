@@ -270,12 +270,28 @@ extern "sysv64" fn drive_user(arg: u64) -> u64 {
     0
 }
 
+/// The command line in, the device options out (parsed at CPL3: a byte-by-byte walk is costly
+/// where CPL0 is emulated, and this runs on every boot).
+struct ParseArg {
+    cmd: &'static [u8],
+    opts: DevOpts,
+}
+
+extern "sysv64" fn parse_user(arg: u64) -> u64 {
+    // SAFETY: `arg` is the address of the live `ParseArg` on the kernel stack (identity mapped,
+    // user accessible); the kernel does not touch it until this call returns.
+    let p = unsafe { &mut *(arg as *mut ParseArg) };
+    p.opts = DevOpts::parse(p.cmd);
+    p.opts.any() as u64
+}
+
 /// Runs the device part of the command line (nothing when no device key is given).
 pub fn run(cmdline: &'static [u8], si: &crate::pvh::StartInfo, ecam: u64, dsdt: u64, free: &crate::user::MemTest) {
-    let opts = DevOpts::parse(cmdline);
-    if !opts.any() {
+    let mut p = ParseArg { cmd: cmdline, opts: DevOpts::parse(&[]) };
+    if !matches!(user_call(parse_user, &mut p as *mut ParseArg as u64), Ok(1)) {
         return;
     }
+    let opts = p.opts;
     let mut c = Ctx {
         opts,
         pci: Pci { ecam: if opts.pci_ecam != 0 { opts.pci_ecam } else { ecam } },
