@@ -96,7 +96,19 @@ pub enum DiskFormat {
     Qcow2,
 }
 
-/// One virtio-blk disk: `--disk path=FILE[,format=raw|qcow2][,readonly=on][,serial=S]`.
+/// How a disk's host file is cached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskCache {
+    /// Through the host's page cache; a guest flush makes the data durable.
+    #[default]
+    Writeback,
+    /// O_DIRECT where the request and the filesystem allow it (bypasses the page cache).
+    None,
+}
+
+/// One virtio-blk disk:
+/// `--disk path=FILE[,format=raw|qcow2][,readonly=on][,serial=S][,cache=writeback|none]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskConfig {
@@ -111,6 +123,9 @@ pub struct DiskConfig {
     /// Serial number the guest sees (at most 20 bytes).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
+    /// Host caching of the image.
+    #[serde(default)]
+    pub cache: DiskCache,
 }
 
 impl FromStr for DiskConfig {
@@ -122,6 +137,7 @@ impl FromStr for DiskConfig {
             format: None,
             readonly: false,
             serial: None,
+            cache: DiskCache::Writeback,
         };
         for (k, v) in pairs(D, s, Some("path"))? {
             match k.as_str() {
@@ -141,6 +157,20 @@ impl FromStr for DiskConfig {
                     })
                 }
                 "readonly" | "ro" => cfg.readonly = on_off(D, &k, &v)?,
+                "cache" => {
+                    cfg.cache = match v.as_str() {
+                        "writeback" => DiskCache::Writeback,
+                        "none" => DiskCache::None,
+                        _ => {
+                            return Err(DeviceError::BadValue {
+                                device: D,
+                                key: k,
+                                value: v,
+                                why: "use writeback or none",
+                            })
+                        }
+                    }
+                }
                 "serial" => {
                     if v.len() > 20 {
                         return Err(DeviceError::BadValue {
@@ -156,7 +186,7 @@ impl FromStr for DiskConfig {
                     return Err(DeviceError::UnknownKey {
                         device: D,
                         key: k,
-                        known: "path, format, readonly, serial",
+                        known: "path, format, readonly, serial, cache",
                     })
                 }
             }
@@ -365,7 +395,15 @@ mod tests {
         assert_eq!((bare.format, bare.readonly), (None, false));
         assert!("format=raw".parse::<DiskConfig>().is_err());
         assert!("path=/a,format=vmdk".parse::<DiskConfig>().is_err());
-        assert!("path=/a,cache=none".parse::<DiskConfig>().is_err());
+        assert_eq!(bare.cache, DiskCache::Writeback);
+        let direct: DiskConfig = "path=/a,cache=none".parse().unwrap();
+        assert_eq!(direct.cache, DiskCache::None);
+        assert!("path=/a,cache=unsafe".parse::<DiskConfig>().is_err());
+        assert!("path=/a,aio=native".parse::<DiskConfig>().is_err());
+        let j: DiskConfig = serde_json::from_str(r#"{"path":"/a","cache":"none"}"#).unwrap();
+        assert_eq!(j.cache, DiskCache::None);
+        let j: DiskConfig = serde_json::from_str(r#"{"path":"/a"}"#).unwrap();
+        assert_eq!(j.cache, DiskCache::Writeback);
         assert!("path=/a,readonly=maybe".parse::<DiskConfig>().is_err());
         assert!("path=/a,serial=012345678901234567890"
             .parse::<DiskConfig>()

@@ -17,6 +17,7 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod block;
 pub mod chain;
 pub mod fuzzing;
 pub mod rng;
@@ -180,6 +181,8 @@ impl SavedQueue {
 pub enum DeviceState {
     /// virtio-rng.
     Rng(rng::RngState),
+    /// virtio-blk.
+    Block(block::BlockState),
 }
 
 /// A virtio device behind a transport.

@@ -191,7 +191,9 @@ fn device_level_save_restore() {
     let json = serde_json::to_string(&saved).unwrap();
     let back: crate::VirtioPciState = serde_json::from_str(&json).unwrap();
     assert_eq!(back, saved);
-    let DeviceState::Rng(ref r) = saved.device;
+    let DeviceState::Rng(ref r) = saved.device else {
+        panic!("not an rng state")
+    };
     assert_eq!(r.queue.unwrap().next_avail, 1);
     // A fresh transport restored from it continues where the first stopped.
     let mut e = Driver::new(Box::new(Rng::new()));

@@ -70,12 +70,13 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
             })?;
         }
     }
-    // virtio-rng exists; the other virtio devices do not yet.
-    if !cfg.disks.is_empty() || !cfg.nets.is_empty() || cfg.vsock.is_some() || cfg.balloon {
+    // virtio-rng and virtio-blk exist; the other virtio devices do not yet.
+    if !cfg.nets.is_empty() || cfg.vsock.is_some() || cfg.balloon {
         return Err(VmmError::Devices(
             "virtio devices are not available in this build yet".into(),
         ));
     }
+    let disks = crate::devices_block::open_disks(&cfg.disks)?;
     let serial_out = console::output(&cfg.serial)?;
 
     let hypervisor = Hypervisor::new()?;
@@ -155,7 +156,10 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
         &layout,
         latch.clone(),
         serial_out,
-        &PciDevices { rng: cfg.rng },
+        &PciDevices {
+            rng: cfg.rng,
+            disks,
+        },
     )?;
     let vcpus = create_vcpus(&hypervisor, &vm, cfg.cpus, entry)?;
     Ok(BuiltVm {

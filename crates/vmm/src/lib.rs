@@ -12,6 +12,7 @@ pub mod builder;
 pub mod console;
 mod console_socket;
 pub mod control;
+pub mod devices_block;
 pub mod error;
 pub mod event_loop;
 pub mod kernel;

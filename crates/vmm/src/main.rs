@@ -52,7 +52,8 @@ struct Args {
     /// output to each client and takes input from it) or none.
     #[arg(long)]
     serial: Option<SerialMode>,
-    /// A virtio-blk disk: path=FILE[,format=raw|qcow2][,readonly=on][,serial=S]. Repeatable.
+    /// A virtio-blk disk: path=FILE[,format=raw|qcow2][,readonly=on][,serial=S][,cache=writeback|none].
+    /// Repeatable.
     #[arg(long = "disk")]
     disks: Vec<DiskConfig>,
     /// A virtio-net NIC on a tap: tap=NAME[,mac=MAC][,bridge=BR], or `auto`. Repeatable.

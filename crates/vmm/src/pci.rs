@@ -180,6 +180,8 @@ pub struct PciMachine {
 pub struct PciDevices {
     /// A virtio-rng device.
     pub rng: bool,
+    /// virtio-blk disks, opened ([`crate::devices_block::open_disks`]).
+    pub disks: Vec<ferro_virtio::block::BlockConfig>,
 }
 
 /// Builds the root bus and its devices and puts their access paths on the buses.
@@ -209,6 +211,7 @@ pub fn build(
     if devices.rng {
         wanted.push(Box::new(Rng::new()));
     }
+    wanted.extend(crate::devices_block::devices(&devices.disks));
     let mut virtio = Vec::new();
     for (i, dev) in wanted.into_iter().enumerate() {
         let vectors = dev.queue_max_sizes().len() as u32 + 1;
