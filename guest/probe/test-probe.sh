@@ -114,11 +114,11 @@ if [ "$quick" != "--quick" ]; then
     # Each command waits for the guest's report of the previous step.
     balloon_run() {
         local sock="$img/mon.sock" log="$img/balloon.log"
-        qemu q35 512 1 "balloon=on balloon_secs=6" -device "virtio-balloon-pci,$v1,guest-stats-polling-interval=1" \
+        qemu q35 512 1 "balloon=on balloon_secs=60 balloon_changes=2" -device "virtio-balloon-pci,$v1,guest-stats-polling-interval=1" \
             -monitor "unix:$sock,server,nowait" >"$log" &
-        for _ in $(seq 100); do grep -q "balloon_target=0" "$log" && break; sleep 0.1; done
+        for _ in $(seq 600); do grep -q "balloon_target=0" "$log" && break; sleep 0.1; done
         python3 "$here/hmp.py" "$sock" "balloon 384"
-        for _ in $(seq 40); do grep -q "balloon_actual=32768" "$log" && break; sleep 0.1; done
+        for _ in $(seq 600); do grep -q "balloon_actual=32768" "$log" && break; sleep 0.1; done
         python3 "$here/hmp.py" "$sock" "balloon 512"
         wait
         cat "$log"
@@ -160,17 +160,17 @@ if [ "$(id -u)" = 0 ] && command -v ip >/dev/null && command -v ping >/dev/null;
             local log="$img/net.log"
             ip netns exec "$ns" bash -c 'qemu "$@"' bash q35 256 1 "net=on net_ip=169.254.77.2 net_secs=20 net_frames=4" \
                 -netdev tap,id=n0,ifname=ptap0,script=no,downscript=no -device virtio-net-pci,netdev=n0,$v1 >"$log" &
-            for _ in $(seq 100); do grep -q net_ready "$log" && break; sleep 0.1; done
+            for _ in $(seq 600); do grep -q net_ready "$log" && break; sleep 0.1; done
             ip netns exec "$ns" ping -c 3 -i 0.3 -W 2 169.254.77.2 >/dev/null && echo "host_ping=ok"
             wait
             cat "$log"
         }
         net_bench() {
             local log="$img/net.log"
-            ip netns exec "$ns" python3 "$here/net-peer.py" count ptap0 15 >"$img/peer.log" &
+            ip netns exec "$ns" python3 "$here/net-peer.py" count ptap0 60 >"$img/peer.log" &
             ip netns exec "$ns" bash -c 'qemu "$@"' bash q35 256 1 "net=bench net_secs=3 net_tx_frames=20000 net_frame_len=1000" \
                 -netdev tap,id=n0,ifname=ptap0,script=no,downscript=no -device virtio-net-pci,netdev=n0,$v1 >"$log" &
-            for _ in $(seq 200); do grep -q net_rx=listening "$log" && break; sleep 0.1; done
+            for _ in $(seq 600); do grep -q net_rx=listening "$log" && break; sleep 0.1; done
             ip netns exec "$ns" python3 "$here/net-peer.py" blast ptap0 2000 1000 >/dev/null
             wait
             cat "$log" "$img/peer.log"
@@ -238,7 +238,7 @@ if [ -x "$vmm" ] && [ -e /dev/kvm ]; then
         local sock="$img/fv-vsock.sock" log="$img/fv-vsock.log"
         rm -f "$sock"
         fvd --cpus 1 --memory 256 --vsock "cid=3,uds=$sock" --cmdline "vsock=echo vsock_port=1234" >"$log" &
-        for _ in $(seq 100); do grep -q "vsock_listen=\|vsock=none" "$log" && break; sleep 0.1; done
+        for _ in $(seq 600); do grep -q "vsock_listen=\|vsock=none" "$log" && break; sleep 0.1; done
         python3 - "$sock" <<'PY' || true
 import socket, sys
 s = socket.socket(socket.AF_UNIX)
@@ -264,7 +264,7 @@ PY
             local log="$img/fv-net.log"
             ip netns exec "$ns" bash -c 'fvd "$@"' bash --cpus 1 --memory 256 --net tap=ptap0 \
                 --cmdline "net=on net_ip=169.254.77.2 net_secs=20 net_frames=4" >"$log" &
-            for _ in $(seq 100); do grep -q "net_ready\|net=none" "$log" && break; sleep 0.1; done
+            for _ in $(seq 600); do grep -q "net_ready\|net=none" "$log" && break; sleep 0.1; done
             ip netns exec "$ns" ping -c 3 -i 0.3 -W 2 169.254.77.2 >/dev/null && echo "host_ping=ok"
             wait
             cat "$log"

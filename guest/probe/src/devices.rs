@@ -71,6 +71,7 @@ pub struct DevOpts {
     pub vsock_secs: u64,
     pub balloon: bool,
     pub balloon_secs: u64,
+    pub balloon_changes: u64,
 }
 
 fn ip(v: &[u8]) -> Option<[u8; 4]> {
@@ -119,6 +120,7 @@ impl DevOpts {
             vsock_secs: 10,
             balloon: false,
             balloon_secs: 5,
+            balloon_changes: 0,
         };
         for tok in cmd.split(|&c| c == b' ' || c == b'\t' || c == b'\n') {
             let Some(eq) = tok.iter().position(|&c| c == b'=') else { continue };
@@ -168,6 +170,7 @@ impl DevOpts {
                 b"vsock_msg" => o.vsock_msg = v,
                 b"vsock_secs" => o.vsock_secs = n.unwrap_or(o.vsock_secs),
                 b"balloon" => o.balloon = v == b"on",
+                b"balloon_changes" => o.balloon_changes = n.unwrap_or(0),
                 b"balloon_secs" => o.balloon_secs = n.unwrap_or(o.balloon_secs),
                 _ => {}
             }

@@ -92,6 +92,7 @@ impl Balloon<'_> {
 /// inflating and deflating, and answers statistics requests.
 pub fn run(c: &mut Ctx) {
     let secs = c.opts.balloon_secs;
+    let limit = c.opts.balloon_changes;
     let Some(v) = c.open("balloon", 5, 0, F_STATS_VQ) else { return };
     let inflate = v.queue(&mut c.dma, 0, 64);
     let deflate = v.queue(&mut c.dma, 1, 64);
@@ -111,7 +112,8 @@ pub fn run(c: &mut Ctx) {
     let (mut inflated, mut deflated) = (0u64, 0u64);
     let deadline = now_ns().saturating_add(secs.saturating_mul(1_000_000_000));
     let mut seen_target = u64::MAX;
-    while now_ns() < deadline {
+    let mut changes = 0u64;
+    while now_ns() < deadline && (limit == 0 || changes < limit) {
         let target = (b.v.cfg32(0) as u64).min(b.max);
         if target != seen_target {
             seen_target = target;
@@ -124,6 +126,7 @@ pub fn run(c: &mut Ctx) {
             }
             b.pages += n;
             inflated += n;
+            changes += 1;
             b.v.cfg_w32(4, b.pages as u32);
             Line::new().s("balloon_actual=").dec(b.pages);
         } else if target < b.pages {
@@ -133,6 +136,7 @@ pub fn run(c: &mut Ctx) {
             }
             b.pages = target;
             deflated += n;
+            changes += 1;
             b.v.cfg_w32(4, b.pages as u32);
             Line::new().s("balloon_actual=").dec(b.pages);
         }
