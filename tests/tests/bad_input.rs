@@ -197,3 +197,56 @@ fn no_permission_on_dev_kvm() {
     }
     assert_clean_error(&r, "no permission to open /dev/kvm");
 }
+
+/// `--disk` images that cannot be used: one line naming the file, exit 1, no guest output.
+#[test]
+fn bad_disk_images() {
+    let d = scratch("disks");
+    let k = probe().to_str().unwrap().to_string();
+    let disk_run = |spec: String| run(&["--kernel", &k, "--disk", &spec]);
+
+    let missing = d.join("missing.img");
+    let r = disk_run(format!("path={}", missing.display()));
+    assert_clean_error(&r, &format!("{}: cannot open", missing.display()));
+
+    // A qcow2 header whose cluster size is absurd.
+    let corrupt = d.join("corrupt.qcow2");
+    let mut hdr = vec![0u8; 512];
+    hdr[0..4].copy_from_slice(b"QFI\xfb");
+    hdr[4..8].copy_from_slice(&3u32.to_be_bytes());
+    hdr[20..24].copy_from_slice(&40u32.to_be_bytes());
+    hdr[24..32].copy_from_slice(&(1u64 << 30).to_be_bytes());
+    std::fs::write(&corrupt, &hdr).unwrap();
+    let r = disk_run(format!("path={}", corrupt.display()));
+    assert_clean_error(&r, &corrupt.display().to_string());
+
+    // Not qcow2 at all, opened as qcow2.
+    let text = d.join("text.img");
+    std::fs::write(&text, vec![b'x'; 4096]).unwrap();
+    let r = disk_run(format!("path={},format=qcow2", text.display()));
+    assert_clean_error(&r, "not a qcow2 image");
+
+    // A qcow2 overlay whose backing file is gone.
+    if Command::new("qemu-img").arg("--version").output().is_ok() {
+        let base = d.join("base.img");
+        std::fs::write(&base, vec![0u8; 1 << 20]).unwrap();
+        let ov = d.join("ov.qcow2");
+        let o = Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+            .arg(&base)
+            .arg(&ov)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{o:?}");
+        std::fs::remove_file(&base).unwrap();
+        let r = disk_run(format!("path={}", ov.display()));
+        assert_clean_error(&r, "backing file");
+    } else {
+        println!("SKIPPED: no qemu-img (bad_disk_images: missing backing file)");
+    }
+
+    // Bad option values never reach the VMM's disk code.
+    let r = disk_run(format!("path={},cache=sometimes", missing.display()));
+    assert_eq!(r.code, Some(2), "clap rejects it: {}", r.stderr);
+    assert!(r.stdout.is_empty());
+}
