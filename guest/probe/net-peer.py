@@ -3,7 +3,9 @@
 
   net-peer.py count IFACE SECS        count EtherType 0x88b5 frames from the guest for SECS
                                       seconds (or until 1 s passes without one, after the first)
-                                      -> `peer_rx_frames=N peer_rx_bytes=B peer_rx_fps=F`
+                                      -> `peer_rx_frames=N peer_rx_bytes=B peer_rx_fps=F` and the
+                                      tap's kernel counters over that window:
+                                      `peer_tap_rx_packets=N peer_tap_rx_bytes=B peer_tap_rx_dropped=D`
   net-peer.py blast IFACE N LEN       send N broadcast frames of LEN bytes (same format)
                                       -> `peer_tx_frames=N peer_tx_fps=F`
 
@@ -23,7 +25,20 @@ def frame(src, seq, length):
     return head + bytes(i & 0xFF for i in range(length - len(head)))
 
 
+def tap_stats(iface):
+    base = f"/sys/class/net/{iface}/statistics/"
+    out = {}
+    for k in ("rx_packets", "rx_bytes", "rx_dropped"):
+        try:
+            with open(base + k) as f:
+                out[k] = int(f.read())
+        except OSError:
+            out[k] = 0
+    return out
+
+
 def count(iface, secs):
+    before = tap_stats(iface)
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_TYPE))
     s.bind((iface, 0))
     try:  # root may exceed net.core.rmem_max: the guest sends faster than Python reads
@@ -52,6 +67,12 @@ def count(iface, secs):
     dt = last - first
     fps = int(frames / dt) if dt > 0 else 0
     print(f"peer_rx_frames={frames} peer_rx_bytes={nbytes} peer_rx_fps={fps}", flush=True)
+    # The kernel's own counters for the tap over the same window (every frame the guest sent,
+    # also those this Python reader was too slow for; dropped = the host's backlog overflowed).
+    after = tap_stats(iface)
+    d = {k: after[k] - before[k] for k in after}
+    print(f"peer_tap_rx_packets={d['rx_packets']} peer_tap_rx_bytes={d['rx_bytes']} "
+          f"peer_tap_rx_dropped={d['rx_dropped']}", flush=True)
 
 
 def blast(iface, n, length):
