@@ -10,6 +10,10 @@
 //! `int3` included, are delivered through the IDT everywhere (also, PVM only accepts a STAR whose
 //! user selectors match the host's). Likewise IOPL 3 is not honoured by PVM, so user-mode port
 //! I/O is allowed by the TSS I/O bitmap (which PVM's emulation of the trapped `out` consults).
+//!
+//! Any other `int3` from CPL3 is a request to wait for an interrupt (`wait_for_irq`): the handler
+//! sleeps once in `sti; hlt` and returns to the user code, so CPL3 device drivers can block on
+//! MSI-X interrupts without leaving their call.
 
 use crate::boot;
 use crate::serial;
