@@ -286,3 +286,107 @@ fn daemon_pause_resume_and_log() {
     assert_eq!(pid_of(&d.json(&["vm", "reboot", "p"])), pid);
     assert_eq!(d.json(&["vm", "stop", "p", "--force"])["state"], "stopped");
 }
+
+#[test]
+fn daemon_console_attach_through_the_api() {
+    if !kvm_available("daemon_console_attach_through_the_api") {
+        return;
+    }
+    let d = Daemon::start("console");
+    // The probe echoes one byte of console input, then powers off.
+    create(&d, "c", "exit=poweroff input=1", "never");
+    d.json(&["vm", "start", "c"]);
+    let mut child = std::process::Command::new(ferro_tests::ferro())
+        .args(["console", "c"])
+        .env("FERRO_HOST", format!("unix:{}", d.socket().display()))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"z").unwrap();
+    // stdin stays open: the session ends when the VM powers off and the console closes.
+    let r = ferro_tests::wait_limited(child, Duration::from_secs(20));
+    drop(stdin);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stdout.starts_with("probe=start"), "{}", r.stdout);
+    assert!(r.stdout.contains("input=z"), "{}", r.stdout);
+    assert!(r.stdout.contains("probe=exit:poweroff"), "{}", r.stdout);
+    assert!(r.stderr.contains("console closed"), "{}", r.stderr);
+    wait_for(&d, "c", Duration::from_secs(5), |v| v["state"] == "stopped");
+    // A stopped VM has no console to attach to.
+    let r = d.ferro(&["console", "c"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("start it first"), "{}", r.stderr);
+}
+
+#[test]
+fn daemon_crash_loop_gives_up() {
+    if !kvm_available("daemon_crash_loop_gives_up") {
+        return;
+    }
+    let d = Daemon::start("crashloop");
+    // exit=panic: the VMM ends with status 3 right after boot, every time.
+    create(&d, "loop", "exit=panic smp=off", "on-failure");
+    d.json(&["vm", "start", "loop"]);
+    // Restarts back off (0, 250, 500, 1000, 2000 ms); while it waits the VM shows as crashed.
+    let t = Instant::now();
+    let events = loop {
+        let e = d.json(&["vm", "events", "loop"]).to_string();
+        if e.contains("crash_loop") {
+            break e;
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "{e}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(events.contains("status 3"), "{events}");
+    let v = d.json(&["vm", "show", "loop"]);
+    assert_eq!(v["state"], "crashed");
+    assert_eq!(v["restarts"], 5, "{v}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        d.json(&["vm", "show", "loop"])["state"],
+        "crashed",
+        "no restart after giving up"
+    );
+}
+
+#[test]
+fn daemon_edit_a_stopped_vm_only() {
+    if !kvm_available("daemon_edit_a_stopped_vm_only") {
+        return;
+    }
+    let d = Daemon::start("edit");
+    create(&d, "e", "exit=halt", "never");
+    let v = d.json(&[
+        "vm",
+        "edit",
+        "e",
+        "--cpus",
+        "2",
+        "--memory",
+        "128M",
+        "--restart",
+        "always",
+    ]);
+    assert_eq!(
+        (
+            v["cpus"].as_u64(),
+            v["memory_mib"].as_u64(),
+            v["restart"].as_str()
+        ),
+        (Some(2), Some(128), Some("always"))
+    );
+    d.json(&["vm", "start", "e"]);
+    let r = d.ferro(&["vm", "edit", "e", "--cpus", "4"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("stop it before"), "{}", r.stderr);
+    // The restart policy may change while it runs.
+    assert_eq!(
+        d.json(&["vm", "edit", "e", "--restart", "never"])["restart"],
+        "never"
+    );
+    let r = d.ferro(&["vm", "edit", "e", "--memory", "1"]);
+    assert_eq!(r.code, Some(1));
+}

@@ -75,16 +75,21 @@ fn try_status(dir: &Path) -> Option<Value> {
 
 /// Reads the console socket until `needle` shows up.
 fn console_until(dir: &Path, needle: &str) -> String {
+    console_until_with(dir, needle, |t| t.contains(needle))
+}
+
+/// Reads the console socket until `done` holds (`what` names it in a failure).
+fn console_until_with(dir: &Path, what: &str, done: impl Fn(&str) -> bool) -> String {
     let mut s = UnixStream::connect(dir.join("console.sock")).unwrap();
     s.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let t = Instant::now();
     let mut text = String::new();
     let mut buf = [0u8; 4096];
-    while !text.contains(needle) {
+    while !done(&text) {
         assert!(
             t.elapsed() < Duration::from_secs(10),
-            "no {needle:?} in {text}"
+            "no {what:?} in {text}"
         );
         if let Ok(n) = s.read(&mut buf) {
             text.push_str(&String::from_utf8_lossy(&buf[..n]));
@@ -164,7 +169,7 @@ fn daemon_vmm_control_reboot_restarts_in_place() {
     let dir = scratch("restart");
     let child = start(&dir, "exit=halt", &["--on-reboot", "restart"]);
     let pid = child.id();
-    console_until(&dir, "probe=exit:halt");
+    console_until(&dir, "probe=exit:halt\n");
     let mut c = Ctl::open(&dir);
     assert_eq!(c.cmd("reset")["result"], "ok");
     assert_eq!(c.line()["event"], "restart");
@@ -183,14 +188,7 @@ fn daemon_vmm_control_reboot_restarts_in_place() {
     };
     assert_eq!(status["status"]["pid"], pid, "same process");
     // The ring survives the restart: two boots' worth of output.
-    let text = console_until(&dir, "probe=exit:halt");
-    let boots = text.matches("probe=start").count();
-    let text2 = if boots < 2 {
-        console_until(&dir, "probe=exit:halt\nprobe=start")
-    } else {
-        text
-    };
-    assert!(text2.matches("probe=start").count() >= 2, "{text2}");
+    console_until_with(&dir, "two boots", |t| t.matches("probe=start").count() >= 2);
     Ctl::open(&dir).cmd("quit");
     let r = wait_limited(child, Duration::from_secs(10));
     assert_eq!(r.code, Some(0), "{}", r.stderr);

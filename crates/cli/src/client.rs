@@ -191,6 +191,50 @@ impl Client {
     pub async fn host(&self) -> Result<HostInfo, ClientError> {
         self.call(Method::GET, "/v1/host", None).await
     }
+    /// Opens VM `name`'s console: an HTTP upgrade after which the connection carries raw
+    /// console bytes both ways.
+    pub async fn console(
+        &self,
+        name: &str,
+    ) -> Result<TokioIo<hyper::upgrade::Upgraded>, ClientError> {
+        let connect = |source| ClientError::Connect {
+            host: self.host_text(),
+            source,
+        };
+        let http = |e: hyper::Error| ClientError::Http(e.to_string());
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri(format!("/v1/vms/{name}/console"))
+            .header(hyper::header::HOST, "ferro")
+            .header(hyper::header::CONNECTION, "Upgrade")
+            .header(hyper::header::UPGRADE, "ferro-console");
+        if let Some(t) = &self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let resp = match &self.host {
+            Host::Unix(p) => {
+                let s = tokio::net::UnixStream::connect(p).await.map_err(connect)?;
+                send_upgradable(TokioIo::new(s), req).await.map_err(http)?
+            }
+            Host::Tcp(a) => {
+                let s = tokio::net::TcpStream::connect(a).await.map_err(connect)?;
+                send_upgradable(TokioIo::new(s), req).await.map_err(http)?
+            }
+        };
+        if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+            let status = resp.status();
+            let body = resp.into_body().collect().await.map_err(http)?.to_bytes();
+            check(status, &body)?;
+            return Err(ClientError::Http(format!(
+                "expected 101 Switching Protocols, got {status}"
+            )));
+        }
+        Ok(TokioIo::new(hyper::upgrade::on(resp).await.map_err(http)?))
+    }
+
     /// The daemon's view of an endpoint we do not model yet (answers with the API's error).
     pub async fn post_raw(&self, path: &str) -> Result<(), ClientError> {
         let (status, bytes) = self.raw(Method::POST, path, Some(b"{}".to_vec())).await?;
@@ -215,6 +259,20 @@ fn check(status: StatusCode, bytes: &[u8]) -> Result<(), ClientError> {
         code: body.code,
         message: body.message,
     })
+}
+
+async fn send_upgradable<S>(
+    io: TokioIo<S>,
+    req: Request<Full<Bytes>>,
+) -> Result<hyper::Response<hyper::body::Incoming>, hyper::Error>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(async move {
+        let _ = conn.with_upgrades().await;
+    });
+    sender.send_request(req).await
 }
 
 async fn send<S>(

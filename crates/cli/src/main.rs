@@ -391,16 +391,7 @@ async fn client_main(cli: &Cli) -> Result<()> {
     let c = client(cli)?;
     match &cli.cmd {
         Cmd::Vm(cmd) => vm(cli, &c, cmd).await,
-        Cmd::Console { name } => {
-            let vm = c.get_vm(name).await?;
-            if !vm.state.has_vmm() {
-                bail!(
-                    "VM '{name}' is {}: start it first (ferro vm start {name})",
-                    vm.state.as_str()
-                );
-            }
-            console::attach(name, &vm.console_socket)
-        }
+        Cmd::Console { name } => console::attach(&c, name).await,
         Cmd::Info => {
             let h = c.host().await?;
             if cli.json {

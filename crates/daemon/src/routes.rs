@@ -39,7 +39,7 @@ fn bad_query(e: QueryRejection) -> DaemonError {
     ),
     paths(
         host, list_vms, create_vm, get_vm, edit_vm, delete_vm, start_vm, stop_vm, reboot_vm,
-        pause_vm, resume_vm, vm_events, vm_log, clone_vm, images
+        pause_vm, resume_vm, vm_events, vm_log, vm_console, clone_vm, images
     ),
     components(schemas(
         ApiErrorBody,
@@ -82,6 +82,7 @@ pub fn router(sup: Supervisor) -> Router {
         .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/events", get(vm_events))
         .route("/v1/vms/{name}/log", get(vm_log))
+        .route("/v1/vms/{name}/console", get(vm_console))
         .route("/v1/vms/{name}/clone", post(clone_vm))
         .route("/v1/images", get(images).post(images))
         .route("/v1/templates", get(images).post(images))
@@ -275,6 +276,53 @@ async fn vm_log(State(sup): State<Supervisor>, Path(name): Path<String>) -> ApiR
         Body::from(text),
     )
         .into_response())
+}
+
+/// The protocol name of a console attach (`Upgrade: ferro-console`).
+pub const CONSOLE_UPGRADE: &str = "ferro-console";
+
+/// Attaches to the serial console: an HTTP/1.1 upgrade (`Connection: Upgrade`,
+/// `Upgrade: ferro-console`) after which the connection carries raw console bytes both ways;
+/// the recent output is replayed first.
+#[utoipa::path(get, path = "/v1/vms/{name}/console", params(("name" = String, Path)), responses(
+    (status = 101, description = "raw console bytes follow"), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn vm_console(
+    State(sup): State<Supervisor>,
+    Path(name): Path<String>,
+    mut req: Request,
+) -> ApiResult<Response> {
+    let vm = ops::get(&sup, &name)?;
+    if !vm.state.has_vmm() {
+        return Err(DaemonError::InvalidState(format!(
+            "VM '{name}' is {}: start it first (ferro vm start {name})",
+            vm.state.as_str()
+        )));
+    }
+    let upgrade = req.headers().get(header::UPGRADE).is_some_and(|v| {
+        v.as_bytes()
+            .eq_ignore_ascii_case(CONSOLE_UPGRADE.as_bytes())
+    });
+    if !upgrade {
+        return Err(DaemonError::BadRequest(format!(
+            "the console is an HTTP upgrade: send Connection: Upgrade and Upgrade: {CONSOLE_UPGRADE}"
+        )));
+    }
+    let mut vmm = tokio::net::UnixStream::connect(&vm.console_socket)
+        .await
+        .map_err(DaemonError::io("cannot reach the VM's console socket"))?;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        if let Ok(up) = on_upgrade.await {
+            let mut client = hyper_util::rt::TokioIo::new(up);
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut vmm).await;
+        }
+    });
+    Ok(Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header(header::CONNECTION, "Upgrade")
+        .header(header::UPGRADE, CONSOLE_UPGRADE)
+        .body(Body::empty())
+        .unwrap_or_default())
 }
 
 /// Clones a VM (not implemented yet).

@@ -243,23 +243,50 @@ impl Supervisor {
                         rec.restart.as_str()
                     ),
                 );
-                let sup = self.clone();
-                let name = name.to_string();
-                tokio::spawn(async move {
-                    tokio::time::sleep(delay).await;
-                    let _guard = sup.vm_lock(&name).await;
-                    // Someone may have started, stopped or deleted it meanwhile.
-                    let Ok(rec) = sup.store(|s| s.get(&name)) else {
-                        return;
-                    };
-                    if rec.state != state || sup.pid(&name).is_some() {
-                        return;
-                    }
-                    if let Err(e) = sup.start_locked(&rec, true).await {
-                        let _ = sup.set_state(&name, VmState::Crashed, None);
-                        sup.event(&name, "restart_failed", &e.to_string());
-                    }
-                });
+                tokio::spawn(self.clone().restart_after(name.to_string(), state, delay));
+            }
+        }
+    }
+
+    /// Restarts VM `name` after `delay` unless someone changed it meanwhile (it is no longer
+    /// in `state`). A VMM that fails again before it answers counts as another crash, so a
+    /// crash loop ends at the limit either way.
+    async fn restart_after(self, name: String, state: VmState, mut delay: Duration) {
+        loop {
+            tokio::time::sleep(delay).await;
+            let _guard = self.vm_lock(&name).await;
+            let Ok(rec) = self.store(|s| s.get(&name)) else {
+                return; // deleted
+            };
+            if rec.state != state || self.pid(&name).is_some() {
+                return;
+            }
+            let Err(e) = self.start_locked(&rec, true).await else {
+                return;
+            };
+            let _ = self.store(|s| s.count_restart(&name));
+            let decision = lock(&self.0.history)
+                .entry(name.clone())
+                .or_default()
+                .decide(rec.restart, Outcome::Failed(-1), Instant::now());
+            let _ = self.set_state(&name, VmState::Crashed, None);
+            match decision {
+                Decision::Restart(d) => {
+                    self.event(&name, "crashed", &format!("{e}; restarting in {d:?}"));
+                    delay = d;
+                }
+                _ => {
+                    self.event(
+                        &name,
+                        "crash_loop",
+                        &format!(
+                            "{e}; restarted {} times within {:?}: giving up (start it by hand)",
+                            crate::restart::LOOP_LIMIT,
+                            crate::restart::LOOP_WINDOW
+                        ),
+                    );
+                    return;
+                }
             }
         }
     }
