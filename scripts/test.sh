@@ -17,7 +17,7 @@ if ! command -v cargo >/dev/null; then
 fi
 
 echo "== building (release) =="
-cargo build --release -p ferro-vmm
+cargo build --release -p ferro-vmm -p ferro-cli
 bash guest/probe/build-probe.sh >/dev/null
 if [ "$fast" = 0 ]; then
     echo "== building the Linux test guest =="
