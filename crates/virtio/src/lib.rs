@@ -20,12 +20,17 @@
 pub mod block;
 pub mod chain;
 pub mod fuzzing;
+pub mod net;
+mod ring;
 pub mod rng;
+#[cfg(test)]
+mod test_rig;
 #[cfg(test)]
 mod testutil;
 pub mod transport;
 mod transport_regs;
 
+use std::os::fd::RawFd;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -183,6 +188,8 @@ pub enum DeviceState {
     Rng(rng::RngState),
     /// virtio-blk.
     Block(block::BlockState),
+    /// virtio-net.
+    Net(net::NetState),
 }
 
 /// A virtio device behind a transport.
@@ -233,4 +240,15 @@ pub trait VirtioDevice: Send {
     /// Restores [`VirtioDevice::save`]'s result; called after `activate` when the saved
     /// transport was active.
     fn restore(&mut self, state: &DeviceState) -> Result<(), DeviceError>;
+    /// A file descriptor for host-side work (a tap, an epoll set of sockets) that the event
+    /// loop waits on, level-triggered, for the device's whole life: when it is readable the
+    /// loop calls [`VirtioDevice::host_ready`]. The device keeps it quiet while it has nothing
+    /// to do (inactive, stopped after an error, no buffers to fill). `None`: no host side.
+    fn host_fd(&self) -> Option<RawFd> {
+        None
+    }
+    /// [`VirtioDevice::host_fd`] is readable: move data between the host and the queues.
+    fn host_ready(&mut self) -> Result<(), DeviceError> {
+        Ok(())
+    }
 }

@@ -257,6 +257,21 @@ impl VirtioPciDevice {
         }
     }
 
+    /// The device's host-side file descriptor ([`VirtioDevice::host_fd`]), for the event loop.
+    pub fn host_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.device.host_fd()
+    }
+
+    /// The event loop saw the device's host fd readable: let the device move data.
+    pub fn host_event(&mut self) {
+        if !self.active || self.regs.status & status::DEVICE_NEEDS_RESET != 0 {
+            return;
+        }
+        if let Err(e) = self.device.host_ready() {
+            self.needs_reset(e);
+        }
+    }
+
     /// Stops the device until the driver resets it, and tells the driver.
     fn needs_reset(&mut self, e: DeviceError) {
         self.last_error = Some(e.to_string());

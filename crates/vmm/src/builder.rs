@@ -10,6 +10,7 @@ use ferro_arch::cpuid::{configure_cpuid, Backend, CpuidConfig};
 use ferro_arch::layout::{CMDLINE_MAX_SIZE, CMDLINE_START};
 use ferro_arch::regs::{self, Entry};
 use ferro_hypervisor::{HostKind, Hypervisor, Vcpu, Vm};
+use ferro_virtio::VirtioDevice;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::kernel::{self, BootProtocol, KernelEntry};
@@ -70,14 +71,16 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
             })?;
         }
     }
-    // virtio-rng and virtio-blk exist; the other virtio devices do not yet.
-    if !cfg.nets.is_empty() || cfg.vsock.is_some() || cfg.balloon {
+    // virtio-rng, virtio-blk and virtio-net exist; the other virtio devices do not yet.
+    if cfg.vsock.is_some() || cfg.balloon {
         return Err(VmmError::Devices(
             "virtio devices are not available in this build yet".into(),
         ));
     }
     let disks = crate::devices_block::open_disks(&cfg.disks)?;
     let serial_out = console::output(&cfg.serial)?;
+    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let nets = crate::devices_net::create(&cfg.nets, &mut virtio)?;
 
     let hypervisor = Hypervisor::new()?;
     let vm = Arc::new(hypervisor.create_vm()?);
@@ -150,17 +153,19 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
     };
 
     let latch = Arc::new(ExitLatch::new()?);
-    let machine = machine::build(
+    let mut machine = machine::build(
         &vm,
         &mem,
         &layout,
         latch.clone(),
         serial_out,
-        &PciDevices {
+        PciDevices {
             rng: cfg.rng,
             disks,
+            virtio,
         },
     )?;
+    machine.nets = nets;
     let vcpus = create_vcpus(&hypervisor, &vm, cfg.cpus, entry)?;
     Ok(BuiltVm {
         vcpus,

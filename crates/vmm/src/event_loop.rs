@@ -1,6 +1,7 @@
 //! The device event loop: one thread that waits (epoll) on every virtio queue's notification
 //! eventfd — the ioeventfds KVM signals when the guest kicks a queue — and runs that queue's
-//! processing, so requests are served off the vCPU threads and a kick costs the vCPU no exit.
+//! processing, so requests are served off the vCPU threads and a kick costs the vCPU no exit;
+//! and on each device's host-side fd (a tap, a set of sockets), when the device has one.
 
 use std::os::fd::AsRawFd;
 use std::thread::JoinHandle;
@@ -14,27 +15,43 @@ use crate::VmmError;
 /// Stack of the event loop thread.
 const STACK: usize = 256 * 1024;
 
+/// What a readable fd means.
+enum Kind {
+    /// A queue kick (an ioeventfd): drained, then the queue is processed.
+    Queue(EventFd, u16),
+    /// The device's host side (tap, sockets): the device reads it itself.
+    Host,
+}
+
 struct Source {
-    fd: EventFd,
+    kind: Kind,
     device: SharedVirtio,
-    queue: u16,
 }
 
 /// Starts the event loop for `devices`; `None` when there is nothing to wait for. The thread
 /// lives as long as the process.
 pub fn start(devices: &[SharedVirtio]) -> Result<Option<JoinHandle<()>>, VmmError> {
     let mut sources = Vec::new();
+    let mut raw = Vec::new();
     for dev in devices {
-        let fds = dev
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let d = dev.lock().unwrap_or_else(|e| e.into_inner());
+        let fds = d
             .queue_events()
             .map_err(VmmError::io("cannot duplicate a queue eventfd"))?;
         for (q, fd) in fds.into_iter().enumerate() {
+            raw.push(fd.as_raw_fd());
             sources.push(Source {
-                fd,
+                kind: Kind::Queue(fd, q as u16),
                 device: dev.clone(),
-                queue: q as u16,
+            });
+        }
+        // The device owns its host fd and keeps it open for as long as the device lives,
+        // which is as long as this loop (both live until the process ends).
+        if let Some(fd) = d.host_fd() {
+            raw.push(fd);
+            sources.push(Source {
+                kind: Kind::Host,
+                device: dev.clone(),
             });
         }
     }
@@ -42,11 +59,11 @@ pub fn start(devices: &[SharedVirtio]) -> Result<Option<JoinHandle<()>>, VmmErro
         return Ok(None);
     }
     let epoll = Epoll::new().map_err(VmmError::io("epoll_create"))?;
-    for (i, s) in sources.iter().enumerate() {
+    for (i, fd) in raw.iter().enumerate() {
         epoll
             .ctl(
                 ControlOperation::Add,
-                s.fd.as_raw_fd(),
+                *fd,
                 EpollEvent::new(EventSet::IN, i as u64),
             )
             .map_err(VmmError::io("epoll_ctl"))?;
@@ -88,12 +105,21 @@ fn run(epoll: Epoll, sources: Vec<Source>) {
             let Some(s) = usize::try_from(ev.data()).ok().and_then(|i| sources.get(i)) else {
                 continue;
             };
-            // Drain the counter; several kicks are served by one pass over the ring.
-            let _ = s.fd.read();
-            s.device
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .queue_event(s.queue);
+            match &s.kind {
+                Kind::Queue(fd, queue) => {
+                    // Drain the counter; several kicks are served by one pass over the ring.
+                    let _ = fd.read();
+                    s.device
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .queue_event(*queue);
+                }
+                Kind::Host => s
+                    .device
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .host_event(),
+            }
         }
     }
 }

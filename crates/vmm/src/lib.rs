@@ -13,6 +13,7 @@ pub mod console;
 mod console_socket;
 pub mod control;
 pub mod devices_block;
+pub mod devices_net;
 pub mod error;
 pub mod event_loop;
 pub mod kernel;

@@ -106,6 +106,8 @@ pub struct Machine {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// ACPI PM, for the power button.
     pub acpi_pm: Arc<Mutex<AcpiPmDevice>>,
+    /// The NICs (tap names, MACs, counters), for status; the builder fills it in.
+    pub nets: Vec<crate::devices_net::NetInfo>,
 }
 
 fn dev_err(e: impl std::fmt::Display) -> VmmError {
@@ -120,7 +122,7 @@ pub fn build(
     layout: &RamLayout,
     latch: Arc<ExitLatch>,
     serial_out: Box<dyn Write + Send>,
-    devices: &PciDevices,
+    devices: PciDevices,
 ) -> Result<Machine, VmmError> {
     let requests: Arc<dyn GuestRequestSink> = latch;
     let com1_irq = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
@@ -169,5 +171,6 @@ pub fn build(
         events,
         serial,
         acpi_pm,
+        nets: Vec::new(),
     })
 }

@@ -182,6 +182,8 @@ pub struct PciDevices {
     pub rng: bool,
     /// virtio-blk disks, opened ([`crate::devices_block::open_disks`]).
     pub disks: Vec<ferro_virtio::block::BlockConfig>,
+    /// More virtio devices (built by the `devices_*` modules), in slot order after the disks.
+    pub virtio: Vec<Box<dyn VirtioDevice>>,
 }
 
 /// Builds the root bus and its devices and puts their access paths on the buses.
@@ -189,7 +191,7 @@ pub fn build(
     vm: &Arc<Vm>,
     mem: &GuestMemory,
     high_ram: u64,
-    devices: &PciDevices,
+    devices: PciDevices,
     pio: &mut PioBus,
     mmio: &mut MmioBus,
 ) -> Result<PciMachine, VmmError> {
@@ -212,6 +214,7 @@ pub fn build(
         wanted.push(Box::new(Rng::new()));
     }
     wanted.extend(crate::devices_block::devices(&devices.disks));
+    wanted.extend(devices.virtio);
     let mut virtio = Vec::new();
     for (i, dev) in wanted.into_iter().enumerate() {
         let vectors = dev.queue_max_sizes().len() as u32 + 1;
