@@ -390,3 +390,119 @@ fn daemon_edit_a_stopped_vm_only() {
     let r = d.ferro(&["vm", "edit", "e", "--memory", "1"]);
     assert_eq!(r.code, Some(1));
 }
+
+#[test]
+fn daemon_restart_applies_policy_to_a_vmm_that_died_meanwhile() {
+    if !kvm_available("daemon_restart_applies_policy_to_a_vmm_that_died_meanwhile") {
+        return;
+    }
+    let mut d = Daemon::start("lost");
+    create(&d, "a", "exit=halt", "on-failure");
+    create(&d, "b", "exit=halt", "never");
+    let pa = pid_of(&d.json(&["vm", "start", "a"]));
+    let pb = pid_of(&d.json(&["vm", "start", "b"]));
+    d.kill();
+    kill9(pa);
+    kill9(pb);
+    // Orphans are reaped by init; wait until both are gone.
+    let t = Instant::now();
+    while alive(pa) || alive(pb) {
+        assert!(t.elapsed() < Duration::from_secs(5));
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    d.restart();
+    let a = wait_for(&d, "a", Duration::from_secs(2), |v| v["state"] == "running");
+    assert_eq!(a["restarts"], 1);
+    assert_ne!(pid_of(&a), pa);
+    let b = d.json(&["vm", "show", "b"]);
+    assert_eq!(b["state"], "crashed");
+    let events = d.json(&["vm", "events", "b"]).to_string();
+    assert!(events.contains("\"lost\""), "{events}");
+}
+
+#[test]
+fn daemon_tcp_needs_the_bearer_token() {
+    let dir = std::env::temp_dir().join(format!("ferro-d-{}-tcp", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    // A free port: bind 0, read it, release it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut daemon = std::process::Command::new(ferro_tests::ferro())
+        .args([
+            "daemon",
+            "--data-dir",
+            dir.to_str().unwrap(),
+            "--listen",
+            &format!("tcp:127.0.0.1:{port}"),
+            "--token-file",
+            token.to_str().unwrap(),
+        ])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "daemon did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let host = format!("http://127.0.0.1:{port}");
+    let run = |args: &[&str]| -> ferro_tests::Run {
+        std::process::Command::new(ferro_tests::ferro())
+            .args(args)
+            .env("FERRO_HOST", &host)
+            .output()
+            .unwrap()
+            .into()
+    };
+    let r = run(&["vm", "list"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("[unauthorized]"), "{}", r.stderr);
+    let r = run(&[
+        "vm",
+        "list",
+        "--json",
+        "--token-file",
+        token.to_str().unwrap(),
+    ]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert_eq!(r.stdout.trim(), "[]");
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn daemon_cli_completions_and_unreachable_daemon() {
+    let r: ferro_tests::Run = std::process::Command::new(ferro_tests::ferro())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(r.code, Some(0));
+    assert!(
+        r.stdout.contains("ferro") && r.stdout.contains("complete"),
+        "{}",
+        &r.stdout[..200.min(r.stdout.len())]
+    );
+    let r: ferro_tests::Run = std::process::Command::new(ferro_tests::ferro())
+        .args(["vm", "list", "--host", "unix:/nonexistent/ferro.sock"])
+        .output()
+        .unwrap()
+        .into();
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stderr.contains("is `ferro daemon` running?"),
+        "{}",
+        r.stderr
+    );
+}
