@@ -10,5 +10,7 @@ pub mod rest;
 mod size;
 
 pub use config::{ConfigError, SerialMode, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
-pub use devices::{DeviceError, DiskCache, DiskConfig, DiskFormat, MacAddr, NetConfig, VsockConfig};
+pub use devices::{
+    DeviceError, DiskCache, DiskConfig, DiskFormat, MacAddr, NetConfig, VsockConfig,
+};
 pub use size::{parse_mib, SizeError};
