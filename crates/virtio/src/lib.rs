@@ -29,6 +29,7 @@ mod test_rig;
 mod testutil;
 pub mod transport;
 mod transport_regs;
+pub mod vsock;
 
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -190,6 +191,8 @@ pub enum DeviceState {
     Block(block::BlockState),
     /// virtio-net.
     Net(net::NetState),
+    /// virtio-vsock.
+    Vsock(vsock::VsockState),
 }
 
 /// A virtio device behind a transport.

@@ -71,8 +71,8 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
             })?;
         }
     }
-    // virtio-rng, virtio-blk and virtio-net exist; the other virtio devices do not yet.
-    if cfg.vsock.is_some() || cfg.balloon {
+    // virtio-rng, -blk, -net and -vsock exist; virtio-balloon does not yet.
+    if cfg.balloon {
         return Err(VmmError::Devices(
             "virtio devices are not available in this build yet".into(),
         ));
@@ -81,6 +81,7 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
     let serial_out = console::output(&cfg.serial)?;
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
     let nets = crate::devices_net::create(&cfg.nets, &mut virtio)?;
+    crate::devices_vsock::create(cfg.vsock.as_ref(), &mut virtio)?;
 
     let hypervisor = Hypervisor::new()?;
     let vm = Arc::new(hypervisor.create_vm()?);

@@ -14,6 +14,7 @@ mod console_socket;
 pub mod control;
 pub mod devices_block;
 pub mod devices_net;
+pub mod devices_vsock;
 pub mod error;
 pub mod event_loop;
 pub mod kernel;
