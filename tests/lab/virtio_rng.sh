@@ -26,4 +26,10 @@ echo "--- stderr"; cat /tmp/stderr.txt
 if ! grep -q G-END /tmp/console.txt; then
     echo "--- console tail"; tr -d '\r' < /tmp/console.txt | tail -60
 fi
+# A guest that never enables MSI-X: virtio_pci cannot get an interrupt (no INTx here), the
+# device just stays unused, and the VM boots and powers off as usual.
+ferro-vmm --kernel /guest/bzImage $RD --cmdline "console=ttyS0 quiet panic=-1 probe.exit=poweroff pci=nomsi" \
+    --cpus 1 --memory 256 --rng > /tmp/nomsi.txt 2>&1
+rc=$?
+echo "nomsi rc=$rc $(tr -d '\r' < /tmp/nomsi.txt | grep -m1 '^linux-probe:')"
 echo "lab-virtio: done"

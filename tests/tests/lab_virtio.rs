@@ -2,7 +2,8 @@
 //! `ferro-vmm --rng`, finds the host bridge and the virtio-rng function on bus 0, binds
 //! virtio_pci and virtio_rng, reads bytes from /dev/hwrng, and its interrupts arrive as PCI-MSI
 //! (MSI-X through KVM routes and irqfds; the kicks go through ioeventfds). The guest is driven
-//! by `tests/lab/virtio_rng.sh`, which types commands into the guest shell on COM1.
+//! by `tests/lab/virtio_rng.sh`, which types commands into the guest shell on COM1. A second
+//! boot with `pci=nomsi` (a guest that never enables MSI-X) must still power off cleanly.
 
 use std::process::Command;
 
@@ -115,6 +116,13 @@ fn linux_guest_uses_virtio_rng_over_pci() {
         .map(|w| w.parse::<u64>().unwrap_or(0))
         .sum();
     assert!(count > 0, "queue interrupts delivered: {input}");
+
+    // With pci=nomsi the guest cannot use the device, and nothing else changes.
+    let nomsi = line(&console, "nomsi rc=").expect("the pci=nomsi boot ran");
+    assert!(
+        nomsi.starts_with("0 linux-probe:"),
+        "pci=nomsi boot: {nomsi}"
+    );
 
     // The kernel took the ECAM from the MCFG (reserved by the PNP0C02 device).
     assert!(
