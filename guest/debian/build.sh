@@ -30,17 +30,23 @@ export LC_ALL=C
 
 SUITE=bookworm
 # minbase + what a systemd guest on virtio needs: udev (device units for ttyS0, module autoload:
-# virtio_net, button for the ACPI power button), dbus (logind, which turns the power button into
-# a clean shutdown), networkd is part of systemd; iproute2/iputils-ping/procps for tests.
+# virtio_net, button for the ACPI power button; it starts ferro-net@ethN), dbus (logind, which
+# turns the power button into a clean shutdown), iproute2 (static addresses); networkd (DHCP) is
+# part of systemd; iputils-ping/procps for tests.
 INCLUDE=systemd-sysv,udev,dbus,kmod,iproute2,iputils-ping,procps,netbase
 # Loaded by the initramfs in dependency order; missing or built-in ones are skipped (ext4, jbd2,
 # mbcache, crc16 and crc32c are built into Debian's cloud kernel; listed for other configs).
 MODULES=(virtio virtio_ring virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_mmio
          virtio_blk crc16 crc32c_generic mbcache jbd2 ext4)
 # Units the template does not need; masked so they neither start nor cost boot time.
+# (modprobe@X loads modules for features the image does not use: DRM, EFI pstore, device mapper;
+# the debug/tracing/hugepages mounts are for debugging and huge-page users.) Each is a process
+# start and a unit job, which cost seconds under nested virtualization.
 MASK=(apt-daily.timer apt-daily-upgrade.timer dpkg-db-backup.timer e2scrub_all.timer
       e2scrub_reap.service fstrim.timer getty@tty1.service systemd-networkd-wait-online.service
-      systemd-timesyncd.service)
+      systemd-timesyncd.service modprobe@drm.service modprobe@efi_pstore.service
+      modprobe@dm_mod.service systemd-pstore.service sys-kernel-debug.mount
+      sys-kernel-tracing.mount dev-hugepages.mount)
 
 log() { echo "debian: $*" >&2; }
 secs() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN {printf "%.1f", b - a}'; }
@@ -167,7 +173,8 @@ rm -f "$ROOT/var/lib/dbus/machine-id"
 
 # Units: enabled/masked with the image's own systemctl (offline in the chroot, no /proc needed).
 chroot "$ROOT" systemctl -q set-default multi-user.target
-chroot "$ROOT" systemctl -q enable systemd-networkd.service ferro-net-setup.service \
+# systemd-networkd is not enabled: ferro-net@IFACE starts it only for DHCP (see rootfs/).
+chroot "$ROOT" systemctl -q enable \
     ferro-echo.socket ferro-http.socket ferro-ready.service serial-getty@ttyS0.service
 chroot "$ROOT" systemctl -q mask "${MASK[@]}"
 

@@ -2,8 +2,15 @@
 //! anything touches KVM, so a missing file, a corrupt image or a missing backing file is one
 //! line on stderr and exit status 1 with no VM created. Each disk becomes its own virtio-blk
 //! PCI function, in the order given, after virtio-rng.
+//!
+//! [`flush_all`] flushes every opened image when the VM ends (power-off, reboot before the
+//! VMM re-executes itself, a signal), as a disk keeps its contents across a power cycle:
+//! without it, qcow2 metadata still in the image's cache would be lost when the process exits
+//! (the guest's own FLUSH requests are honoured as they come, regardless).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use ferro_disk::BlockBackend;
 
 use ferro_api::{DiskCache, DiskConfig, DiskFormat};
 use ferro_disk::{ImageFormat, OpenOptions};
@@ -11,6 +18,19 @@ use ferro_virtio::block::{Block, BlockConfig};
 use ferro_virtio::VirtioDevice;
 
 use crate::VmmError;
+
+/// Every image this process opened, for [`flush_all`].
+static OPENED: Mutex<Vec<Arc<dyn BlockBackend>>> = Mutex::new(Vec::new());
+
+/// Flushes every opened image; failures are reported on stderr (the VM is ending anyway).
+pub fn flush_all() {
+    let disks = OPENED.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for d in disks {
+        if let Err(e) = d.flush() {
+            eprintln!("ferro-vmm: flushing a disk at exit: {e}");
+        }
+    }
+}
 
 /// Opens the images of `disks`.
 pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<BlockConfig>, VmmError> {
@@ -26,10 +46,15 @@ pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<BlockConfig>, VmmError> {
                 readonly: d.readonly,
                 direct: d.cache == DiskCache::None,
             };
-            let disk = ferro_disk::open(&d.path, &opts)
-                .map_err(|e| VmmError::Devices(format!("disk {e}")))?;
+            let disk: Arc<dyn BlockBackend> = ferro_disk::open(&d.path, &opts)
+                .map_err(|e| VmmError::Devices(format!("disk {e}")))?
+                .into();
+            OPENED
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(disk.clone());
             Ok(BlockConfig {
-                disk: Arc::from(disk),
+                disk,
                 serial: d.serial.clone(),
                 name: format!("blk{i}"),
             })

@@ -164,6 +164,8 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
             boots,
         },
     )?;
+    // Disks keep their contents across the guest's power-off or reboot.
+    ferro_vmm::devices_block::flush_all();
     let mut control = end.control;
     if end.reason == ExitReason::Reboot && args.on_reboot == OnReboot::Restart {
         if let Some(c) = &mut control {

@@ -1,0 +1,120 @@
+//! virtio-blk under a stock Linux guest, in the KVM lab (`tests/lab/virtio_blk.sh`): a raw
+//! disk, a qcow2 disk and a read-only disk appear as /dev/vda, /dev/vdb and /dev/vdc with
+//! their sizes, serial and read-only flag; data written and synced in one boot reads back in
+//! the next, also when the VMM was killed with SIGKILL right after the guest's `sync`; the
+//! read-only disk refuses writes and its file is unchanged; `qemu-img check` finds the qcow2
+//! clean after every boot.
+
+use std::process::Command;
+
+use ferro_tests::{repo, vmm};
+
+/// Whether the lab can run here; prints the one SKIPPED line when it cannot.
+fn lab_available() -> bool {
+    if std::env::var_os("FERRO_SKIP_LAB").is_some() {
+        println!("SKIPPED: FERRO_SKIP_LAB is set (KVM-lab tests)");
+        return false;
+    }
+    for tool in ["qemu-system-x86_64", "qemu-img"] {
+        if Command::new(tool).arg("--version").output().is_err() {
+            println!("SKIPPED: no {tool} for the KVM lab (run scripts/deps.sh)");
+            return false;
+        }
+    }
+    true
+}
+
+/// The value after `prefix` on the first console line that starts with it.
+fn line<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
+    console
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix(prefix))
+        .map(str::trim)
+}
+
+/// The md5 on a `PREFIX <hash>  -` line.
+fn md5<'a>(console: &'a str, prefix: &str) -> &'a str {
+    line(console, prefix)
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no {prefix} line: {console}"))
+}
+
+#[test]
+fn linux_guest_uses_virtio_blk_disks() {
+    if !lab_available() {
+        return;
+    }
+    let build = Command::new("bash")
+        .arg(repo().join("guest/linux/build.sh"))
+        .output()
+        .expect("run guest/linux/build.sh");
+    assert!(
+        build.status.success(),
+        "{}",
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let add = format!("{}:/bin/ferro-vmm", vmm().display());
+    let out = Command::new("bash")
+        .arg(repo().join("lab/lab.sh"))
+        .args(["run", "--timeout", "900", "--add", &add])
+        .args(["--add", "/usr/bin/qemu-img:/bin/qemu-img"])
+        .arg(repo().join("tests/lab/virtio_blk.sh"))
+        .output()
+        .expect("run lab/lab.sh");
+    let console = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "lab failed: {console}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(console.contains("lab-virtio-blk: done"), "{console}");
+    for boot in ["write", "read", "read2"] {
+        assert_eq!(
+            line(&console, &format!("L-{boot} rc=")),
+            Some("0"),
+            "{console}"
+        );
+    }
+    assert_eq!(line(&console, "L-kill killed"), Some(""), "{console}");
+    assert!(console.contains("G-END"), "{console}");
+
+    // The disks, in order, with their sizes (sectors), read-only flags and serial.
+    assert_eq!(
+        line(&console, "G-DISK vda "),
+        Some("size=32768 ro=0 serial=FERRO-RAW"),
+        "{console}"
+    );
+    let vdb = line(&console, "G-DISK vdb ").unwrap_or_default();
+    assert!(vdb.starts_with("size=65536 ro=0 serial="), "{console}");
+    let vdc = line(&console, "G-DISK vdc ").unwrap_or_default();
+    assert!(vdc.starts_with("size=8192 ro=1 "), "{console}");
+
+    // Written, synced, powered off: the next boot reads the same bytes from both disks.
+    assert_eq!(line(&console, "G-W-VDA rc="), Some("0"), "{console}");
+    assert_eq!(line(&console, "G-W-VDB rc="), Some("0"), "{console}");
+    assert_eq!(line(&console, "G-SYNC rc="), Some("0"), "{console}");
+    let pat = md5(&console, "G-PAT ");
+    assert_eq!(md5(&console, "G-R-VDA "), pat, "raw disk: {console}");
+    assert_eq!(md5(&console, "G-R-VDB "), pat, "qcow2 disk: {console}");
+
+    // kill -9 right after the guest's sync: nothing the guest synced is lost.
+    assert_eq!(line(&console, "G-W2-VDB rc="), Some("0"), "{console}");
+    assert_eq!(
+        md5(&console, "G-R2-VDB "),
+        md5(&console, "G-PAT2 "),
+        "{console}"
+    );
+
+    // The read-only disk refused the write; its content and file are unchanged.
+    assert_ne!(line(&console, "G-W-VDC rc="), Some("0"), "{console}");
+    let ro = md5(&console, "L-RO-BEFORE ");
+    assert_eq!(md5(&console, "G-R-VDC-ONLINE "), ro, "{console}");
+    assert_eq!(md5(&console, "L-RO-AFTER "), ro, "{console}");
+
+    // qemu-img check after every boot, including the killed one.
+    for boot in ["write", "read", "kill", "read2"] {
+        let c = line(&console, &format!("L-{boot} qcow2-check:")).unwrap_or_default();
+        assert!(c.contains("No errors were found"), "{boot}: {c}");
+    }
+}
