@@ -1,7 +1,10 @@
 //! `ferro`: the command line of Ferrovisor. `ferro daemon` runs the host daemon; every other
 //! command is a client of its REST API (the same calls the API exposes, through [`client`]).
 
+#![deny(unsafe_code)]
+
 mod client;
+#[allow(unsafe_code)] // termios raw mode
 mod console;
 mod output;
 

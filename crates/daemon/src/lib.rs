@@ -3,8 +3,11 @@
 //! restarts them per policy ([`supervisor`], [`restart`]), re-adopts them after its own
 //! restart, and serves the REST API ([`routes`]) on a unix socket or, with a bearer token, TCP.
 
+#![deny(unsafe_code)]
+
 pub mod error;
 pub mod ops;
+#[allow(unsafe_code)] // setsid between fork and exec, kill(2)
 pub mod process;
 pub mod restart;
 pub mod routes;
@@ -163,5 +166,22 @@ async fn bearer(req: Request, next: Next, token: &str) -> Response {
             "missing or wrong bearer token: pass the daemon's token (ferro --token-file FILE)"
                 .into(),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Listen;
+
+    #[test]
+    fn listen_forms() {
+        assert_eq!("unix:/a/b".parse(), Ok(Listen::Unix("/a/b".into())));
+        assert_eq!(
+            "tcp:127.0.0.1:80".parse(),
+            Ok(Listen::Tcp("127.0.0.1:80".into()))
+        );
+        assert!("tcp:nohost".parse::<Listen>().is_err());
+        assert!("unix:".parse::<Listen>().is_err());
+        assert!("http://x".parse::<Listen>().is_err());
     }
 }
