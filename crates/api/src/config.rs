@@ -114,6 +114,9 @@ pub struct VmConfig {
     /// A virtio-balloon device.
     #[serde(default)]
     pub balloon: bool,
+    /// The balloon's size at boot, in MiB (with `balloon`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon_target_mib: Option<u64>,
 }
 
 fn default_cpus() -> u32 {
@@ -152,6 +155,7 @@ impl VmConfig {
             rng: false,
             vsock: None,
             balloon: false,
+            balloon_target_mib: None,
         }
     }
 

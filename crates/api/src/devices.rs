@@ -378,6 +378,50 @@ impl FromStr for VsockConfig {
     }
 }
 
+/// virtio-balloon: `--balloon`, or `--balloon target=SIZE` to start with that much memory
+/// (MiB, or a size like `512M`) in the balloon.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BalloonConfig {
+    /// The balloon's size at boot, in MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_mib: Option<u64>,
+}
+
+impl FromStr for BalloonConfig {
+    type Err = DeviceError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        const D: &str = "--balloon";
+        let mut cfg = BalloonConfig::default();
+        if s == "on" {
+            return Ok(cfg);
+        }
+        for (k, v) in pairs(D, s, None)? {
+            match k.as_str() {
+                "target" => {
+                    cfg.target_mib =
+                        Some(
+                            crate::size::parse_mib(&v).map_err(|_| DeviceError::BadValue {
+                                device: D,
+                                key: k.clone(),
+                                value: v.clone(),
+                                why: "a size in MiB, or with a unit: 512M, 1G",
+                            })?,
+                        )
+                }
+                _ => {
+                    return Err(DeviceError::UnknownKey {
+                        device: D,
+                        key: k,
+                        known: "target",
+                    })
+                }
+            }
+        }
+        Ok(cfg)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -431,6 +475,20 @@ mod tests {
         assert!("cid=2,uds=/x".parse::<VsockConfig>().is_err());
         assert!("uds=/x".parse::<VsockConfig>().is_err());
         assert!("cid=3".parse::<VsockConfig>().is_err());
+    }
+
+    #[test]
+    fn balloon_forms() {
+        assert_eq!("on".parse::<BalloonConfig>().unwrap().target_mib, None);
+        assert_eq!("".parse::<BalloonConfig>().unwrap().target_mib, None);
+        let b: BalloonConfig = "target=128".parse().unwrap();
+        assert_eq!(b.target_mib, Some(128));
+        assert_eq!(
+            "target=1G".parse::<BalloonConfig>().unwrap().target_mib,
+            Some(1024)
+        );
+        assert!("target=lots".parse::<BalloonConfig>().is_err());
+        assert!("size=5".parse::<BalloonConfig>().is_err());
     }
 
     #[test]

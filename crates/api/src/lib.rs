@@ -11,6 +11,6 @@ mod size;
 
 pub use config::{ConfigError, SerialMode, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
 pub use devices::{
-    DeviceError, DiskCache, DiskConfig, DiskFormat, MacAddr, NetConfig, VsockConfig,
+    BalloonConfig, DeviceError, DiskCache, DiskConfig, DiskFormat, MacAddr, NetConfig, VsockConfig,
 };
 pub use size::{parse_mib, SizeError};

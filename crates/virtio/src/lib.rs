@@ -17,6 +17,7 @@
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
+pub mod balloon;
 pub mod block;
 pub mod chain;
 pub mod fuzzing;
@@ -193,6 +194,8 @@ pub enum DeviceState {
     Net(net::NetState),
     /// virtio-vsock.
     Vsock(vsock::VsockState),
+    /// virtio-balloon.
+    Balloon(balloon::BalloonState),
 }
 
 /// A virtio device behind a transport.

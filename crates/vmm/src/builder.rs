@@ -71,12 +71,6 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
             })?;
         }
     }
-    // virtio-rng, -blk, -net and -vsock exist; virtio-balloon does not yet.
-    if cfg.balloon {
-        return Err(VmmError::Devices(
-            "virtio devices are not available in this build yet".into(),
-        ));
-    }
     let disks = crate::devices_block::open_disks(&cfg.disks)?;
     let serial_out = console::output(&cfg.serial)?;
     let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
@@ -89,6 +83,8 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
     // added after the in-kernel irqchip waits for a grace period that nothing else needs.
     let (mem, layout) = memory::create(&vm, cfg.memory_mib)?;
     vm.setup_platform()?;
+    let balloon =
+        crate::devices_balloon::create(cfg.balloon, cfg.balloon_target_mib, &mem, &mut virtio)?;
 
     let kernel = kernel::load_kernel(&mem, &cfg.kernel, opts.protocol)?;
     if let Some(h) = kernel.header {
@@ -167,6 +163,7 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
         },
     )?;
     machine.nets = nets;
+    machine.balloon = balloon;
     let vcpus = create_vcpus(&hypervisor, &vm, cfg.cpus, entry)?;
     Ok(BuiltVm {
         vcpus,

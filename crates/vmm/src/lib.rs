@@ -12,6 +12,7 @@ pub mod builder;
 pub mod console;
 mod console_socket;
 pub mod control;
+pub mod devices_balloon;
 pub mod devices_block;
 pub mod devices_net;
 pub mod devices_vsock;

@@ -108,6 +108,8 @@ pub struct Machine {
     pub acpi_pm: Arc<Mutex<AcpiPmDevice>>,
     /// The NICs (tap names, MACs, counters), for status; the builder fills it in.
     pub nets: Vec<crate::devices_net::NetInfo>,
+    /// The balloon's handle (target, statistics), when there is one; the builder fills it in.
+    pub balloon: Option<ferro_virtio::balloon::BalloonHandle>,
 }
 
 fn dev_err(e: impl std::fmt::Display) -> VmmError {
@@ -172,5 +174,6 @@ pub fn build(
         serial,
         acpi_pm,
         nets: Vec::new(),
+        balloon: None,
     })
 }

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 use ferro_api::control::{ControlEvent, ExitReason};
-use ferro_api::{parse_mib, DiskConfig, NetConfig, SerialMode, VmConfig, VsockConfig};
+use ferro_api::{
+    parse_mib, BalloonConfig, DiskConfig, NetConfig, SerialMode, VmConfig, VsockConfig,
+};
 use ferro_vmm::builder::{self, BuildOptions};
 use ferro_vmm::console::socket_console;
 use ferro_vmm::control::ControlServer;
@@ -65,9 +67,9 @@ struct Args {
     /// A virtio-vsock device: cid=N,uds=PATH.
     #[arg(long)]
     vsock: Option<VsockConfig>,
-    /// A virtio-balloon device.
-    #[arg(long)]
-    balloon: bool,
+    /// A virtio-balloon device; `target=SIZE` starts it inflated to SIZE (MiB or 512M, 1G).
+    #[arg(long, num_args = 0..=1, default_missing_value = "on")]
+    balloon: Option<BalloonConfig>,
     /// Read the VM's settings from a TOML or JSON file; flags override it.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -117,7 +119,10 @@ fn config(args: &Args) -> Result<VmConfig, VmmError> {
     cfg.disks.extend(args.disks.iter().cloned());
     cfg.nets.extend(args.nets.iter().cloned());
     cfg.rng |= args.rng;
-    cfg.balloon |= args.balloon;
+    if let Some(b) = &args.balloon {
+        cfg.balloon = true;
+        cfg.balloon_target_mib = b.target_mib.or(cfg.balloon_target_mib);
+    }
     if let Some(v) = &args.vsock {
         cfg.vsock = Some(v.clone());
     }
