@@ -65,17 +65,30 @@ MODSRC=$(readlink -f "$GUEST/modules")
 
 # The mirror apt uses for $SUITE (debootstrap fetches from it too), and the date of its Release
 # file as apt last saw it: a new mirror state means new package versions, hence a new tree.
-MIRROR=${FERRO_DEBIAN_MIRROR:-$(apt-get indextargets --format '$(REPO_URI) $(RELEASE) $(IDENTIFIER)' 2>/dev/null |
-    awk -v s="$SUITE" '$2 == s && $3 == "Packages" {print $1; exit}')}
-MIRROR=${MIRROR:-http://deb.debian.org/debian/}
+# apt-get takes 0.5-3 s here, so the answer is remembered for as long as apt's lists are unchanged
+# (as guest/linux/build.sh does).
+lists_key=$(stat -c '%n %s %Y' /var/lib/apt/lists/*Release* 2>/dev/null | sha256sum | cut -c1-16)
+mirror_file=$CACHE/debian-mirror-$lists_key
+if [[ -n ${FERRO_DEBIAN_MIRROR:-} ]]; then
+    MIRROR=$FERRO_DEBIAN_MIRROR
+elif [[ -s $mirror_file ]]; then
+    MIRROR=$(cat "$mirror_file")
+else
+    MIRROR=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE) $(IDENTIFIER)' 2>/dev/null |
+        awk -v s="$SUITE" '$2 == s && $3 == "Packages" {print $1; exit}')
+    MIRROR=${MIRROR:-http://deb.debian.org/debian/}
+    mkdir -p "$CACHE"
+    echo "$MIRROR" > "$mirror_file"
+fi
 rel_file=$(ls /var/lib/apt/lists/*_dists_${SUITE}_InRelease /var/lib/apt/lists/*_dists_${SUITE}_Release 2>/dev/null | head -n1 || true)
 rel_date=$( [[ -n $rel_file ]] && sed -n 's/^Date: //p' "$rel_file" | head -n1 || true)
 DBVER=$(dpkg-query -W -f='${Version}' debootstrap 2>/dev/null || echo unknown)
 TKEY=$(echo "$SUITE minbase $INCLUDE $MIRROR ${rel_date:-nodate} debootstrap=$DBVER" | sha256sum | cut -c1-16)
 TARBALL=$CACHE/debootstrap-$SUITE-$TKEY.tar.zst
 
-# Every file of this recipe (names and contents, modes of the overlay) goes into the key.
-recipe=$(cd "$HERE" && find . -type f ! -name README.md | sort | while read -r f; do
+# Every file of this recipe (names, contents, modes) goes into the key; README.md and lab/ (the
+# lab check) do not change the image.
+recipe=$(cd "$HERE" && find . -type f ! -name README.md ! -path './lab/*' | sort | while read -r f; do
     echo "$f $(stat -c %a "$f") $(sha256sum < "$f")"; done)
 KEY=$( { echo "$TKEY $KREL $KSTAMP $SIZE ${MODULES[*]} ${MASK[*]}"; echo "$recipe"; } | sha256sum | cut -c1-16)
 OUTPUTS=(debian.raw debian.qcow2 debian-initrd.cpio.gz kernel.release packages.txt)
