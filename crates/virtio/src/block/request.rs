@@ -304,7 +304,7 @@ pub struct IoBuf {
 /// Alignment of [`IoBuf`] (O_DIRECT's).
 const ALIGN: usize = 4096;
 /// Bytes of [`IoBuf`]: the most one disk call moves.
-pub const CHUNK: usize = 1024 * 1024;
+pub const CHUNK: usize = 512 * 1024;
 
 impl IoBuf {
     /// A new buffer of [`CHUNK`] bytes.

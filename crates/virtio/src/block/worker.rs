@@ -1,9 +1,10 @@
 //! The I/O side of virtio-blk: a small pool of worker threads per disk that execute requests
 //! the event loop parsed, complete them into the used ring and raise the queue interrupt.
 //!
-//! Completion batching: a worker that finishes a request and finds another one waiting takes
-//! it before deciding on an interrupt, so a burst of requests costs one interrupt per
-//! [`MAX_BATCH`] completions (or per burst) instead of one each. The decision itself honours
+//! Completion batching: a worker that finishes a quick request (under [`HOLD_IF_FASTER`]) and
+//! finds another one waiting takes it before deciding on an interrupt, so a burst of cached
+//! requests costs one interrupt per [`MAX_BATCH`] completions (or per burst) instead of one
+//! each, and a slow request (O_DIRECT, a flush) is signalled as soon as it is done. The decision itself honours
 //! EVENT_IDX (`used_event`) or, without it, the driver's VRING_AVAIL_F_NO_INTERRUPT flag.
 //! A request counts as in flight from the moment the event loop hands it over until its
 //! interrupt decision is made, so a reset that waits for "nothing in flight" knows no worker
@@ -13,7 +14,7 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ferro_disk::BlockBackend;
 use virtio_queue::{Queue, QueueT};
@@ -25,6 +26,9 @@ use crate::{GuestMemory, Interrupt};
 
 /// Completions a worker may hold back before it decides on an interrupt.
 pub const MAX_BATCH: usize = 16;
+/// A completion is held back only after a request that took less than this (page-cache
+/// speed): holding back after a slow one would delay its interrupt by another slow one.
+pub const HOLD_IF_FASTER: Duration = Duration::from_micros(50);
 /// Stack of a worker thread (the I/O buffer is on the heap).
 const STACK: usize = 128 * 1024;
 /// VRING_AVAIL_F_NO_INTERRUPT.
@@ -232,12 +236,16 @@ fn work(s: &Shared) {
     let mut buf = IoBuf::new();
     // Completions whose interrupt decision is still to be made, and their activation.
     let mut held: Option<(Arc<Ctx>, usize)> = None;
+    let mut last = Duration::ZERO;
     loop {
         let job = match next(s, false) {
-            // Hold back only while the next job is a quick one of the same activation.
+            // Hold back only after a quick job, while the next is one of the same activation.
             Some(j)
                 if held.as_ref().is_none_or(|(c, n)| {
-                    Arc::ptr_eq(c, &j.ctx) && *n < MAX_BATCH && j.req.op != Op::Flush
+                    Arc::ptr_eq(c, &j.ctx)
+                        && *n < MAX_BATCH
+                        && last < HOLD_IF_FASTER
+                        && j.req.op != Op::Flush
                 }) =>
             {
                 j
@@ -255,6 +263,7 @@ fn work(s: &Shared) {
                 }
             }
         };
+        let t = Instant::now();
         let out = execute(
             &job.ctx.mem,
             &job.segs,
@@ -264,6 +273,7 @@ fn work(s: &Shared) {
             job.ctx.writethrough,
             &mut buf,
         );
+        last = t.elapsed();
         {
             let mut q = lock(&job.ctx.queue);
             job.ctx.complete(&mut q, job.head, out.written);
