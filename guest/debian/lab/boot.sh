@@ -48,7 +48,7 @@ start=$(now)
         ferro-vmm --kernel /guest/bzImage --initrd /lab/debian-initrd.cpio.gz --cmdline "$CMDLINE" \
             --disk path=/lab/debian.qcow2 --net tap=tap0 --memory 512
     fi <&3 2>&1 | while IFS= read -r l; do echo "$(now) $l"; done > /tmp/console.log
-    echo done > /tmp/vmm.done
+    echo finished > /tmp/vmm.done
 ) &
 tail -f /tmp/console.log &
 fail() { sleep 1; echo "TEST: FAIL: $*"; exit 1; }
