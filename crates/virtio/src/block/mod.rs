@@ -42,7 +42,7 @@ use worker::{Ctx, Job, Pool};
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
 /// Worker threads per disk.
-pub const WORKERS: usize = 8;
+pub const WORKERS: usize = 16;
 /// Bytes of the device configuration we present (virtio_blk_config up to
 /// `write_zeroes_may_unmap` and its padding).
 pub const CONFIG_SIZE: usize = 60;
