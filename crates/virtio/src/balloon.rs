@@ -22,7 +22,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestMemoryBackend as _};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::ring::{self, add_used, notify, pop_chain};
+use crate::ring::{self, add_used, next_chain, notify};
 use crate::{
     device_type, features, DeviceError, DeviceState, GuestMemory, Interrupt, SavedQueue,
     VirtioDevice,
@@ -196,7 +196,7 @@ impl Balloon {
         let mut used = 0;
         let mut buf = Vec::new();
         for _ in 0..BATCH {
-            let Some(chain) = pop_chain(queue, &a.mem, q, indirect)? else {
+            let Some(chain) = next_chain(queue, &a.mem, q, indirect)? else {
                 break;
             };
             buf.clear();

@@ -144,6 +144,24 @@ fn hostile_descriptors_need_a_reset() {
 }
 
 #[test]
+fn event_idx_keeps_the_driver_kicking() {
+    use vm_memory::Bytes;
+    let log = Arc::new(Log::default());
+    let mut dev = Balloon::new(0, log).unwrap();
+    let mut rig = Rig::new(3, 16);
+    dev.ack_features(features::VERSION_1 | features::RING_EVENT_IDX);
+    dev.activate(rig.mem.clone(), rig.queues(true), rig.irq())
+        .unwrap();
+    for _ in 0..3 {
+        rig.post(1, &[(BUF, 4, false)]);
+        dev.queue_notified(DEFLATE).unwrap();
+    }
+    let at = rig.qs[1].used + 4 + 8 * 16;
+    let ev: u16 = rig.mem.read_obj(GuestAddress(at)).unwrap();
+    assert_eq!(ev, 3);
+}
+
+#[test]
 fn state_round_trips() {
     let t = setup();
     t.h.set_target(42);

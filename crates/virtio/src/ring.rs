@@ -82,6 +82,26 @@ pub(crate) fn pop_chain(
     Ok(Some(Chain { head, segs }))
 }
 
+/// Like [`pop_chain`], but when the ring is empty it re-enables notifications first (with
+/// EVENT_IDX that publishes `avail_event`, without which the driver stops kicking) and looks
+/// once more, so a chain published meanwhile is not missed.
+pub(crate) fn next_chain(
+    q: &mut Queue,
+    mem: &GuestMemory,
+    queue: u16,
+    indirect: bool,
+) -> Result<Option<Chain>, DeviceError> {
+    for _ in 0..2 {
+        if let Some(c) = pop_chain(q, mem, queue, indirect)? {
+            return Ok(Some(c));
+        }
+        if !q.enable_notification(mem).map_err(|e| ring_err(queue, e))? {
+            break;
+        }
+    }
+    Ok(None)
+}
+
 /// Writes `data` into the chain's writable buffers starting `offset` bytes into them; returns
 /// how many bytes fitted.
 pub(crate) fn write_to(

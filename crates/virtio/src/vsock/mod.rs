@@ -24,7 +24,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::ring::{self, add_used, notify, pop_chain};
+use crate::ring::{self, add_used, next_chain, notify, pop_chain};
 use crate::{
     device_type, features, DeviceError, DeviceState, GuestMemory, Interrupt, SavedQueue,
     VirtioDevice,
@@ -134,7 +134,7 @@ impl Vsock {
         let mut used = 0;
         let mut more = true;
         for _ in 0..BATCH {
-            let Some(chain) = pop_chain(&mut a.tx, &a.mem, TX, indirect)? else {
+            let Some(chain) = next_chain(&mut a.tx, &a.mem, TX, indirect)? else {
                 more = false;
                 break;
             };

@@ -33,6 +33,10 @@ impl Drop for T {
 }
 
 fn setup() -> T {
+    setup_with(false)
+}
+
+fn setup_with(event_idx: bool) -> T {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let dir = std::env::temp_dir().join(format!(
         "ferro-vsock-{}-{}",
@@ -44,7 +48,7 @@ fn setup() -> T {
     let mut dev = Vsock::new(CID, &uds).unwrap();
     let rig = Rig::new(3, 64);
     dev.ack_features(features::VERSION_1);
-    dev.activate(rig.mem.clone(), rig.queues(false), rig.irq())
+    dev.activate(rig.mem.clone(), rig.queues(event_idx), rig.irq())
         .unwrap();
     let mut t = T {
         dev,
@@ -380,6 +384,18 @@ fn hostile_descriptors_need_a_reset() {
             source: ChainError::IndexOutOfRange { index: 200, .. }
         })
     ));
+}
+
+#[test]
+fn event_idx_keeps_the_driver_kicking() {
+    use vm_memory::{Bytes, GuestAddress};
+    let mut t = setup_with(true);
+    t.tx(t.guest(1, 2, op::RST), &[]).unwrap();
+    t.tx(t.guest(1, 2, op::RST), &[]).unwrap();
+    // avail_event, after the used ring's 64 entries: kick me when entry 2 is published.
+    let at = t.rig.qs[1].used + 4 + 8 * 64;
+    let ev: u16 = t.rig.mem.read_obj(GuestAddress(at)).unwrap();
+    assert_eq!(ev, 2);
 }
 
 #[test]
