@@ -707,6 +707,7 @@ fn lab_section(r: &Results, lab: &lab::LabOutcome, date: &str, head: &str) -> St
     for l in &lab.info {
         s.push_str(&format!("Lab: {l}\n"));
     }
+    s.push_str(LAB_NOTE);
     s.push('\n');
     s.push_str(&report::summary_table(r, &LAB_ROWS));
     s.push_str("\nAll samples:\n\n");
@@ -722,6 +723,14 @@ fn lab_section(r: &Results, lab: &lab::LabOutcome, date: &str, head: &str) -> St
     }
     s
 }
+
+/// What the lab's first-serial-byte row compares (checked 2026-11-24 by capturing both consoles).
+const LAB_NOTE: &str =
+    "\nWith `quiet` the kernel prints only warnings: the first serial byte under QEMU microvm is
+`PCI: Fatal: No config space access function found` (microvm has no PCI), while under ferro-vmm
+(PCI config space present) nothing comes before `linux-init: start`, so that row compares
+different events; the `linux-init: start` row is the comparable one.
+";
 
 const INTRO: &str = "# Benchmarks
 
