@@ -8,6 +8,7 @@ pub mod control;
 mod devices;
 pub mod rest;
 mod size;
+pub mod storage;
 
 pub use config::{ConfigError, SerialMode, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
 pub use devices::{

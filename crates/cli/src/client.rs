@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use ferro_api::rest::{ApiErrorBody, CreateVm, EditVm, HostInfo, Vm, VmEvent};
+use ferro_api::storage::{Image, ImportImage};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
@@ -233,6 +234,21 @@ impl Client {
             )));
         }
         Ok(TokioIo::new(hyper::upgrade::on(resp).await.map_err(http)?))
+    }
+
+    /// Every image.
+    pub async fn list_images(&self) -> Result<Vec<Image>, ClientError> {
+        self.call(Method::GET, "/v1/images", None).await
+    }
+    /// Imports an image (synchronous: returns when it is stored).
+    pub async fn import_image(&self, req: &ImportImage) -> Result<Image, ClientError> {
+        self.call(Method::POST, "/v1/images", Some(to_json(req)?))
+            .await
+    }
+    /// `DELETE path`, expecting no body.
+    pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
+        let (status, bytes) = self.raw(Method::DELETE, path, None).await?;
+        check(status, &bytes)
     }
 
     /// The daemon's view of an endpoint we do not model yet (answers with the API's error).

@@ -7,6 +7,7 @@ mod client;
 #[allow(unsafe_code)] // termios raw mode
 mod console;
 mod output;
+mod storage;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,12 +61,9 @@ enum Cmd {
         /// The VM.
         name: String,
     },
-    /// Disk images (not implemented yet).
-    Image {
-        /// Arguments.
-        #[arg(trailing_var_arg = true)]
-        args: Vec<String>,
-    },
+    /// Disk images: import, list, delete.
+    #[command(subcommand)]
+    Image(storage::ImageCmd),
     /// Templates (not implemented yet).
     Template {
         /// Arguments.
@@ -410,7 +408,7 @@ async fn client_main(cli: &Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Image { .. } => Ok(c.post_raw("/v1/images").await?),
+        Cmd::Image(cmd) => storage::run(&c, cmd, cli.json).await,
         Cmd::Template { .. } => Ok(c.post_raw("/v1/templates").await?),
         Cmd::Daemon { .. } | Cmd::Completions { .. } => Ok(()),
     }

@@ -21,6 +21,25 @@ pub enum DaemonError {
     /// The VM's state does not allow the request.
     #[error("{0}")]
     InvalidState(String),
+    /// No image or template has that name.
+    #[error("no {what} named '{name}' (see `ferro {what} list`)")]
+    NoSuch {
+        /// `image` or `template`.
+        what: &'static str,
+        /// The name asked for.
+        name: String,
+    },
+    /// The request conflicts with what exists (a name taken, an image in use).
+    #[error("{0}")]
+    Conflict(String),
+    /// A file to import is not a usable disk image (unknown, unsupported or corrupt).
+    #[error("{message}")]
+    BadImage {
+        /// `bad_image`, `unsupported_image` or `corrupt_image`.
+        code: &'static str,
+        /// What is wrong, naming the file.
+        message: String,
+    },
     /// Not built yet.
     #[error("{0} is not implemented yet")]
     NotImplemented(&'static str),
@@ -53,6 +72,9 @@ impl DaemonError {
             DaemonError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             DaemonError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             DaemonError::Exists(_) => (StatusCode::CONFLICT, "conflict"),
+            DaemonError::NoSuch { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            DaemonError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            DaemonError::BadImage { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             DaemonError::InvalidState(_) => (StatusCode::CONFLICT, "invalid_state"),
             DaemonError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
             DaemonError::Vmm(_) => (StatusCode::INTERNAL_SERVER_ERROR, "vmm_failed"),

@@ -6,7 +6,9 @@
 #![deny(unsafe_code)]
 
 pub mod error;
+pub mod images;
 pub mod ops;
+pub mod ova;
 #[allow(unsafe_code)] // setsid between fork and exec, kill(2)
 pub mod process;
 pub mod restart;

@@ -36,7 +36,7 @@ pub fn view(sup: &Supervisor, rec: &VmRecord) -> Vm {
     }
 }
 
-fn check_name(name: &str) -> Result<(), DaemonError> {
+pub(crate) fn check_name(name: &str) -> Result<(), DaemonError> {
     let ok = (1..=63).contains(&name.len())
         && !name.starts_with(['.', '-'])
         && name
@@ -46,7 +46,7 @@ fn check_name(name: &str) -> Result<(), DaemonError> {
         Ok(())
     } else {
         Err(DaemonError::BadRequest(format!(
-            "'{name}' is not a valid VM name: use 1 to 63 of a-z A-Z 0-9 - _ . (not starting with . or -)"
+            "'{name}' is not a valid name: use 1 to 63 of a-z A-Z 0-9 - _ . (not starting with . or -)"
         )))
     }
 }

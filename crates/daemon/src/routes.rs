@@ -13,12 +13,13 @@ use axum::{Json, Router};
 use ferro_api::rest::{
     ApiErrorBody, CreateVm, EditVm, HostInfo, RestartPolicy, Vm, VmEvent, VmState,
 };
+use ferro_api::storage::{Image, ImportImage};
 use serde::Deserialize;
 use utoipa::OpenApi;
 
 use crate::error::{error_response, DaemonError};
-use crate::ops;
 use crate::supervisor::Supervisor;
+use crate::{images, ops};
 
 type ApiResult<T> = Result<T, DaemonError>;
 
@@ -38,12 +39,31 @@ fn bad_query(e: QueryRejection) -> DaemonError {
         description = "VMs on one host: define, start, stop, watch."
     ),
     paths(
-        host, list_vms, create_vm, get_vm, edit_vm, delete_vm, start_vm, stop_vm, reboot_vm,
-        pause_vm, resume_vm, vm_events, vm_log, vm_console, clone_vm, images
+        host,
+        list_vms,
+        create_vm,
+        get_vm,
+        edit_vm,
+        delete_vm,
+        start_vm,
+        stop_vm,
+        reboot_vm,
+        pause_vm,
+        resume_vm,
+        vm_events,
+        vm_log,
+        vm_console,
+        clone_vm,
+        list_images,
+        import_image,
+        delete_image,
+        templates
     ),
     components(schemas(
         ApiErrorBody,
         CreateVm,
+        Image,
+        ImportImage,
         EditVm,
         HostInfo,
         RestartPolicy,
@@ -84,8 +104,9 @@ pub fn router(sup: Supervisor) -> Router {
         .route("/v1/vms/{name}/log", get(vm_log))
         .route("/v1/vms/{name}/console", get(vm_console))
         .route("/v1/vms/{name}/clone", post(clone_vm))
-        .route("/v1/images", get(images).post(images))
-        .route("/v1/templates", get(images).post(images))
+        .route("/v1/images", get(list_images).post(import_image))
+        .route("/v1/images/{name}", axum::routing::delete(delete_image))
+        .route("/v1/templates", get(templates).post(templates))
         .fallback(|m: axum::http::Method, uri: axum::http::Uri| async move {
             error_response(
                 StatusCode::NOT_FOUND,
@@ -331,10 +352,40 @@ async fn clone_vm() -> DaemonError {
     DaemonError::NotImplemented("cloning VMs")
 }
 
-/// Images and templates (not implemented yet).
-#[utoipa::path(get, path = "/v1/images", responses((status = 501, body = ApiErrorBody)))]
-async fn images() -> DaemonError {
-    DaemonError::NotImplemented("the image store")
+/// Every imported image.
+#[utoipa::path(get, path = "/v1/images", responses((status = 200, body = Vec<Image>)))]
+async fn list_images(State(sup): State<Supervisor>) -> ApiResult<Json<Vec<Image>>> {
+    Ok(Json(sup.store(|s| images::list(s))?))
+}
+
+/// Imports a disk image (qcow2, raw, VMDK, VHD, VHDX) or an OVA from a path on the daemon's
+/// host, converting it to qcow2; synchronous. A failed import leaves nothing behind.
+#[utoipa::path(post, path = "/v1/images", request_body = ImportImage, responses(
+    (status = 201, body = Image), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody),
+    (status = 422, description = "not a disk image, unsupported or corrupt", body = ApiErrorBody)))]
+async fn import_image(
+    State(sup): State<Supervisor>,
+    body: Result<Json<ImportImage>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Image>)> {
+    let Json(req) = body.map_err(bad_json)?;
+    Ok((StatusCode::CREATED, Json(images::import(&sup, req).await?)))
+}
+
+/// Deletes an image and its files (refused while a VM uses it).
+#[utoipa::path(delete, path = "/v1/images/{name}", params(("name" = String, Path)), responses(
+    (status = 204), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn delete_image(
+    State(sup): State<Supervisor>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    images::delete(&sup, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Templates (not implemented yet).
+#[utoipa::path(get, path = "/v1/templates", responses((status = 501, body = ApiErrorBody)))]
+async fn templates() -> DaemonError {
+    DaemonError::NotImplemented("templates")
 }
 
 #[cfg(test)]

@@ -34,6 +34,12 @@ pub const MIGRATIONS: &[&str] = &[
         message TEXT NOT NULL
     );
     CREATE INDEX events_vm ON events (vm, id);",
+    // 2: the image store; each row's `data` is the API's `Image` as JSON.
+    "CREATE TABLE images (
+        name TEXT PRIMARY KEY,
+        data TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    );",
 ];
 
 /// One VM as stored.
@@ -134,6 +140,11 @@ impl Store {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrate(&mut conn)?;
         Ok(Self { conn })
+    }
+
+    /// The connection, for the modules that keep their own tables (`images`).
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
     }
 
     /// Applied migrations.

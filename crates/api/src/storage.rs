@@ -1,0 +1,90 @@
+//! The storage part of the REST API: the image store (`/v1/images`).
+//!
+//! Additions are append-only, like [`crate::rest`].
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// An imported disk image (or the disks of an imported OVA), stored as qcow2 under
+/// `DATA/images/`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Image {
+    /// Unique name.
+    pub name: String,
+    /// The format it was imported from: `qcow2`, `raw`, `vmdk`, `vpc` (VHD), `vhdx` or `ova`.
+    pub format: String,
+    /// Guest-visible size of the first disk, bytes.
+    pub virtual_size: u64,
+    /// The stored qcow2 file of the first disk.
+    #[schema(value_type = String)]
+    pub path: PathBuf,
+    /// Every stored disk, first one first (an OVA may carry several).
+    #[schema(value_type = Vec<String>)]
+    pub disks: Vec<PathBuf>,
+    /// vCPUs the OVA's descriptor asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpus: Option<u32>,
+    /// Memory the OVA's descriptor asks for, MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mib: Option<u64>,
+    /// Import time, Unix ms.
+    pub created_ms: u64,
+}
+
+/// `POST /v1/images`: import a file on the daemon's host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ImportImage {
+    /// The file to import (qcow2, raw, VMDK, VHD, VHDX or OVA), on the daemon's host.
+    #[schema(value_type = String)]
+    pub path: PathBuf,
+    /// The image's name (default: the file name without its extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// A template: read-only base disks plus the machine settings a VM made from it starts with.
+/// A VM created from it gets qcow2 overlays on the base disks (a linked clone).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Template {
+    /// Unique name.
+    pub name: String,
+    /// Where it came from: `vm:NAME` or `image:NAME`.
+    pub source: String,
+    /// vCPUs.
+    pub cpus: u32,
+    /// Memory, MiB.
+    pub memory_mib: u64,
+    /// Kernel on the host (absent for a template made from an image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk on the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default)]
+    pub cmdline: String,
+    /// The read-only base disks (qcow2), first one first.
+    #[schema(value_type = Vec<String>)]
+    pub disks: Vec<PathBuf>,
+    /// Creation time, Unix ms.
+    pub created_ms: u64,
+}
+
+/// `POST /v1/templates`: make a template from a stopped VM or from an image (exactly one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTemplate {
+    /// The template's name.
+    pub name: String,
+    /// A stopped VM whose disks are copied (flattened) into the template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_vm: Option<String>,
+    /// An image used as the template's base disk(s) as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub from_image: Option<String>,
+}

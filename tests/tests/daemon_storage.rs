@@ -1,0 +1,287 @@
+//! The image store end to end: `ferro image import|list|delete` against a real daemon, with
+//! small fixtures of each format made by qemu-img (and an OVA built here). No guest runs, so
+//! no /dev/kvm is needed; qemu-img is.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ferro_tests::Daemon;
+use serde_json::Value;
+
+fn have_qemu_img(test: &str) -> bool {
+    if Command::new("qemu-img").arg("--version").output().is_ok() {
+        true
+    } else {
+        println!("SKIPPED: no qemu-img ({test})");
+        false
+    }
+}
+
+fn sh(cmd: &mut Command) {
+    let out = cmd.output().expect("run");
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn scratch(test: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferro-st-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).expect("scratch dir");
+    d
+}
+
+/// A 1 MiB raw disk with known bytes at its start and in its middle.
+fn known_raw(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let mut bytes = vec![0u8; 1 << 20];
+    bytes[..16].copy_from_slice(b"FERRO-IMPORT-001");
+    bytes[512 * 1024..512 * 1024 + 5].copy_from_slice(b"MIDDL");
+    let p = dir.join("base.raw");
+    std::fs::write(&p, &bytes).expect("write raw");
+    (p, bytes)
+}
+
+/// The guest-visible bytes of a stored qcow2 image (its first `len`).
+fn contents(img: &Path, dir: &Path, len: usize) -> Vec<u8> {
+    let out = dir.join("readback.raw");
+    let _ = std::fs::remove_file(&out);
+    sh(Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "raw"])
+        .arg(img)
+        .arg(&out));
+    let mut b = std::fs::read(&out).expect("readback");
+    b.truncate(len);
+    b
+}
+
+fn import(d: &Daemon, file: &Path, name: &str) -> Value {
+    d.json(&["image", "import", file.to_str().unwrap(), "--name", name])
+}
+
+#[test]
+fn image_import_each_format_and_ova() {
+    if !have_qemu_img("image_import_each_format_and_ova") {
+        return;
+    }
+    let d = Daemon::start("img-formats");
+    let w = scratch("formats");
+    let (raw, bytes) = known_raw(&w);
+    let mut names = Vec::new();
+    for fmt in ["raw", "qcow2", "vmdk", "vpc", "vhdx"] {
+        let file = w.join(format!("disk.{fmt}"));
+        sh(Command::new("qemu-img")
+            .args(["convert", "-f", "raw", "-O", fmt])
+            .arg(&raw)
+            .arg(&file));
+        let name = format!("img-{fmt}");
+        let v = import(&d, &file, &name);
+        assert_eq!(v["name"], name.as_str());
+        assert_eq!(v["format"], fmt, "{v}");
+        assert!(v["virtual_size"].as_u64().unwrap() >= 1 << 20, "{v}");
+        let path = PathBuf::from(v["path"].as_str().unwrap());
+        assert!(path.starts_with(d.dir.join("images")), "{v}");
+        assert_eq!(
+            contents(&path, &w, bytes.len()),
+            bytes,
+            "{fmt}: the imported disk's bytes differ"
+        );
+        names.push(name);
+    }
+
+    // An OVA: a tar of an OVF descriptor and a VMDK.
+    let ova_dir = w.join("ova");
+    std::fs::create_dir_all(&ova_dir).unwrap();
+    sh(Command::new("qemu-img")
+        .args([
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-o",
+            "subformat=streamOptimized",
+        ])
+        .arg(&raw)
+        .arg(ova_dir.join("app-disk1.vmdk")));
+    std::fs::write(ova_dir.join("app.ovf"), OVF).unwrap();
+    let ova = w.join("app.ova");
+    sh(Command::new("tar")
+        .arg("-cf")
+        .arg(&ova)
+        .arg("-C")
+        .arg(&ova_dir)
+        .args(["app.ovf", "app-disk1.vmdk"]));
+    let v = d.json(&["image", "import", ova.to_str().unwrap()]);
+    assert_eq!(v["name"], "app", "the default name is the file's stem: {v}");
+    assert_eq!(v["format"], "ova");
+    assert_eq!(v["cpus"], 2, "{v}");
+    assert_eq!(v["memory_mib"], 1024, "{v}");
+    assert_eq!(v["disks"].as_array().unwrap().len(), 1);
+    let path = PathBuf::from(v["path"].as_str().unwrap());
+    assert_eq!(contents(&path, &w, bytes.len()), bytes);
+    names.push("app".into());
+
+    let list = d.json(&["image", "list"]);
+    let mut listed: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap().to_string())
+        .collect();
+    listed.sort();
+    names.sort();
+    assert_eq!(listed, names);
+    let table = d.ferro(&["image", "list"]);
+    assert!(
+        table.stdout.contains("img-vhdx") && table.stdout.contains("ova"),
+        "{}",
+        table.stdout
+    );
+
+    // A taken name is refused and changes nothing.
+    let r = d.ferro(&[
+        "image",
+        "import",
+        raw.to_str().unwrap(),
+        "--name",
+        "img-raw",
+    ]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("exists already"), "{}", r.stderr);
+
+    // Delete: refused while a VM's disk is based on it, then removes the file.
+    let vhdx = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "img-vhdx")
+        .and_then(|i| i["path"].as_str())
+        .map(PathBuf::from)
+        .unwrap();
+    let overlay = w.join("vm.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(&vhdx)
+        .arg(&overlay));
+    let kernel = w.join("kernel");
+    std::fs::write(&kernel, b"not booted here").unwrap();
+    d.json(&[
+        "vm",
+        "create",
+        "user",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        &format!("path={}", overlay.display()),
+    ]);
+    let r = d.ferro(&["image", "delete", "img-vhdx"]);
+    assert_eq!(r.code, Some(1), "{}", r.stdout);
+    assert!(r.stderr.contains("in use by VM 'user'"), "{}", r.stderr);
+    d.json(&["vm", "delete", "user"]);
+    d.json(&["image", "delete", "img-vhdx"]);
+    assert!(!vhdx.exists());
+    let r = d.ferro(&["image", "delete", "img-vhdx"]);
+    assert!(r.stderr.contains("no image named"), "{}", r.stderr);
+    let _ = std::fs::remove_dir_all(&w);
+}
+
+#[test]
+fn image_import_refuses_junk_and_corrupt_files_leaving_nothing() {
+    if !have_qemu_img("image_import_refuses_junk_and_corrupt_files_leaving_nothing") {
+        return;
+    }
+    let d = Daemon::start("img-bad");
+    let w = scratch("bad");
+    let junk = w.join("notes.txt");
+    std::fs::write(&junk, "hello, not a disk").unwrap();
+    let r = d.ferro(&["image", "import", junk.to_str().unwrap()]);
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stderr
+            .contains("notes.txt: not a disk image qemu-img understands")
+            && r.stderr.contains("[bad_image]"),
+        "{}",
+        r.stderr
+    );
+
+    // A qcow2 cut short after data was written: qemu-img check finds the damage.
+    let q = w.join("cut.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&q)
+        .arg("4M"));
+    sh(Command::new("qemu-io")
+        .args(["-c", "write -P 0xab 0 1M"])
+        .arg(&q));
+    let b = std::fs::read(&q).unwrap();
+    std::fs::write(&q, &b[..300_000]).unwrap();
+    let r = d.ferro(&["image", "import", q.to_str().unwrap()]);
+    assert_eq!(r.code, Some(1));
+    assert!(
+        r.stderr.contains("cut.qcow2: corrupt") && r.stderr.contains("[corrupt_image]"),
+        "{}",
+        r.stderr
+    );
+
+    // An OVA whose descriptor names a disk it does not hold.
+    let ova_dir = w.join("ova");
+    std::fs::create_dir_all(&ova_dir).unwrap();
+    std::fs::write(ova_dir.join("app.ovf"), OVF).unwrap();
+    let ova = w.join("broken.ova");
+    sh(Command::new("tar")
+        .arg("-cf")
+        .arg(&ova)
+        .arg("-C")
+        .arg(&ova_dir)
+        .arg("app.ovf"));
+    let r = d.ferro(&["image", "import", ova.to_str().unwrap()]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("does not hold"), "{}", r.stderr);
+
+    // A missing file is a 4xx too, over raw HTTP.
+    let body = r#"{"path":"/nonexistent/disk.img"}"#;
+    let (status, text) = d.http(&format!(
+        "POST /v1/images HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    assert_eq!(status, 422, "{text}");
+
+    assert_eq!(d.json(&["image", "list"]), serde_json::json!([]));
+    let left: Vec<_> = std::fs::read_dir(d.dir.join("images"))
+        .map(|r| r.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "failed imports left {left:?}");
+    let _ = std::fs::remove_dir_all(&w);
+}
+
+const OVF: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
+<Envelope xmlns="http://schemas.dmtf.org/ovf/envelope/1"
+  xmlns:ovf="http://schemas.dmtf.org/ovf/envelope/1"
+  xmlns:rasd="http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_ResourceAllocationSettingData">
+  <References>
+    <File ovf:href="app-disk1.vmdk" ovf:id="file1"/>
+  </References>
+  <DiskSection>
+    <Disk ovf:capacity="1048576" ovf:diskId="vmdisk1" ovf:fileRef="file1"/>
+  </DiskSection>
+  <VirtualSystem ovf:id="app">
+    <VirtualHardwareSection>
+      <Item>
+        <rasd:ElementName>2 virtual CPUs</rasd:ElementName>
+        <rasd:InstanceID>1</rasd:InstanceID>
+        <rasd:ResourceType>3</rasd:ResourceType>
+        <rasd:VirtualQuantity>2</rasd:VirtualQuantity>
+      </Item>
+      <Item>
+        <rasd:AllocationUnits>byte * 2^30</rasd:AllocationUnits>
+        <rasd:ElementName>1 GB of memory</rasd:ElementName>
+        <rasd:InstanceID>2</rasd:InstanceID>
+        <rasd:ResourceType>4</rasd:ResourceType>
+        <rasd:VirtualQuantity>1</rasd:VirtualQuantity>
+      </Item>
+    </VirtualHardwareSection>
+  </VirtualSystem>
+</Envelope>
+"#;
