@@ -30,10 +30,6 @@ echo "== lint =="
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -q -- -D warnings
 
-echo "== cargo test =="
-# The e2e tests boot many VMs; two at a time suits a 2-core machine.
-cargo test --workspace -- --test-threads=2
-
 echo "== fuzz smoke: virtio descriptor chains =="
 # libFuzzer needs a nightly toolchain and cargo-fuzz; where they are missing, the same fuzz
 # bodies already ran above as seeded tests (cargo test -p ferro-virtio fuzzing).
@@ -42,3 +38,7 @@ if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2
 else
     echo "SKIPPED: cargo-fuzz smoke run (needs cargo-fuzz and a nightly toolchain)"
 fi
+
+echo "== cargo test =="
+# The e2e tests boot many VMs; two at a time suits a 2-core machine.
+cargo test --workspace -- --test-threads=2
