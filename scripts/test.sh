@@ -32,7 +32,7 @@ cargo clippy --workspace --all-targets -q -- -D warnings
 
 echo "== fuzz smoke: virtio descriptor chains =="
 # libFuzzer needs a nightly toolchain and cargo-fuzz; where they are missing, the same fuzz
-# bodies already ran above as seeded tests (cargo test -p ferro-virtio fuzzing).
+# bodies run below as seeded tests in cargo test (ferro-virtio fuzzing).
 if cargo +nightly --version >/dev/null 2>&1 && cargo fuzz --version >/dev/null 2>&1; then
     cargo +nightly fuzz run descriptor_chain -- -max_total_time=20
 else
