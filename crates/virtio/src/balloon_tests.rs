@@ -136,6 +136,15 @@ fn hostile_descriptors_need_a_reset() {
         })
     ));
     let mut t = setup();
+    t.rig.post(2, &[(BUF, u32::MAX, false)]);
+    assert!(matches!(
+        t.dev.queue_notified(STATS),
+        Err(DeviceError::Chain {
+            queue: 2,
+            source: ChainError::BufferOutsideMemory { .. }
+        })
+    ));
+    let mut t = setup();
     t.rig.set_avail_idx(0, 300);
     assert!(matches!(
         t.dev.queue_notified(INFLATE),

@@ -81,6 +81,9 @@ pub struct Vsock {
     wake: EventFd,
     acked: u64,
     active: Option<Active>,
+    /// The muxer's sockets are in the epoll set (only while a driver runs: until then host
+    /// clients wait in the listen backlog instead of waking the event loop).
+    watching: bool,
     counters: Arc<VsockCounters>,
     buf: Vec<u8>,
 }
@@ -93,11 +96,6 @@ impl Vsock {
         let wake = EventFd::new(EFD_NONBLOCK)?;
         epoll.ctl(
             ControlOperation::Add,
-            muxer.fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_MUXER),
-        )?;
-        epoll.ctl(
-            ControlOperation::Add,
             wake.as_raw_fd(),
             EpollEvent::new(EventSet::IN, TOKEN_WAKE),
         )?;
@@ -108,6 +106,7 @@ impl Vsock {
             wake,
             acked: 0,
             active: None,
+            watching: false,
             counters: Arc::new(VsockCounters::default()),
             buf: Vec::with_capacity(HDR_LEN + MAX_PAYLOAD),
         })
@@ -244,11 +243,35 @@ impl Vsock {
     fn guard(&mut self, r: Result<(), DeviceError>) -> Result<(), DeviceError> {
         if r.is_err() {
             // Stopped until reset: the guest's connections are gone.
-            self.muxer.reset();
-            let _ = self.wake.read();
-            self.active = None;
+            self.stop();
         }
         r
+    }
+
+    /// Starts or stops waiting on the muxer's sockets.
+    fn watch(&mut self, on: bool) -> Result<(), DeviceError> {
+        if on == self.watching {
+            return Ok(());
+        }
+        let fd = self.muxer.fd();
+        let r = if on {
+            let ev = EpollEvent::new(EventSet::IN, TOKEN_MUXER);
+            self.epoll.ctl(ControlOperation::Add, fd, ev)
+        } else {
+            self.epoll
+                .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+        };
+        r.map_err(|e| DeviceError::Host(format!("epoll: {e}")))?;
+        self.watching = on;
+        Ok(())
+    }
+
+    /// No driver: forget the connections and keep the host fd quiet.
+    fn stop(&mut self) {
+        self.muxer.reset();
+        let _ = self.watch(false);
+        let _ = self.wake.read();
+        self.active = None;
     }
 }
 
@@ -301,7 +324,7 @@ impl VirtioDevice for Vsock {
             event,
             irq,
         });
-        Ok(())
+        self.watch(true)
     }
 
     fn queue_notified(&mut self, queue: u16) -> Result<(), DeviceError> {
@@ -317,9 +340,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn reset(&mut self) {
-        self.muxer.reset();
-        let _ = self.wake.read();
-        self.active = None;
+        self.stop();
         self.acked = 0;
     }
 
@@ -357,7 +378,6 @@ impl VirtioDevice for Vsock {
         let woken = self.wake.read().is_ok();
         self.muxer.process_events();
         if self.active.is_none() {
-            // Nobody to talk to: host clients wait (their CONNECT is answered later).
             return Ok(());
         }
         let r = self.pump(woken);

@@ -359,6 +359,17 @@ fn hostile_descriptors_need_a_reset() {
             ..
         })
     ));
+    // An absurd length.
+    let mut t = setup();
+    t.rig.post(1, &[(TXB, u32::MAX, false)]);
+    assert!(matches!(
+        t.dev.queue_notified(TX),
+        Err(DeviceError::Chain {
+            source: ChainError::BufferOutsideMemory { .. },
+            ..
+        })
+    ));
+    assert!(!readable(t.dev.host_fd().unwrap()), "stopped and quiet");
     let mut t = setup();
     t.rig.set_avail_idx(1, 500);
     assert!(matches!(
@@ -384,6 +395,31 @@ fn hostile_descriptors_need_a_reset() {
             source: ChainError::IndexOutOfRange { index: 200, .. }
         })
     ));
+}
+
+#[test]
+fn without_a_driver_host_clients_wait_quietly() {
+    let mut t = setup();
+    t.dev.reset();
+    let mut c = UnixStream::connect(&t.uds).unwrap();
+    c.write_all(b"CONNECT 1234\n").unwrap();
+    std::thread::sleep(Duration::from_millis(20));
+    assert!(
+        !readable(t.dev.host_fd().unwrap()),
+        "an inactive device does not wake the event loop"
+    );
+    // The driver comes back: the waiting client's REQUEST goes out.
+    t.rig = Rig::new(3, 64);
+    t.rx_seen = 0;
+    t.dev.ack_features(features::VERSION_1);
+    t.dev
+        .activate(t.rig.mem.clone(), t.rig.queues(false), t.rig.irq())
+        .unwrap();
+    t.post_rx(4);
+    t.settle();
+    let p = t.rx();
+    assert_eq!(p.len(), 1, "{p:?}");
+    assert_eq!(p[0].0.op, op::REQUEST);
 }
 
 #[test]
