@@ -1,0 +1,65 @@
+# Runs inside the KVM lab (busybox sh): boots the Debian test guest under ferro-vmm with 512 MiB
+# and `--balloon target=384`. The guest removes virtio_balloon (which deflates the balloon),
+# fills and frees 350 MiB of tmpfs (the VMM's RSS grows), then loads the driver again, which
+# inflates the balloon to the target: the VMM gives those pages back to the host and its RSS
+# falls. The lab prints ferro-vmm's VmRSS at each step. Output lines start with `G-` (guest)
+# or `L-` (lab) for tests/tests/lab_virtio_balloon.rs.
+set -u
+cd /lab
+RD="--initrd /guest/initramfs.cpio.gz"
+CL="console=ttyS0 quiet panic=-1 probe.exit=shell"
+
+waitfor() {
+    n=0
+    while ! tr -d '\r' < "$1" 2>/dev/null | grep -q "$2"; do
+        sleep 1
+        n=$((n + 1))
+        [ "$n" -ge "$3" ] && return 1
+    done
+    return 0
+}
+rss() { awk '/^VmRSS:/ {print $2}' "/proc/$pid/status"; }
+
+rm -f /tmp/in /tmp/c.txt /tmp/e.txt
+mkfifo /tmp/in
+# shellcheck disable=SC2086  # word splitting of $RD is wanted
+ferro-vmm --kernel /guest/bzImage $RD --cmdline "$CL" --cpus 2 --memory 512 \
+    --balloon target=384 < /tmp/in > /tmp/c.txt 2> /tmp/e.txt &
+pid=$!
+exec 3> /tmp/in
+if waitfor /tmp/c.txt 'linux-probe:' 90; then
+    sleep 2
+    echo "L-RSS-BOOT $(rss)"
+    cat >&3 <<'EOF2'
+BAL=$(grep virtio_balloon /etc/modules.order)
+rmmod virtio_balloon && echo "G-RMMOD ok"
+mkdir -p /mnt/fill && mount -t tmpfs -o size=400M tmpfs /mnt/fill
+dd if=/dev/zero of=/mnt/fill/f bs=1M count=350 2>/dev/null; echo "G-FILLED $(du -m /mnt/fill/f | cut -f1)"
+EOF2
+else
+    echo "L-NO-LINUX"
+fi
+if waitfor /tmp/c.txt '^G-FILLED' 60; then
+    sleep 1
+    echo "L-RSS-FILLED $(rss)"
+    cat >&3 <<'EOF2'
+rm /mnt/fill/f; umount /mnt/fill; echo G-FREED
+insmod $BAL && echo "G-INSMOD ok"
+sleep 8; echo "G-MEMFREE $(awk '/^MemFree:/ {print $2}' /proc/meminfo)"
+EOF2
+    waitfor /tmp/c.txt '^G-MEMFREE' 60 || echo "L-NO-MEMFREE"
+    sleep 1
+    echo "L-RSS-INFLATED $(rss)"
+fi
+echo 'poweroff -f' >&3
+n=0
+while kill -0 "$pid" 2>/dev/null && [ "$n" -lt 30 ]; do sleep 1; n=$((n + 1)); done
+kill -9 "$pid" 2>/dev/null
+wait "$pid"
+echo "L-VMM rc=$?"
+tr -d '\r' < /tmp/c.txt | grep -v 'echo ' | grep -o 'G-[A-Z]* .*'
+echo "--- stderr"; cat /tmp/e.txt
+if ! grep -q 'G-MEMFREE' /tmp/c.txt; then
+    echo "--- console tail"; tr -d '\r' < /tmp/c.txt | tail -60
+fi
+echo "lab-virtio-balloon: done"
