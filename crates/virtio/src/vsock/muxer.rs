@@ -19,6 +19,7 @@ use std::net::Shutdown;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
@@ -34,6 +35,8 @@ const MAX_LINE: usize = 64;
 const FIRST_HOST_PORT: u32 = 1 << 30;
 /// Most bytes per data packet.
 pub const MAX_PAYLOAD: usize = 64 * 1024;
+/// How long a host program may take to send its CONNECT line.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Epoll token of the listener.
 const LISTENER: u64 = 0;
 
@@ -43,6 +46,7 @@ type Key = (u32, u32);
 struct Pending {
     stream: UnixStream,
     line: Vec<u8>,
+    since: Instant,
 }
 
 /// One connection: `local` is the host-side port, `peer` the guest's.
@@ -193,8 +197,21 @@ impl Muxer {
         self.ctrl.clear();
     }
 
-    /// Takes what the sockets have to say (called when [`Muxer::fd`] is readable).
+    /// Takes what the sockets have to say (called when [`Muxer::fd`] is readable). Host
+    /// programs that have not sent their CONNECT line within [`CONNECT_TIMEOUT`] are dropped.
     pub fn process_events(&mut self) {
+        let epoll = &self.epoll;
+        self.pending.retain(|_, p| {
+            let keep = p.since.elapsed() < CONNECT_TIMEOUT;
+            if !keep {
+                let _ = epoll.ctl(
+                    ControlOperation::Delete,
+                    p.stream.as_raw_fd(),
+                    EpollEvent::default(),
+                );
+            }
+            keep
+        });
         let mut events = [EpollEvent::default(); 64];
         let Ok(n) = self.epoll.wait(0, &mut events) else {
             return;
@@ -234,6 +251,7 @@ impl Muxer {
                         Pending {
                             stream: s,
                             line: Vec::new(),
+                            since: Instant::now(),
                         },
                     );
                     self.read_connect_line(t);
