@@ -285,3 +285,121 @@ const OVF: &str = r#"<?xml version="1.0" encoding="UTF-8"?>
   </VirtualSystem>
 </Envelope>
 "#;
+
+fn sha(path: &Path) -> Vec<u8> {
+    std::fs::read(path).expect("read")
+}
+
+fn backing_of(path: &Path) -> String {
+    let out = Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(path)
+        .output()
+        .expect("qemu-img info");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("json");
+    v["backing-filename"].as_str().unwrap_or("").to_string()
+}
+
+#[test]
+fn template_from_vm_and_image_make_linked_vms() {
+    if !have_qemu_img("template_from_vm_and_image_make_linked_vms") {
+        return;
+    }
+    let d = Daemon::start("tpl");
+    let w = scratch("tpl");
+    let (raw, bytes) = known_raw(&w);
+    let kernel = w.join("kernel");
+    std::fs::write(&kernel, b"not booted here").unwrap();
+    let k = kernel.to_str().unwrap();
+    d.json(&[
+        "vm",
+        "create",
+        "src",
+        "--kernel",
+        k,
+        "--cmdline",
+        "console=ttyS0 tpl=1",
+        "--cpus",
+        "2",
+        "--memory",
+        "128",
+        "--disk",
+        &format!("path={}", raw.display()),
+    ]);
+    let t = d.json(&["template", "create", "base", "--from-vm", "src"]);
+    assert_eq!(t["source"], "vm:src", "{t}");
+    assert_eq!(
+        (t["cpus"].as_u64(), t["memory_mib"].as_u64()),
+        (Some(2), Some(128))
+    );
+    assert_eq!(t["cmdline"], "console=ttyS0 tpl=1");
+    let base = PathBuf::from(t["disks"][0].as_str().unwrap());
+    assert!(base.starts_with(d.dir.join("templates/base")), "{t}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&base).unwrap().permissions().mode();
+        assert_eq!(mode & 0o222, 0, "the base is not read-only: {mode:o}");
+    }
+    assert_eq!(contents(&base, &w, bytes.len()), bytes);
+    let before = sha(&base);
+
+    // A VM from the template: a linked clone, made quickly.
+    let t0 = std::time::Instant::now();
+    let v = d.json(&["vm", "create", "web", "--template", "base"]);
+    let took = t0.elapsed();
+    println!("vm create --template took {took:?}");
+    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+    assert_eq!(
+        (v["cpus"].as_u64(), v["memory_mib"].as_u64()),
+        (Some(2), Some(128))
+    );
+    assert_eq!(v["kernel"], k);
+    let disk = PathBuf::from(v["disks"][0]["path"].as_str().unwrap());
+    assert!(disk.starts_with(d.dir.join("vms/web")), "{v}");
+    assert_eq!(backing_of(&disk), base.to_str().unwrap());
+    assert_eq!(contents(&disk, &w, bytes.len()), bytes);
+    // Writing the clone leaves the template untouched.
+    sh(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 64k"])
+        .arg(&disk));
+    assert_eq!(sha(&base), before, "the template changed");
+    assert_ne!(contents(&disk, &w, 16), bytes[..16]);
+
+    let list = d.json(&["template", "list"]);
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let r = d.ferro(&["template", "delete", "base"]);
+    assert!(r.stderr.contains("base of VM 'web'"), "{}", r.stderr);
+    let r = d.ferro(&["vm", "create", "x", "--template", "nope"]);
+    assert!(
+        r.stderr.contains("no template named 'nope'"),
+        "{}",
+        r.stderr
+    );
+    assert!(!d.dir.join("vms/x").exists());
+
+    // From an image: the image's file is the base; the image cannot go while it is.
+    let v = import(&d, &raw, "img");
+    let t = d.json(&["template", "create", "fromimg", "--from-image", "img"]);
+    assert_eq!(t["disks"][0], v["path"]);
+    let r = d.ferro(&["vm", "create", "w2", "--template", "fromimg"]);
+    assert!(r.stderr.contains("has no kernel"), "{}", r.stderr);
+    let v2 = d.json(&["vm", "create", "w2", "--template", "fromimg", "--kernel", k]);
+    let disk2 = PathBuf::from(v2["disks"][0]["path"].as_str().unwrap());
+    assert_eq!(backing_of(&disk2), v["path"].as_str().unwrap());
+    let r = d.ferro(&["image", "delete", "img"]);
+    assert!(
+        r.stderr.contains("in use") || r.stderr.contains("template"),
+        "{}",
+        r.stderr
+    );
+    d.json(&["vm", "delete", "w2"]);
+    let r = d.ferro(&["image", "delete", "img"]);
+    assert!(
+        r.stderr.contains("base of template 'fromimg'"),
+        "{}",
+        r.stderr
+    );
+    d.json(&["template", "delete", "fromimg"]);
+    d.json(&["image", "delete", "img"]);
+    let _ = std::fs::remove_dir_all(&w);
+}

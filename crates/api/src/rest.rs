@@ -109,7 +109,9 @@ impl std::str::FromStr for RestartPolicy {
 pub struct CreateVm {
     /// Unique name: 1 to 63 of `a-z A-Z 0-9 - _ .`, not starting with `.` or `-`.
     pub name: String,
-    /// Kernel file on the host (PVH ELF, vmlinux or bzImage).
+    /// Kernel file on the host (PVH ELF, vmlinux or bzImage); may be left out with a
+    /// `template` that has one.
+    #[serde(default)]
     #[schema(value_type = String)]
     pub kernel: PathBuf,
     /// Initial ramdisk on the host.
@@ -139,6 +141,10 @@ pub struct CreateVm {
     /// Start it right after creating it.
     #[serde(default)]
     pub start: bool,
+    /// A template to make it from: its disks become qcow2 overlays on the template's bases
+    /// (first), and its kernel, initrd, command line, CPUs and memory fill what is not given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 /// `PATCH /v1/vms/{name}`: change a stopped VM (the restart policy may change at any time).

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use ferro_api::rest::{ApiErrorBody, CreateVm, EditVm, HostInfo, Vm, VmEvent};
-use ferro_api::storage::{Image, ImportImage};
+use ferro_api::storage::{CreateTemplate, Image, ImportImage, Template};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
@@ -243,6 +243,15 @@ impl Client {
     /// Imports an image (synchronous: returns when it is stored).
     pub async fn import_image(&self, req: &ImportImage) -> Result<Image, ClientError> {
         self.call(Method::POST, "/v1/images", Some(to_json(req)?))
+            .await
+    }
+    /// Every template.
+    pub async fn list_templates(&self) -> Result<Vec<Template>, ClientError> {
+        self.call(Method::GET, "/v1/templates", None).await
+    }
+    /// Makes a template.
+    pub async fn create_template(&self, req: &CreateTemplate) -> Result<Template, ClientError> {
+        self.call(Method::POST, "/v1/templates", Some(to_json(req)?))
             .await
     }
     /// `DELETE path`, expecting no body.

@@ -64,12 +64,9 @@ enum Cmd {
     /// Disk images: import, list, delete.
     #[command(subcommand)]
     Image(storage::ImageCmd),
-    /// Templates (not implemented yet).
-    Template {
-        /// Arguments.
-        #[arg(trailing_var_arg = true)]
-        args: Vec<String>,
-    },
+    /// Templates: read-only base disks VMs are made from as linked clones.
+    #[command(subcommand)]
+    Template(storage::TemplateCmd),
     /// Facts about the daemon.
     Info,
     /// Print a shell completion script (bash, zsh, fish, ...).
@@ -98,8 +95,8 @@ enum VmCmd {
         /// Kernel command line.
         #[arg(long)]
         cmdline: Option<String>,
-        /// A template to create it from (not implemented yet).
-        #[arg(long, conflicts_with = "kernel")]
+        /// A template to create it from (its disks become linked clones of the template's).
+        #[arg(long)]
         template: Option<String>,
         /// vCPUs.
         #[arg(long)]
@@ -283,9 +280,6 @@ fn create_request(cmd: &VmCmd) -> Result<CreateVm> {
     else {
         bail!("not a create command");
     };
-    if template.is_some() {
-        bail!("templates are not implemented yet: create the VM with --kernel or --spec");
-    }
     let mut cfg = match spec {
         Some(path) => ferro_api::VmConfig::from_file(path)?,
         None => ferro_api::VmConfig::new(PathBuf::new()),
@@ -317,6 +311,7 @@ fn create_request(cmd: &VmCmd) -> Result<CreateVm> {
         nets: cfg.nets,
         restart: *restart,
         start: *start,
+        template: template.clone(),
     })
 }
 
@@ -409,7 +404,7 @@ async fn client_main(cli: &Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Image(cmd) => storage::run(&c, cmd, cli.json).await,
-        Cmd::Template { .. } => Ok(c.post_raw("/v1/templates").await?),
+        Cmd::Template(cmd) => storage::template(&c, cmd, cli.json).await,
         Cmd::Daemon { .. } | Cmd::Completions { .. } => Ok(()),
     }
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Subcommand;
-use ferro_api::storage::{Image, ImportImage};
+use ferro_api::storage::{CreateTemplate, Image, ImportImage, Template};
 
 use crate::client::Client;
 
@@ -100,6 +100,88 @@ pub async fn run(c: &Client, cmd: &ImageCmd, as_json: bool) -> Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// Template subcommands.
+#[derive(Subcommand, Debug)]
+pub enum TemplateCmd {
+    /// Make a template from a stopped VM (its disks are copied) or from an image.
+    Create {
+        /// The template's name.
+        name: String,
+        /// A stopped VM.
+        #[arg(
+            long,
+            required_unless_present = "from_image",
+            conflicts_with = "from_image"
+        )]
+        from_vm: Option<String>,
+        /// An image.
+        #[arg(long)]
+        from_image: Option<String>,
+    },
+    /// List templates.
+    List,
+    /// Delete a template (refused while a VM is based on it).
+    Delete {
+        /// The template.
+        name: String,
+    },
+}
+
+fn template_table(list: &[Template]) {
+    println!(
+        "{:<24} {:<20} {:>5} {:>8} {:>5}",
+        "NAME", "SOURCE", "CPUS", "MEMORY", "DISKS"
+    );
+    for t in list {
+        println!(
+            "{:<24} {:<20} {:>5} {:>7}M {:>5}",
+            t.name,
+            t.source,
+            t.cpus,
+            t.memory_mib,
+            t.disks.len()
+        );
+    }
+}
+
+/// Runs a template subcommand.
+pub async fn template(c: &Client, cmd: &TemplateCmd, as_json: bool) -> Result<()> {
+    let list = match cmd {
+        TemplateCmd::Create {
+            name,
+            from_vm,
+            from_image,
+        } => {
+            let req = CreateTemplate {
+                name: name.clone(),
+                from_vm: from_vm.clone(),
+                from_image: from_image.clone(),
+            };
+            let t = c.create_template(&req).await?;
+            if as_json {
+                return json(&t);
+            }
+            vec![t]
+        }
+        TemplateCmd::List => c.list_templates().await?,
+        TemplateCmd::Delete { name } => {
+            c.delete(&format!("/v1/templates/{name}")).await?;
+            if as_json {
+                println!("{{}}");
+            } else {
+                println!("deleted template {name}");
+            }
+            return Ok(());
+        }
+    };
+    if as_json {
+        json(&list)
+    } else {
+        template_table(&list);
+        Ok(())
     }
 }
 

@@ -178,6 +178,29 @@ fn convert_one(src: &Path, dst: &Path, shown: &Path) -> Result<Probe, DaemonErro
     Ok(p)
 }
 
+/// Copies `src` (of `format`) into a new standalone qcow2 at `dst` (blocking); a backing
+/// chain is flattened. `dst` is removed on failure.
+pub(crate) fn copy_to_qcow2(src: &Path, format: &str, dst: &Path) -> Result<(), DaemonError> {
+    let out = qemu_img(&[
+        "convert".as_ref(),
+        "-f".as_ref(),
+        format.as_ref(),
+        "-O".as_ref(),
+        "qcow2".as_ref(),
+        src.as_os_str(),
+        dst.as_os_str(),
+    ])?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        let _ = std::fs::remove_file(dst);
+        Err(DaemonError::Io {
+            what: format!("cannot copy {}", src.display()),
+            source: std::io::Error::other(last_line(&out)),
+        })
+    }
+}
+
 /// A temporary folder removed on drop.
 struct TempDir(PathBuf);
 
@@ -469,6 +492,11 @@ pub async fn delete(sup: &Supervisor, name: &str) -> Result<(), DaemonError> {
                 vm.name
             )));
         }
+    }
+    if let Some(t) = sup.store(|s| crate::templates::uses_any(s, &img.disks))? {
+        return Err(DaemonError::Conflict(format!(
+            "image '{name}' is the base of template '{t}': delete the template first"
+        )));
     }
     sup.store(|s| {
         s.conn()

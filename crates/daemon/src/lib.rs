@@ -15,6 +15,7 @@ pub mod restart;
 pub mod routes;
 pub mod store;
 pub mod supervisor;
+pub mod templates;
 
 use std::path::{Path, PathBuf};
 

@@ -11,6 +11,7 @@ use crate::error::DaemonError;
 use crate::process;
 use crate::store::{self, now_ms, VmRecord};
 use crate::supervisor::Supervisor;
+use crate::templates;
 
 /// The API view of a stored VM.
 pub fn view(sup: &Supervisor, rec: &VmRecord) -> Vm {
@@ -94,8 +95,20 @@ pub async fn create(sup: &Supervisor, req: CreateVm) -> Result<Vm, DaemonError> 
     config.memory_mib = req.memory_mib.unwrap_or(config.memory_mib);
     config.disks = req.disks;
     config.nets = req.nets;
-    check_config(&config)?;
-    let rec = VmRecord {
+    let template = match &req.template {
+        Some(t) => Some(sup.store(|s| templates::get(s, t))?),
+        None => None,
+    };
+    if let Some(t) = &template {
+        templates::fill(t, &mut config, req.cpus.is_none(), req.memory_mib.is_none())?;
+        // The overlays are made under the VM lock below; check the rest first.
+        let mut without = config.clone();
+        without.disks.clear();
+        check_config(&without)?;
+    } else {
+        check_config(&config)?;
+    }
+    let mut rec = VmRecord {
         name: req.name.clone(),
         config,
         restart: req.restart,
@@ -106,15 +119,43 @@ pub async fn create(sup: &Supervisor, req: CreateVm) -> Result<Vm, DaemonError> 
     };
     let _guard = sup.vm_lock(&rec.name).await;
     let dir = sup.dir(&rec.name);
-    sup.store(|s| {
-        s.transaction(|tx| {
-            store::insert_vm(tx, &rec)?;
-            store::insert_event(tx, &rec.name, "created", "VM defined")?;
-            // Last step, so a failure before it leaves no directory behind.
-            std::fs::create_dir_all(&dir.0)
-                .map_err(DaemonError::io("cannot create the VM directory"))
-        })
-    })?;
+    if let Some(t) = &template {
+        if sup.store(|s| s.get(&rec.name)).is_ok() {
+            return Err(DaemonError::Exists(rec.name.clone()));
+        }
+        std::fs::create_dir_all(&dir.0)
+            .map_err(DaemonError::io("cannot create the VM directory"))?;
+        let made = templates::overlays(t, &dir.0).and_then(|mut disks| {
+            disks.append(&mut rec.config.disks);
+            rec.config.disks = disks;
+            check_config(&rec.config)?;
+            sup.store(|s| {
+                s.transaction(|tx| {
+                    store::insert_vm(tx, &rec)?;
+                    store::insert_event(
+                        tx,
+                        &rec.name,
+                        "created",
+                        &format!("VM defined from template '{}'", t.name),
+                    )
+                })
+            })
+        });
+        if let Err(e) = made {
+            let _ = std::fs::remove_dir_all(&dir.0);
+            return Err(e);
+        }
+    } else {
+        sup.store(|s| {
+            s.transaction(|tx| {
+                store::insert_vm(tx, &rec)?;
+                store::insert_event(tx, &rec.name, "created", "VM defined")?;
+                // Last step, so a failure before it leaves no directory behind.
+                std::fs::create_dir_all(&dir.0)
+                    .map_err(DaemonError::io("cannot create the VM directory"))
+            })
+        })?;
+    }
     if req.start {
         sup.start_locked(&rec, false).await?;
     }

@@ -13,13 +13,13 @@ use axum::{Json, Router};
 use ferro_api::rest::{
     ApiErrorBody, CreateVm, EditVm, HostInfo, RestartPolicy, Vm, VmEvent, VmState,
 };
-use ferro_api::storage::{Image, ImportImage};
+use ferro_api::storage::{CreateTemplate, Image, ImportImage, Template};
 use serde::Deserialize;
 use utoipa::OpenApi;
 
 use crate::error::{error_response, DaemonError};
 use crate::supervisor::Supervisor;
-use crate::{images, ops};
+use crate::{images, ops, templates};
 
 type ApiResult<T> = Result<T, DaemonError>;
 
@@ -57,13 +57,17 @@ fn bad_query(e: QueryRejection) -> DaemonError {
         list_images,
         import_image,
         delete_image,
-        templates
+        list_templates,
+        create_template,
+        delete_template
     ),
     components(schemas(
         ApiErrorBody,
         CreateVm,
+        CreateTemplate,
         Image,
         ImportImage,
+        Template,
         EditVm,
         HostInfo,
         RestartPolicy,
@@ -106,7 +110,11 @@ pub fn router(sup: Supervisor) -> Router {
         .route("/v1/vms/{name}/clone", post(clone_vm))
         .route("/v1/images", get(list_images).post(import_image))
         .route("/v1/images/{name}", axum::routing::delete(delete_image))
-        .route("/v1/templates", get(templates).post(templates))
+        .route("/v1/templates", get(list_templates).post(create_template))
+        .route(
+            "/v1/templates/{name}",
+            axum::routing::delete(delete_template),
+        )
         .fallback(|m: axum::http::Method, uri: axum::http::Uri| async move {
             error_response(
                 StatusCode::NOT_FOUND,
@@ -382,10 +390,36 @@ async fn delete_image(
     Ok(StatusCode::NO_CONTENT)
 }
 
-/// Templates (not implemented yet).
-#[utoipa::path(get, path = "/v1/templates", responses((status = 501, body = ApiErrorBody)))]
-async fn templates() -> DaemonError {
-    DaemonError::NotImplemented("templates")
+/// Every template.
+#[utoipa::path(get, path = "/v1/templates", responses((status = 200, body = Vec<Template>)))]
+async fn list_templates(State(sup): State<Supervisor>) -> ApiResult<Json<Vec<Template>>> {
+    Ok(Json(sup.store(|s| templates::list(s))?))
+}
+
+/// Makes a template from a stopped VM (its disks are copied) or from an image.
+#[utoipa::path(post, path = "/v1/templates", request_body = CreateTemplate, responses(
+    (status = 201, body = Template), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+    (status = 409, body = ApiErrorBody)))]
+async fn create_template(
+    State(sup): State<Supervisor>,
+    body: Result<Json<CreateTemplate>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Template>)> {
+    let Json(req) = body.map_err(bad_json)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(templates::create(&sup, req).await?),
+    ))
+}
+
+/// Deletes a template (refused while a VM is based on it).
+#[utoipa::path(delete, path = "/v1/templates/{name}", params(("name" = String, Path)), responses(
+    (status = 204), (status = 404, body = ApiErrorBody), (status = 409, body = ApiErrorBody)))]
+async fn delete_template(
+    State(sup): State<Supervisor>,
+    Path(name): Path<String>,
+) -> ApiResult<StatusCode> {
+    templates::delete(&sup, &name).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 #[cfg(test)]

@@ -40,6 +40,12 @@ pub const MIGRATIONS: &[&str] = &[
         data TEXT NOT NULL,
         created_ms INTEGER NOT NULL
     );",
+    // 3: templates; each row's `data` is the API's `Template` as JSON.
+    "CREATE TABLE templates (
+        name TEXT PRIMARY KEY,
+        data TEXT NOT NULL,
+        created_ms INTEGER NOT NULL
+    );",
 ];
 
 /// One VM as stored.
