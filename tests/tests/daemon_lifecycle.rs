@@ -158,7 +158,7 @@ fn daemon_malformed_requests_get_json_errors() {
         ("GET /v1/vms/nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404, "not_found"),
         ("GET /v2/what HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404, "not_found"),
         ("PUT /v1/vms HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 405, "method_not_allowed"),
-        ("POST /v1/vms/a/clone HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 501, "not_implemented"),
+        ("POST /v1/vms/a/clone HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 400, "bad_request"),
         ("POST /v1/vms/a/stop?timeout=abc HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 400, "bad_request"),
     ] {
         let (s, b) = d.http(req);

@@ -403,3 +403,73 @@ fn template_from_vm_and_image_make_linked_vms() {
     d.json(&["image", "delete", "img"]);
     let _ = std::fs::remove_dir_all(&w);
 }
+
+#[test]
+fn vm_clone_full_and_linked() {
+    if !have_qemu_img("vm_clone_full_and_linked") {
+        return;
+    }
+    let d = Daemon::start("clone");
+    let w = scratch("clone");
+    let (raw, bytes) = known_raw(&w);
+    let kernel = w.join("kernel");
+    std::fs::write(&kernel, b"not booted here").unwrap();
+    d.json(&[
+        "vm",
+        "create",
+        "src",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--cpus",
+        "2",
+        "--disk",
+        &format!("path={}", raw.display()),
+    ]);
+
+    // Full: a standalone copy under the clone's folder; the source is unchanged.
+    let v = d.json(&["vm", "clone", "src", "full"]);
+    assert_eq!(
+        (v["name"].as_str(), v["cpus"].as_u64()),
+        (Some("full"), Some(2))
+    );
+    let full = PathBuf::from(v["disks"][0]["path"].as_str().unwrap());
+    assert!(full.starts_with(d.dir.join("vms/full")), "{v}");
+    assert_eq!(backing_of(&full), "");
+    assert_eq!(contents(&full, &w, bytes.len()), bytes);
+    let s = d.json(&["vm", "show", "src"]);
+    assert_eq!(s["disks"][0]["path"], raw.to_str().unwrap());
+
+    // Linked: both VMs get overlays on the frozen, read-only source disk.
+    let v = d.json(&["vm", "clone", "src", "lk", "--linked"]);
+    let lk = PathBuf::from(v["disks"][0]["path"].as_str().unwrap());
+    assert!(lk.starts_with(d.dir.join("vms/lk")), "{v}");
+    assert_eq!(backing_of(&lk), raw.to_str().unwrap());
+    let s = d.json(&["vm", "show", "src"]);
+    let src_disk = PathBuf::from(s["disks"][0]["path"].as_str().unwrap());
+    assert!(src_disk.starts_with(d.dir.join("vms/src")), "{s}");
+    assert_eq!(backing_of(&src_disk), raw.to_str().unwrap());
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&raw).unwrap().permissions().mode();
+        assert_eq!(mode & 0o222, 0, "the base is not read-only: {mode:o}");
+    }
+    let before = sha(&raw);
+    sh(Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", "write -P 0x5a 0 64k"])
+        .arg(&lk));
+    assert_eq!(sha(&raw), before, "the base changed");
+    assert_eq!(
+        contents(&src_disk, &w, bytes.len()),
+        bytes,
+        "the source saw the clone's write"
+    );
+
+    let r = d.ferro(&["vm", "clone", "src", "lk"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("exists already"), "{}", r.stderr);
+    let r = d.ferro(&["vm", "clone", "src", "src"]);
+    assert!(r.stderr.contains("exists already"), "{}", r.stderr);
+    let r = d.ferro(&["vm", "clone", "nope", "x"]);
+    assert!(r.stderr.contains("no VM named 'nope'"), "{}", r.stderr);
+    let _ = std::fs::remove_dir_all(&w);
+}

@@ -88,3 +88,15 @@ pub struct CreateTemplate {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub from_image: Option<String>,
 }
+
+/// `POST /v1/vms/{name}/clone`: a new VM from a stopped one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CloneVm {
+    /// The new VM's name.
+    pub name: String,
+    /// A linked clone (qcow2 overlays on the source's disks, which become read-only bases)
+    /// instead of a full copy.
+    #[serde(default)]
+    pub linked: bool,
+}

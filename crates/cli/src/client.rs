@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use ferro_api::rest::{ApiErrorBody, CreateVm, EditVm, HostInfo, Vm, VmEvent};
-use ferro_api::storage::{CreateTemplate, Image, ImportImage, Template};
+use ferro_api::storage::{CloneVm, CreateTemplate, Image, ImportImage, Template};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper::{Method, Request, StatusCode};
@@ -254,15 +254,18 @@ impl Client {
         self.call(Method::POST, "/v1/templates", Some(to_json(req)?))
             .await
     }
+    /// Clones a VM.
+    pub async fn clone_vm(&self, src: &str, req: &CloneVm) -> Result<Vm, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/vms/{src}/clone"),
+            Some(to_json(req)?),
+        )
+        .await
+    }
     /// `DELETE path`, expecting no body.
     pub async fn delete(&self, path: &str) -> Result<(), ClientError> {
         let (status, bytes) = self.raw(Method::DELETE, path, None).await?;
-        check(status, &bytes)
-    }
-
-    /// The daemon's view of an endpoint we do not model yet (answers with the API's error).
-    pub async fn post_raw(&self, path: &str) -> Result<(), ClientError> {
-        let (status, bytes) = self.raw(Method::POST, path, Some(b"{}".to_vec())).await?;
         check(status, &bytes)
     }
 }

@@ -202,7 +202,8 @@ enum VmCmd {
         /// The VM.
         name: String,
     },
-    /// Clone a VM (not implemented yet).
+    /// Clone a stopped VM: a full copy, or with --linked qcow2 overlays (the source's disks
+    /// become read-only bases under overlays of its own).
     Clone {
         /// Source VM.
         src: String,
@@ -376,9 +377,15 @@ async fn vm(cli: &Cli, c: &Client, cmd: &VmCmd) -> Result<()> {
             print!("{}", c.log(name).await?);
             Ok(())
         }
-        VmCmd::Clone { src, .. } => {
-            c.post_raw(&format!("/v1/vms/{src}/clone")).await?;
-            Ok(())
+        VmCmd::Clone { src, dst, linked } => {
+            if !linked && !json {
+                eprintln!("copying the disks of {src} ...");
+            }
+            let req = ferro_api::storage::CloneVm {
+                name: dst.clone(),
+                linked: *linked,
+            };
+            one(c.clone_vm(src, &req).await?)
         }
     }
 }

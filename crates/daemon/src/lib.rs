@@ -5,6 +5,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod clone;
 pub mod error;
 pub mod images;
 pub mod ops;

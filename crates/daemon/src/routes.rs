@@ -13,7 +13,7 @@ use axum::{Json, Router};
 use ferro_api::rest::{
     ApiErrorBody, CreateVm, EditVm, HostInfo, RestartPolicy, Vm, VmEvent, VmState,
 };
-use ferro_api::storage::{CreateTemplate, Image, ImportImage, Template};
+use ferro_api::storage::{CloneVm, CreateTemplate, Image, ImportImage, Template};
 use serde::Deserialize;
 use utoipa::OpenApi;
 
@@ -63,6 +63,7 @@ fn bad_query(e: QueryRejection) -> DaemonError {
     ),
     components(schemas(
         ApiErrorBody,
+        CloneVm,
         CreateVm,
         CreateTemplate,
         Image,
@@ -354,10 +355,21 @@ async fn vm_console(
         .unwrap_or_default())
 }
 
-/// Clones a VM (not implemented yet).
-#[utoipa::path(post, path = "/v1/vms/{name}/clone", params(("name" = String, Path)), responses((status = 501, body = ApiErrorBody)))]
-async fn clone_vm() -> DaemonError {
-    DaemonError::NotImplemented("cloning VMs")
+/// Clones a stopped VM: a full copy of its disks (synchronous), or a linked clone (qcow2
+/// overlays; the source's disks become read-only bases under overlays of its own).
+#[utoipa::path(post, path = "/v1/vms/{name}/clone", params(("name" = String, Path)), request_body = CloneVm, responses(
+    (status = 201, body = Vm), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+    (status = 409, body = ApiErrorBody)))]
+async fn clone_vm(
+    State(sup): State<Supervisor>,
+    Path(name): Path<String>,
+    body: Result<Json<CloneVm>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<Vm>)> {
+    let Json(req) = body.map_err(bad_json)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(crate::clone::clone(&sup, &name, &req.name, req.linked).await?),
+    ))
 }
 
 /// Every imported image.
