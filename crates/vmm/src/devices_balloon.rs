@@ -36,10 +36,10 @@ impl PageReclaim for Madvise {
             if !(host as usize).is_multiple_of(PAGE as usize) || !n.is_multiple_of(PAGE) {
                 return Err(std::io::Error::other("unaligned range"));
             }
-            // SAFETY: `host..host + n` lies inside this region's mapping (off + n <= len), which
-            // `self.0` keeps mapped; MADV_DONTNEED on private anonymous memory only drops the
-            // pages' contents (the guest gave them up: it reads zeroes if it touches them
-            // again), it never unmaps anything Rust or KVM refer to.
+            // `host..host + n` lies inside this region's mapping (off + n <= len), which `self.0`
+            // keeps mapped; MADV_DONTNEED on private anonymous memory only drops the pages'
+            // contents (the guest gave them up: it reads zeroes if it touches them again).
+            // SAFETY: it never unmaps anything Rust or KVM refer to, as argued just above.
             let r = unsafe { libc::madvise(host.cast(), n as usize, libc::MADV_DONTNEED) };
             if r != 0 {
                 return Err(std::io::Error::last_os_error());

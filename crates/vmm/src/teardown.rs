@@ -44,11 +44,11 @@ pub fn exit(code: i32) -> ! {
         unsafe { PIPE = fds };
         // The stack must outlive this function: the process is ending, so leak it.
         let stack: &'static mut [u8] = Box::leak(vec![0u8; REAPER_STACK].into_boxed_slice());
-        // SAFETY: `stack` is writable memory that is never freed; its top is 16-byte aligned
-        // as the x86_64 ABI wants (the allocation is aligned, REAPER_STACK a multiple of 16).
-        // `reaper` touches only its stack and PIPE. Without CLONE_THREAD and with exit signal
-        // 0, the child is a separate process that nobody but init waits for. If clone fails,
-        // the teardown simply happens in our own exit.
+        // `stack` is writable memory that is never freed; its top is 16-byte aligned as the
+        // x86_64 ABI wants (the allocation is aligned, REAPER_STACK a multiple of 16). Without
+        // CLONE_THREAD and with exit signal 0, the child is a separate process that nobody but
+        // init waits for. If clone fails, the teardown simply happens in our own exit.
+        // SAFETY: by the above, and `reaper` touches only its stack and PIPE.
         unsafe {
             let top = stack.as_mut_ptr().add(REAPER_STACK).cast::<libc::c_void>();
             libc::clone(reaper, top, libc::CLONE_VM, std::ptr::null_mut());

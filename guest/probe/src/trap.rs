@@ -291,10 +291,10 @@ pub fn set_gate(vector: u8, handler: u64) {
 /// mode ran (with IF clear) end the sleep at once.
 #[inline(always)]
 pub fn wait_for_irq() {
-    // SAFETY: `int3` from CPL3 enters `isr_common` through the DPL3 gate, which (the return
-    // address not being `user_ret_point`) runs `sti; hlt; cli; iretq` on the trap stack and
-    // resumes here with every register and the user stack unchanged. Memory is clobbered on
-    // purpose: interrupt handlers update counters meanwhile.
+    // `int3` from CPL3 enters `isr_common` through the DPL3 gate, which (the return address
+    // not being `user_ret_point`) runs `sti; hlt; cli; iretq` on the trap stack. Memory is
+    // clobbered on purpose: interrupt handlers update counters meanwhile.
+    // SAFETY: it resumes here with every register and the user stack unchanged.
     unsafe { asm!("int3") };
 }
 
