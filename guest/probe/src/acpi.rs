@@ -17,7 +17,12 @@ pub struct Gas {
 
 impl Gas {
     fn read(at: u64) -> Option<Gas> {
-        let g = Gas { space: phys::r8(at), bit_width: phys::r8(at + 1), access: phys::r8(at + 3), addr: phys::r64(at + 4) };
+        let g = Gas {
+            space: phys::r8(at),
+            bit_width: phys::r8(at + 1),
+            access: phys::r8(at + 3),
+            addr: phys::r64(at + 4),
+        };
         (g.addr != 0).then_some(g)
     }
 
@@ -120,14 +125,22 @@ impl Acpi {
         a.oem.copy_from_slice(phys::bytes(rsdp + 9, 6));
         let rev = phys::r8(rsdp + 15);
         let xsdt = if rev >= 2 { phys::r64(rsdp + 24) } else { 0 };
-        let (root, esize) = if xsdt != 0 { (xsdt, 8) } else { (phys::r32(rsdp + 16) as u64, 4) };
+        let (root, esize) = if xsdt != 0 {
+            (xsdt, 8)
+        } else {
+            (phys::r32(rsdp + 16) as u64, 4)
+        };
         let len = phys::r32(root + 4) as u64;
         if root == 0 || !(36..=0x10000).contains(&len) {
             return a;
         }
         let mut p = root + 36;
         while p + esize <= root + len {
-            let t = if esize == 8 { phys::r64(p) } else { phys::r32(p) as u64 };
+            let t = if esize == 8 {
+                phys::r64(p)
+            } else {
+                phys::r32(p) as u64
+            };
             match phys::bytes(t, 4) {
                 b"APIC" => a.parse_madt(t),
                 b"FACP" => a.parse_fadt(t),
@@ -148,7 +161,11 @@ impl Acpi {
     /// each time: cheaper at CPL0 than keeping (and copying) a list.
     pub fn cpus(&self) -> impl Iterator<Item = u32> {
         let t = self.madt;
-        let end = if t == 0 { 0 } else { t + phys::r32(t + 4) as u64 };
+        let end = if t == 0 {
+            0
+        } else {
+            t + phys::r32(t + 4) as u64
+        };
         let mut p = t + 44;
         core::iter::from_fn(move || {
             while p + 2 <= end {
@@ -195,7 +212,12 @@ impl Acpi {
         let pm1a = phys::r32(t + 64) as u64;
         self.pm1a_cnt = if len >= 184 { Gas::read(t + 172) } else { None };
         if self.pm1a_cnt.is_none() && pm1a != 0 {
-            self.pm1a_cnt = Some(Gas { space: 1, bit_width: 16, access: 2, addr: pm1a });
+            self.pm1a_cnt = Some(Gas {
+                space: 1,
+                bit_width: 16,
+                access: 2,
+                addr: pm1a,
+            });
         }
         if len >= 256 {
             self.sleep_ctl = Gas::read(t + 244);

@@ -87,7 +87,9 @@ fn hex(v: &[u8]) -> Option<u64> {
     let d = v.strip_prefix(b"0x")?;
     let mut n = 0u64;
     for &c in d {
-        n = n.checked_mul(16)?.checked_add((c as char).to_digit(16)? as u64)?;
+        n = n
+            .checked_mul(16)?
+            .checked_add((c as char).to_digit(16)? as u64)?;
     }
     (!d.is_empty()).then_some(n)
 }
@@ -123,7 +125,9 @@ impl DevOpts {
             balloon_changes: 0,
         };
         for tok in cmd.split(|&c| c == b' ' || c == b'\t' || c == b'\n') {
-            let Some(eq) = tok.iter().position(|&c| c == b'=') else { continue };
+            let Some(eq) = tok.iter().position(|&c| c == b'=') else {
+                continue;
+            };
             let (k, v) = (&tok[..eq], &tok[eq + 1..]);
             let n = crate::parse_num(v);
             match k {
@@ -179,7 +183,12 @@ impl DevOpts {
     }
 
     fn any(&self) -> bool {
-        self.pci || self.rng.is_some() || self.blk.is_some() || self.net.is_some() || self.vsock.is_some() || self.balloon
+        self.pci
+            || self.rng.is_some()
+            || self.blk.is_some()
+            || self.net.is_some()
+            || self.vsock.is_some()
+            || self.balloon
     }
 }
 
@@ -289,16 +298,34 @@ extern "sysv64" fn parse_user(arg: u64) -> u64 {
 }
 
 /// Runs the device part of the command line (nothing when no device key is given).
-pub fn run(cmdline: &'static [u8], si: &crate::pvh::StartInfo, ecam: u64, dsdt: u64, free: &crate::user::MemTest) {
-    let mut p = ParseArg { cmd: cmdline, opts: DevOpts::parse(&[]) };
+pub fn run(
+    cmdline: &'static [u8],
+    si: &crate::pvh::StartInfo,
+    ecam: u64,
+    dsdt: u64,
+    free: &crate::user::MemTest,
+) {
+    let mut p = ParseArg {
+        cmd: cmdline,
+        opts: DevOpts::parse(&[]),
+    };
     if !matches!(user_call(parse_user, &mut p as *mut ParseArg as u64), Ok(1)) {
         return;
     }
     let opts = p.opts;
     let mut c = Ctx {
         opts,
-        pci: Pci { ecam: if opts.pci_ecam != 0 { opts.pci_ecam } else { ecam } },
-        busy: Busy { r: [(0, 0); 48], n: 0 },
+        pci: Pci {
+            ecam: if opts.pci_ecam != 0 {
+                opts.pci_ecam
+            } else {
+                ecam
+            },
+        },
+        busy: Busy {
+            r: [(0, 0); 48],
+            n: 0,
+        },
         funcs: [Func::default(); MAX_FUNCS],
         nfuncs: 0,
         dma: Dma { next: 0, end: 0 },
@@ -320,7 +347,10 @@ pub fn run(cmdline: &'static [u8], si: &crate::pvh::StartInfo, ecam: u64, dsdt: 
         // The first range of at least 8 MiB; at most half of it, so the balloon keeps some.
         if c.dma.end == 0 && e - s >= 8 << 20 {
             let len = DMA_BYTES.min((e - s) / 2);
-            c.dma = Dma { next: s, end: s + len };
+            c.dma = Dma {
+                next: s,
+                end: s + len,
+            };
             if c.nspare < c.spare.len() {
                 c.spare[c.nspare] = (s + len, e);
                 c.nspare += 1;

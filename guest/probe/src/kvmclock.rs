@@ -40,7 +40,9 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 /// Whether the hypervisor is KVM (CPUID 0x40000000 signature "KVMKVMKVM\0\0\0").
 pub fn is_kvm() -> bool {
     let (_, b, c, d) = cpuid(0x4000_0000, 0);
-    b == u32::from_le_bytes(*b"KVMK") && c == u32::from_le_bytes(*b"VMKV") && d == u32::from_le_bytes(*b"M\0\0\0")
+    b == u32::from_le_bytes(*b"KVMK")
+        && c == u32::from_le_bytes(*b"VMKV")
+        && d == u32::from_le_bytes(*b"M\0\0\0")
 }
 
 /// Registers the pvclock page with KVM if the CPU offers kvmclock. Returns whether it did.

@@ -60,9 +60,19 @@ pub(crate) fn parse_num(v: &[u8]) -> Option<u64> {
 }
 
 fn parse_cmdline(cmd: &[u8]) -> Opts {
-    let mut o = Opts { exit: Exit::Poweroff, smp: true, pio: None, pio_kernel: false, work: None, memtest: None, input: None };
+    let mut o = Opts {
+        exit: Exit::Poweroff,
+        smp: true,
+        pio: None,
+        pio_kernel: false,
+        work: None,
+        memtest: None,
+        input: None,
+    };
     for tok in cmd.split(|&c| c == b' ' || c == b'\t' || c == b'\n') {
-        let Some(eq) = tok.iter().position(|&c| c == b'=') else { continue };
+        let Some(eq) = tok.iter().position(|&c| c == b'=') else {
+            continue;
+        };
         let (k, v) = (&tok[..eq], &tok[eq + 1..]);
         match k {
             b"exit" => o.exit = Exit::parse(v).unwrap_or(Exit::Poweroff),
@@ -80,7 +90,11 @@ fn parse_cmdline(cmd: &[u8]) -> Opts {
 
 /// RAM ranges above the probe image, clipped to the mapped part of the address space.
 fn free_ram(si: &pvh::StartInfo) -> user::MemTest {
-    let mut m = user::MemTest { ranges: [(0, 0); user::MAX_RANGES], n: 0, bytes: 0 };
+    let mut m = user::MemTest {
+        ranges: [(0, 0); user::MAX_RANGES],
+        n: 0,
+        bytes: 0,
+    };
     let floor = (core::ptr::addr_of!(boot::__image_end) as u64 + 0x1f_ffff) & !0x1f_ffff;
     for e in si.entries() {
         if e.kind != 1 || m.n == user::MAX_RANGES {
@@ -109,7 +123,13 @@ extern "sysv64" fn kmain(start_info: u32) -> ! {
 
     let (mut ram, mut ram_end) = (0u64, 0u64);
     for e in si.entries() {
-        Line::new().s("e820=").hex(e.addr).s(",").hex(e.size).s(",").dec(e.kind as u64);
+        Line::new()
+            .s("e820=")
+            .hex(e.addr)
+            .s(",")
+            .hex(e.size)
+            .s(",")
+            .dec(e.kind as u64);
         if e.kind == 1 {
             ram += e.size;
             ram_end = ram_end.max(e.addr.saturating_add(e.size));
@@ -143,7 +163,11 @@ extern "sysv64" fn kmain(start_info: u32) -> ! {
     }
     Line::new().s("kvmclock=").dec(kvmclock as u64);
 
-    let online = if opts.smp && acpi.ncpus > 1 { smp::start_aps(&acpi) } else { 1 };
+    let online = if opts.smp && acpi.ncpus > 1 {
+        smp::start_aps(&acpi)
+    } else {
+        1
+    };
     Line::new().s("cpus_online=").dec(online as u64);
 
     let t = rtc::read();
@@ -156,21 +180,51 @@ extern "sysv64" fn kmain(start_info: u32) -> ! {
         two(&mut l, t.min).s(":");
         two(&mut l, t.sec);
     }
-    Line::new().s("user=").s(if user_ok { "ok" } else { "fail" });
+    Line::new()
+        .s("user=")
+        .s(if user_ok { "ok" } else { "fail" });
 
     if let Some(n) = opts.pio {
-        let ns = if opts.pio_kernel { user::pio_kernel(n) } else { user::pio(n).unwrap_or(0) };
-        let per_sec = if ns == 0 { 0 } else { (n as u128 * 1_000_000_000 / ns as u128) as u64 };
-        Line::new().s("pio_exits=").dec(n).s(" pio_ns=").dec(ns).s(" pio_per_sec=").dec(per_sec);
+        let ns = if opts.pio_kernel {
+            user::pio_kernel(n)
+        } else {
+            user::pio(n).unwrap_or(0)
+        };
+        let per_sec = if ns == 0 {
+            0
+        } else {
+            (n as u128 * 1_000_000_000 / ns as u128) as u64
+        };
+        Line::new()
+            .s("pio_exits=")
+            .dec(n)
+            .s(" pio_ns=")
+            .dec(ns)
+            .s(" pio_per_sec=")
+            .dec(per_sec);
     }
     let free = free_ram(&si);
     if let Some(rounds) = opts.work {
-        let buf = free.ranges[..free.n].iter().find(|r| r.1 - r.0 >= user::WORK_BYTES).map(|r| r.0);
-        let mut w = user::Work { rounds, buf: buf.unwrap_or(0), sum: 0, ns: 0 };
+        let buf = free.ranges[..free.n]
+            .iter()
+            .find(|r| r.1 - r.0 >= user::WORK_BYTES)
+            .map(|r| r.0);
+        let mut w = user::Work {
+            rounds,
+            buf: buf.unwrap_or(0),
+            sum: 0,
+            ns: 0,
+        };
         if buf.is_none() || !user::work(&mut w) {
             w.sum = 0;
         }
-        Line::new().s("work_rounds=").dec(rounds).s(" work_ns=").dec(w.ns).s(" work_sum=").hex(w.sum);
+        Line::new()
+            .s("work_rounds=")
+            .dec(rounds)
+            .s(" work_ns=")
+            .dec(w.ns)
+            .s(" work_sum=")
+            .hex(w.sum);
     }
     if let Some(mib) = opts.memtest {
         let mut m = free;

@@ -32,7 +32,10 @@ impl Msix {
         if bar.size == 0 || off + size as u64 * 16 > bar.size {
             return None;
         }
-        let m = Msix { table: bar.addr + off, size };
+        let m = Msix {
+            table: bar.addr + off,
+            size,
+        };
         // Function mask on while the table is written, then enable and unmask.
         pci.w16(f.dev, f.func, cap + 2, (ctl & !0x8000) | 0x4000);
         for i in 0..size {

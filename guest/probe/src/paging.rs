@@ -22,7 +22,10 @@ extern "sysv64" fn fill_pd_high(n: u64) -> u64 {
         for j in 0..512u64 {
             // SAFETY: g - 4 < 60 and j < 512 stay inside `pd_high`; these tables are not yet
             // referenced by any paging structure, so writing them has no effect on translation.
-            unsafe { base.add(((g - 4) * 512 + j) as usize).write_volatile((g * GIB + (j << 21)) | 0x87) };
+            unsafe {
+                base.add(((g - 4) * 512 + j) as usize)
+                    .write_volatile((g * GIB + (j << 21)) | 0x87)
+            };
         }
     }
     0
@@ -43,7 +46,11 @@ pub fn map_high(end: u64) -> u64 {
     let pdpt = core::ptr::addr_of_mut!(boot::pdpt) as *mut u64;
     let pd = core::ptr::addr_of!(boot::pd_high) as u64;
     for g in 4..n {
-        let e = if one_g { (g * GIB) | 0x87 } else { (pd + (g - 4) * 4096) | 0x7 };
+        let e = if one_g {
+            (g * GIB) | 0x87
+        } else {
+            (pd + (g - 4) * 4096) | 0x7
+        };
         // SAFETY: g < 64 indexes inside the 512-entry PDPT; entries 4.. were not present, so
         // filling them only adds identity mappings of addresses nothing uses yet.
         unsafe { pdpt.add(g as usize).write_volatile(e) };

@@ -81,7 +81,11 @@ impl Pci {
     /// Offsets of the capabilities with id `id` of a function (up to 48 list entries).
     pub fn caps(&self, dev: u8, func: u8, id: u8) -> impl Iterator<Item = u16> + '_ {
         let has_list = self.r16(dev, func, 0x06) & 0x10 != 0;
-        let mut p = if has_list { self.r8(dev, func, 0x34) & 0xfc } else { 0 };
+        let mut p = if has_list {
+            self.r8(dev, func, 0x34) & 0xfc
+        } else {
+            0
+        };
         let mut left = 48;
         core::iter::from_fn(move || {
             while p >= 0x40 && left > 0 {
@@ -208,7 +212,13 @@ pub fn scan(pci: &Pci, busy: &mut Busy, out: &mut [Func; MAX_FUNCS]) -> usize {
                 hex2(&mut l, class as u64, 6);
             }
             if id & 0xffff == 0x1af4 && hdr & 0x7f == 0 && n < MAX_FUNCS {
-                let mut f = Func { dev, func, vendor: id as u16, device: (id >> 16) as u16, ..Default::default() };
+                let mut f = Func {
+                    dev,
+                    func,
+                    vendor: id as u16,
+                    device: (id >> 16) as u16,
+                    ..Default::default()
+                };
                 size_bars(pci, &mut f, busy);
                 out[n] = f;
                 n += 1;
@@ -252,7 +262,11 @@ fn size_bars(pci: &Pci, f: &mut Func, busy: &mut Busy) {
         } else if mask != 0 {
             mask |= 0xffff_ffff_0000_0000;
         }
-        let size = if mask == 0 { 0 } else { (!mask).wrapping_add(1) };
+        let size = if mask == 0 {
+            0
+        } else {
+            (!mask).wrapping_add(1)
+        };
         f.bars[i] = Bar { addr, size };
         if size != 0 && addr != 0 {
             busy.add(addr, size);

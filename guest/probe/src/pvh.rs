@@ -37,7 +37,13 @@ impl StartInfo {
     pub fn read(paddr: u64) -> StartInfo {
         let magic = phys::r32(paddr);
         if magic != MAGIC {
-            return StartInfo { valid: false, cmdline: &[], rsdp: 0, memmap: 0, memmap_entries: 0 };
+            return StartInfo {
+                valid: false,
+                cmdline: &[],
+                rsdp: 0,
+                memmap: 0,
+                memmap_entries: 0,
+            };
         }
         let version = phys::r32(paddr + 4);
         let cmd = phys::r64(paddr + 24);
@@ -49,15 +55,28 @@ impl StartInfo {
             }
             cmdline = phys::bytes(cmd, len);
         }
-        let (memmap, memmap_entries) =
-            if version >= 1 { (phys::r64(paddr + 40), phys::r32(paddr + 48)) } else { (0, 0) };
-        StartInfo { valid: true, cmdline, rsdp: phys::r64(paddr + 32), memmap, memmap_entries }
+        let (memmap, memmap_entries) = if version >= 1 {
+            (phys::r64(paddr + 40), phys::r32(paddr + 48))
+        } else {
+            (0, 0)
+        };
+        StartInfo {
+            valid: true,
+            cmdline,
+            rsdp: phys::r64(paddr + 32),
+            memmap,
+            memmap_entries,
+        }
     }
 
     /// Memory map entry `i`.
     pub fn entry(&self, i: u32) -> MemEntry {
         let a = self.memmap + i as u64 * 24;
-        MemEntry { addr: phys::r64(a), size: phys::r64(a + 8), kind: phys::r32(a + 16) }
+        MemEntry {
+            addr: phys::r64(a),
+            size: phys::r64(a + 8),
+            kind: phys::r32(a + 16),
+        }
     }
 
     /// Iterates the memory map.

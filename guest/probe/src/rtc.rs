@@ -28,7 +28,15 @@ fn bcd(v: u8) -> u8 {
 }
 
 fn raw() -> [u8; 7] {
-    [cmos(0x00), cmos(0x02), cmos(0x04), cmos(0x07), cmos(0x08), cmos(0x09), cmos(0x32)]
+    [
+        cmos(0x00),
+        cmos(0x02),
+        cmos(0x04),
+        cmos(0x07),
+        cmos(0x08),
+        cmos(0x09),
+        cmos(0x32),
+    ]
 }
 
 /// Reads the RTC: waits for UIP to clear, reads until two reads agree, honours register B.

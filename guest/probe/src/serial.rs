@@ -44,7 +44,12 @@ impl Line {
             if (0x20..0x7f).contains(&c) && c != b'\\' {
                 outb(COM1, c);
             } else {
-                raw(&[b'\\', b'x', b"0123456789abcdef"[(c >> 4) as usize], b"0123456789abcdef"[(c & 15) as usize]]);
+                raw(&[
+                    b'\\',
+                    b'x',
+                    b"0123456789abcdef"[(c >> 4) as usize],
+                    b"0123456789abcdef"[(c & 15) as usize],
+                ]);
             }
         }
         self
@@ -82,7 +87,11 @@ pub fn read_input(buf: &mut [u8], timeout_ns: u64) -> usize {
             continue;
         }
         polls += 1;
-        let expired = if clock { crate::kvmclock::now_ns() > deadline } else { polls > 500_000 };
+        let expired = if clock {
+            crate::kvmclock::now_ns() > deadline
+        } else {
+            polls > 500_000
+        };
         if expired {
             break;
         }

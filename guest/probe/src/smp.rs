@@ -4,10 +4,10 @@
 use crate::acpi::Acpi;
 use crate::cpu::{cpuid, pause, rdmsr, wrmsr};
 use crate::serial::Line;
-use crate::{kvmclock, phys};
-use core::arch::global_asm;
 use crate::trap::{LAPIC_EOI, LAPIC_X2, WAKE_COUNT, WAKE_VECTOR};
+use crate::{kvmclock, phys};
 use core::arch::asm;
+use core::arch::global_asm;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 /// Where the trampoline is copied (page aligned, below 1 MiB: SIPI vector 0x08).
@@ -151,7 +151,10 @@ impl Lapic {
     /// This CPU's LAPIC (mode and base from IA32_APIC_BASE).
     fn current() -> Lapic {
         let v = rdmsr(0x1b);
-        Lapic { x2: v & (1 << 10) != 0, base: v & 0x000f_ffff_ffff_f000 }
+        Lapic {
+            x2: v & (1 << 10) != 0,
+            base: v & 0x000f_ffff_ffff_f000,
+        }
     }
 
     fn read(&self, reg: u32) -> u32 {
@@ -186,9 +189,9 @@ impl Lapic {
         self.write(0xf0, (self.read(0xf0) & !0xff) | 0x100 | WAKE_VECTOR as u32);
         let before = WAKE_COUNT.load(Ordering::Acquire);
         self.ipi(0, (1 << 18) | 0x4000 | WAKE_VECTOR as u32); // shorthand: self
-        // SAFETY: the IDT has a handler for WAKE_VECTOR and nothing else can arrive (PICs and
-        // LINTs masked above, the timer LVT is masked after reset); interrupts are open only
-        // for the short poll below.
+                                                              // SAFETY: the IDT has a handler for WAKE_VECTOR and nothing else can arrive (PICs and
+                                                              // LINTs masked above, the timer LVT is masked after reset); interrupts are open only
+                                                              // for the short poll below.
         unsafe { asm!("sti", options(nostack)) };
         let mut seen = false;
         for _ in 0..5000 {
@@ -236,11 +239,16 @@ impl Lapic {
 /// Starts every enabled AP of the MADT and waits for their reports. Returns CPUs online.
 pub fn start_aps(acpi: &Acpi) -> u32 {
     let me = apic_id();
-    let len = core::ptr::addr_of!(ap_tramp_end) as usize - core::ptr::addr_of!(ap_tramp_start) as usize;
+    let len =
+        core::ptr::addr_of!(ap_tramp_end) as usize - core::ptr::addr_of!(ap_tramp_start) as usize;
     // SAFETY: 0x8000..0x9000 is reserved for the probe's trampoline by the boot contract (RAM,
     // unused by the loader); the source is the trampoline's bytes in this image; len < 4 KiB.
     unsafe {
-        core::ptr::copy_nonoverlapping(core::ptr::addr_of!(ap_tramp_start), TRAMPOLINE as *mut u8, len)
+        core::ptr::copy_nonoverlapping(
+            core::ptr::addr_of!(ap_tramp_start),
+            TRAMPOLINE as *mut u8,
+            len,
+        )
     };
     let lapic = Lapic::current();
     BSP_ID.store(me, Ordering::Relaxed);
@@ -276,7 +284,12 @@ pub fn start_aps(acpi: &Acpi) -> u32 {
         let expired = if kvmclock::enabled() {
             (sleep || spins.is_multiple_of(64)) && kvmclock::now_ns() > deadline
         } else {
-            spins > if sleep { 500 + MAX_APS as u64 } else { 200_000_000 }
+            spins
+                > if sleep {
+                    500 + MAX_APS as u64
+                } else {
+                    200_000_000
+                }
         };
         if expired {
             break;
@@ -289,7 +302,8 @@ pub fn start_aps(acpi: &Acpi) -> u32 {
         if id == me {
             continue;
         }
-        let seen = id < 1024 && REPORTED[(id / 64) as usize].load(Ordering::Acquire) & (1 << (id % 64)) != 0;
+        let seen = id < 1024
+            && REPORTED[(id / 64) as usize].load(Ordering::Acquire) & (1 << (id % 64)) != 0;
         if !seen {
             Line::new().s("ap_timeout=").dec(id as u64);
         }

@@ -263,12 +263,20 @@ pub fn init() {
             let dpl = if v == 3 { 3 } else { 0 };
             i.add(v as usize).write_volatile(gate(stubs + v * 16, dpl));
         }
-        i.add(0x80).write_volatile(gate(int80_entry as *const () as u64, 3));
-        i.add(WAKE_VECTOR as usize).write_volatile(gate(wake_isr as *const () as u64, 0));
+        i.add(0x80)
+            .write_volatile(gate(int80_entry as *const () as u64, 3));
+        i.add(WAKE_VECTOR as usize)
+            .write_volatile(gate(wake_isr as *const () as u64, 0));
     }
     let idtr: [u16; 5] = {
         let b = core::ptr::addr_of!(idt) as u64;
-        [(256 * 16 - 1) as u16, b as u16, (b >> 16) as u16, (b >> 32) as u16, (b >> 48) as u16]
+        [
+            (256 * 16 - 1) as u16,
+            b as u16,
+            (b >> 16) as u16,
+            (b >> 32) as u16,
+            (b >> 48) as u16,
+        ]
     };
     // SAFETY: the IDT and TSS were just initialised and live for the whole run.
     unsafe {
@@ -313,7 +321,13 @@ pub fn user_call(f: extern "sysv64" fn(u64) -> u64, arg: u64) -> Result<u64, Use
             rip: USER_FAULT[1].load(Ordering::Relaxed),
             cr2: USER_FAULT[2].load(Ordering::Relaxed),
         };
-        serial::Line::new().s("user_fault=").hex(f.vector).s(",rip:").hex(f.rip).s(",cr2:").hex(f.cr2);
+        serial::Line::new()
+            .s("user_fault=")
+            .hex(f.vector)
+            .s(",rip:")
+            .hex(f.rip)
+            .s(",cr2:")
+            .hex(f.cr2);
         return Err(f);
     }
     Ok(r)

@@ -22,14 +22,22 @@ extern "sysv64" fn boot_user(arg: u64) -> u64 {
     // SAFETY: `arg` is the address of a live `BootCheck` on the kernel stack (identity mapped,
     // user accessible) that the kernel does not touch until this call returns.
     let b = unsafe { &mut *(arg as *mut BootCheck) };
-    b.s5 = if b.dsdt != 0 { crate::acpi::find_s5(b.dsdt) } else { 0xff00 };
+    b.s5 = if b.dsdt != 0 {
+        crate::acpi::find_s5(b.dsdt)
+    } else {
+        0xff00
+    };
     ping_reply(b.cookie)
 }
 
 /// Goes to CPL3 and back once: returns whether that worked (`user=ok`) and the DSDT's `_S5_`
 /// SLP_TYP (scanned at CPL3; at CPL0 if user mode failed).
 pub fn boot_check(dsdt: u64) -> (bool, Option<u8>) {
-    let mut b = BootCheck { dsdt, cookie: 0x1234_5678_9abc_def0, s5: 0xff00 };
+    let mut b = BootCheck {
+        dsdt,
+        cookie: 0x1234_5678_9abc_def0,
+        s5: 0xff00,
+    };
     let ok = matches!(user_call(boot_user, &mut b as *mut BootCheck as u64), Ok(v) if v == ping_reply(b.cookie));
     if !ok && dsdt != 0 {
         b.s5 = crate::acpi::find_s5(dsdt);

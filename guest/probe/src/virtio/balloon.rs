@@ -53,7 +53,11 @@ impl Balloon<'_> {
             for (j, c) in buf.chunks_exact_mut(4).enumerate() {
                 c.copy_from_slice(&(self.pfn(from + done + j as u64) as u32).to_le_bytes());
             }
-            let q = if deflate { &mut self.deflate } else { &mut self.inflate };
+            let q = if deflate {
+                &mut self.deflate
+            } else {
+                &mut self.inflate
+            };
             if q.push(&[rd(self.pfns, (k * 4) as u32)]).is_none() {
                 return false;
             }
@@ -69,7 +73,9 @@ impl Balloon<'_> {
 
     /// Fills the statistics buffer and hands it to the device.
     fn post_stats(&mut self) -> bool {
-        let Some(q) = self.stats.as_mut() else { return false };
+        let Some(q) = self.stats.as_mut() else {
+            return false;
+        };
         let total = self.ram;
         let spare: u64 = self.spare.iter().map(|&(s, e)| e - s).sum();
         let free = spare.saturating_sub(self.pages * 4096);
@@ -82,7 +88,9 @@ impl Balloon<'_> {
                 crate::mmio::w8(at + 2 + b as u64, *x);
             }
         }
-        let ok = q.push(&[rd(self.stat_buf, 10 * STAT_TAGS.len() as u32)]).is_some();
+        let ok = q
+            .push(&[rd(self.stat_buf, 10 * STAT_TAGS.len() as u32)])
+            .is_some();
         q.kick();
         ok
     }
@@ -93,17 +101,42 @@ impl Balloon<'_> {
 pub fn run(c: &mut Ctx) {
     let secs = c.opts.balloon_secs;
     let limit = c.opts.balloon_changes;
-    let Some(v) = c.open("balloon", 5, 0, F_STATS_VQ) else { return };
+    let Some(v) = c.open("balloon", 5, 0, F_STATS_VQ) else {
+        return;
+    };
     let inflate = v.queue(&mut c.dma, 0, 64);
     let deflate = v.queue(&mut c.dma, 1, 64);
-    let stats = if v.features & F_STATS_VQ != 0 { v.queue(&mut c.dma, 2, 64) } else { None };
-    let (Some(inflate), Some(deflate), Some(pfns), Some(stat_buf)) = (inflate, deflate, c.dma.alloc(CHUNK * 4, 4096), c.dma.alloc(64, 64)) else {
+    let stats = if v.features & F_STATS_VQ != 0 {
+        v.queue(&mut c.dma, 2, 64)
+    } else {
+        None
+    };
+    let (Some(inflate), Some(deflate), Some(pfns), Some(stat_buf)) = (
+        inflate,
+        deflate,
+        c.dma.alloc(CHUNK * 4, 4096),
+        c.dma.alloc(64, 64),
+    ) else {
         super::missing("balloon", true);
         return v.reset();
     };
     let spare = &c.spare[..c.nspare];
-    let max: u64 = spare.iter().map(|&(s, e)| (e / 4096).saturating_sub(s.div_ceil(4096))).sum();
-    let mut b = Balloon { v, inflate, deflate, stats, pfns, stat_buf, spare, pages: 0, max, ram: c.ram };
+    let max: u64 = spare
+        .iter()
+        .map(|&(s, e)| (e / 4096).saturating_sub(s.div_ceil(4096)))
+        .sum();
+    let mut b = Balloon {
+        v,
+        inflate,
+        deflate,
+        stats,
+        pfns,
+        stat_buf,
+        spare,
+        pages: 0,
+        max,
+        ram: c.ram,
+    };
     b.v.driver_ok();
     let mut nstats = 0u64;
     if b.post_stats() {

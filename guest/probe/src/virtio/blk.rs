@@ -124,7 +124,11 @@ impl Blk {
                     fill(slice(buf, len), sector);
                 }
                 self.req[slot] = (sector, chunk);
-                let d = if typ == T_OUT { rd(buf, len as u32) } else { wr(buf, len as u32) };
+                let d = if typ == T_OUT {
+                    rd(buf, len as u32)
+                } else {
+                    wr(buf, len as u32)
+                };
                 if !self.issue(slot, typ, sector, Some(d)) {
                     return Err(Err(S_TIMEOUT));
                 }
@@ -143,7 +147,8 @@ impl Blk {
                 if st != S_OK {
                     result = Err(Err(st));
                 } else if typ == T_IN {
-                    if let Some(bad) = check(slice(self.slot_buf(slot), (n * 512) as usize), sector) {
+                    if let Some(bad) = check(slice(self.slot_buf(slot), (n * 512) as usize), sector)
+                    {
                         result = match result {
                             Err(Ok(b)) if b < bad => Err(Ok(b)),
                             Err(Err(e)) => Err(Err(e)),
@@ -198,22 +203,48 @@ fn mbps(bytes: u64, ns: u64) -> u64 {
 /// `blk=read|write|verify|bench` on the `blk_dev`-th virtio-blk device.
 pub fn run(c: &mut Ctx, mode: BlkMode) {
     let o = c.opts;
-    Line::new().s("blk_devices=").dec(super::count(c.funcs(), 2) as u64);
-    let Some(v) = c.open("blk", 2, o.blk_dev, F_RO | F_FLUSH) else { return };
-    let (q, hdr, data) = (v.queue(&mut c.dma, 0, 128), c.dma.alloc(32 * SLOTS as u64, 64), c.dma.alloc(SLOTS as u64 * MAX_SECTORS * 512, 4096));
+    Line::new()
+        .s("blk_devices=")
+        .dec(super::count(c.funcs(), 2) as u64);
+    let Some(v) = c.open("blk", 2, o.blk_dev, F_RO | F_FLUSH) else {
+        return;
+    };
+    let (q, hdr, data) = (
+        v.queue(&mut c.dma, 0, 128),
+        c.dma.alloc(32 * SLOTS as u64, 64),
+        c.dma.alloc(SLOTS as u64 * MAX_SECTORS * 512, 4096),
+    );
     let (Some(q), Some(hdr), Some(data)) = (q, hdr, data) else {
         super::missing("blk", true);
         return v.reset();
     };
     v.driver_ok();
-    let mut b = Blk { v, q, hdr, data, slot_of: [0; 256], req: [(0, 0); SLOTS], spin_ns: 50_000 };
+    let mut b = Blk {
+        v,
+        q,
+        hdr,
+        data,
+        slot_of: [0; 256],
+        req: [(0, 0); SLOTS],
+        spin_ns: 50_000,
+    };
     let capacity = b.v.cfg64(0);
     let ro = b.v.features & F_RO != 0;
     let id = b.data;
     let st = b.sync(T_GET_ID, 0, Some(wr(id, 20)));
     let serial = slice(id, 20);
-    let n = if st == S_OK { serial.iter().position(|&c| c == 0).unwrap_or(20) } else { 0 };
-    Line::new().s("blk_capacity=").dec(capacity).s(" blk_ro=").dec(ro as u64).s(" blk_serial=").escaped(&serial[..n]);
+    let n = if st == S_OK {
+        serial.iter().position(|&c| c == 0).unwrap_or(20)
+    } else {
+        0
+    };
+    Line::new()
+        .s("blk_capacity=")
+        .dec(capacity)
+        .s(" blk_ro=")
+        .dec(ro as u64)
+        .s(" blk_serial=")
+        .escaped(&serial[..n]);
 
     let sectors = o.blk_sectors.min(capacity);
     let seed = o.blk_seed;
@@ -227,7 +258,15 @@ pub fn run(c: &mut Ctx, mode: BlkMode) {
         let f = fill_pattern(seed);
         let k = check_pattern(seed);
         if whole > 0 {
-            b.stream(typ, whole, MAX_SECTORS, qd, &mut |i| i * MAX_SECTORS, &f, &k)?;
+            b.stream(
+                typ,
+                whole,
+                MAX_SECTORS,
+                qd,
+                &mut |i| i * MAX_SECTORS,
+                &f,
+                &k,
+            )?;
         }
         if tail > 0 {
             b.stream(typ, 1, tail, 1, &mut |_| whole * MAX_SECTORS, &f, &k)?;
@@ -261,10 +300,26 @@ pub fn run(c: &mut Ctx, mode: BlkMode) {
             // Queue depth 1 keeps the checksum in sector order.
             let mut r = Ok(());
             if whole > 0 {
-                r = b.stream(T_IN, whole, MAX_SECTORS, 1, &mut |i| i * MAX_SECTORS, &none_fill, &add);
+                r = b.stream(
+                    T_IN,
+                    whole,
+                    MAX_SECTORS,
+                    1,
+                    &mut |i| i * MAX_SECTORS,
+                    &none_fill,
+                    &add,
+                );
             }
             if r.is_ok() && tail > 0 {
-                r = b.stream(T_IN, 1, tail, 1, &mut |_| whole * MAX_SECTORS, &none_fill, &add);
+                r = b.stream(
+                    T_IN,
+                    1,
+                    tail,
+                    1,
+                    &mut |_| whole * MAX_SECTORS,
+                    &none_fill,
+                    &add,
+                );
             }
             match r {
                 Ok(()) => Line::new().s("blk_read=ok blk_read_sum=").hex(sum.get()),
@@ -277,7 +332,15 @@ pub fn run(c: &mut Ctx, mode: BlkMode) {
             let chunks = (o.blk_mib * 16).min(capacity / MAX_SECTORS).max(1);
             let bytes = chunks * MAX_SECTORS * 512;
             let t0 = now_ns();
-            let w = b.stream(T_OUT, chunks, MAX_SECTORS, qd, &mut |i| i * MAX_SECTORS, &none_fill, &none_check);
+            let w = b.stream(
+                T_OUT,
+                chunks,
+                MAX_SECTORS,
+                qd,
+                &mut |i| i * MAX_SECTORS,
+                &none_fill,
+                &none_check,
+            );
             let tw = now_ns() - t0;
             if w.is_ok() {
                 flush(&mut b);
@@ -288,7 +351,15 @@ pub fn run(c: &mut Ctx, mode: BlkMode) {
                 });
             }
             let t0 = now_ns();
-            let r = b.stream(T_IN, chunks, MAX_SECTORS, qd, &mut |i| i * MAX_SECTORS, &none_fill, &none_check);
+            let r = b.stream(
+                T_IN,
+                chunks,
+                MAX_SECTORS,
+                qd,
+                &mut |i| i * MAX_SECTORS,
+                &none_fill,
+                &none_check,
+            );
             let tr = now_ns() - t0;
             let pages = (capacity / 8).max(1);
             let mut x = 0x2545_f491_4f6c_dd1du64 ^ seed;
@@ -301,7 +372,11 @@ pub fn run(c: &mut Ctx, mode: BlkMode) {
             let t0 = now_ns();
             let rr = b.stream(T_IN, o.blk_rand, 8, qd, &mut rnd, &none_fill, &none_check);
             let tn = now_ns() - t0;
-            let iops = if tn == 0 { 0 } else { (o.blk_rand as u128 * 1_000_000_000 / tn as u128) as u64 };
+            let iops = if tn == 0 {
+                0
+            } else {
+                (o.blk_rand as u128 * 1_000_000_000 / tn as u128) as u64
+            };
             Line::new()
                 .s("blk_seq_write_mbps=")
                 .dec(if w.is_ok() { mbps(bytes, tw) } else { 0 })
@@ -309,7 +384,13 @@ pub fn run(c: &mut Ctx, mode: BlkMode) {
                 .dec(if r.is_ok() { mbps(bytes, tr) } else { 0 })
                 .s(" blk_rand_read_iops=")
                 .dec(if rr.is_ok() { iops } else { 0 });
-            Line::new().s("blk_bench_bytes=").dec(bytes).s(" blk_bench_rand=").dec(o.blk_rand).s(" blk_bench_qd=").dec(qd as u64);
+            Line::new()
+                .s("blk_bench_bytes=")
+                .dec(bytes)
+                .s(" blk_bench_rand=")
+                .dec(o.blk_rand)
+                .s(" blk_bench_qd=")
+                .dec(qd as u64);
         }
     }
     settle_irqs(&b.v);
@@ -318,7 +399,11 @@ pub fn run(c: &mut Ctx, mode: BlkMode) {
 }
 
 fn flush(b: &mut Blk) {
-    let s = if b.v.features & F_FLUSH == 0 { 2 } else { b.sync(T_FLUSH, 0, None) };
+    let s = if b.v.features & F_FLUSH == 0 {
+        2
+    } else {
+        b.sync(T_FLUSH, 0, None)
+    };
     Line::new().s("blk_flush=").s(status_word(s));
 }
 

@@ -68,12 +68,20 @@ pub struct Virtio {
 
 /// The i-th function (in bus order) that is a modern virtio device of type `kind`.
 pub fn find(funcs: &[Func], kind: u16, nth: usize) -> Option<(usize, Func)> {
-    funcs.iter().copied().enumerate().filter(|(_, f)| f.vendor == 0x1af4 && f.device == pci_id(kind)).nth(nth)
+    funcs
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, f)| f.vendor == 0x1af4 && f.device == pci_id(kind))
+        .nth(nth)
 }
 
 /// How many modern virtio functions of type `kind` there are.
 pub fn count(funcs: &[Func], kind: u16) -> usize {
-    funcs.iter().filter(|f| f.vendor == 0x1af4 && f.device == pci_id(kind)).count()
+    funcs
+        .iter()
+        .filter(|f| f.vendor == 0x1af4 && f.device == pci_id(kind))
+        .count()
 }
 
 impl Virtio {
@@ -81,7 +89,16 @@ impl Virtio {
     /// resets the device and negotiates: the device must offer VERSION_1; the driver takes
     /// `want & offered`. Leaves the device in FEATURES_OK (queues next, then `driver_ok`).
     pub fn open(pci: &Pci, f: &Func, dest: u32, irq: usize, want: u64) -> Option<Virtio> {
-        let mut v = Virtio { common: 0, notify: 0, notify_mul: 0, isr: 0, cfg: 0, msix: Msix::default(), irq, features: 0 };
+        let mut v = Virtio {
+            common: 0,
+            notify: 0,
+            notify_mul: 0,
+            isr: 0,
+            cfg: 0,
+            msix: Msix::default(),
+            irq,
+            features: 0,
+        };
         for cap in pci.caps(f.dev, f.func, 0x09) {
             let kind = pci.r8(f.dev, f.func, cap + 3);
             let bar = pci.r8(f.dev, f.func, cap + 4) as usize;
@@ -166,7 +183,10 @@ impl Virtio {
 
     /// Sets DRIVER_OK: the device is live.
     pub fn driver_ok(&self) {
-        w8(self.common + STATUS, S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK);
+        w8(
+            self.common + STATUS,
+            S_ACK | S_DRIVER | S_FEATURES_OK | S_DRIVER_OK,
+        );
     }
 
     /// Resets the device (stops all DMA into the probe's memory).
@@ -264,5 +284,7 @@ pub fn settle_irqs(v: &Virtio) {
 
 /// Prints `<name>=none` when a requested device is missing, or `<name>=init_failed`.
 pub fn missing(name: &str, found: bool) {
-    Line::new().s(name).s(if found { "=init_failed" } else { "=none" });
+    Line::new()
+        .s(name)
+        .s(if found { "=init_failed" } else { "=none" });
 }

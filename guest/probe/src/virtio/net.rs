@@ -37,8 +37,12 @@ struct Net {
 impl Net {
     /// Gives the device an empty receive buffer (the one tied to the next free descriptor).
     fn post_rx(&mut self) -> bool {
-        let Some(d) = self.rx.next_head() else { return false };
-        self.rx.push(&[wr(self.rxbuf + d as u64 * BUF, BUF as u32)]).is_some()
+        let Some(d) = self.rx.next_head() else {
+            return false;
+        };
+        self.rx
+            .push(&[wr(self.rxbuf + d as u64 * BUF, BUF as u32)])
+            .is_some()
     }
 
     /// Takes back the transmit buffers the device is done with.
@@ -59,7 +63,11 @@ impl Net {
 
     /// Queues the frame of `len` bytes built in descriptor `d`'s buffer (not yet kicked).
     fn send(&mut self, d: u16, len: usize) {
-        if self.tx.push(&[rd(self.txbuf + d as u64 * BUF, (HDR + len) as u32)]).is_some() {
+        if self
+            .tx
+            .push(&[rd(self.txbuf + d as u64 * BUF, (HDR + len) as u32)])
+            .is_some()
+        {
             self.tx_frames += 1;
         }
     }
@@ -94,7 +102,14 @@ fn answer(f: &[u8], mac: &[u8; 6], ip: &[u8; 4], out: &mut [u8]) -> (Answer, usi
         return (Answer::None, 0);
     }
     match be16(f, 12) {
-        0x0806 if be16(f, 14) == 1 && be16(f, 16) == 0x0800 && f[18] == 6 && f[19] == 4 && be16(f, 20) == 1 && f[38..42] == ip[..] => {
+        0x0806
+            if be16(f, 14) == 1
+                && be16(f, 16) == 0x0800
+                && f[18] == 6
+                && f[19] == 4
+                && be16(f, 20) == 1
+                && f[38..42] == ip[..] =>
+        {
             out[..42].copy_from_slice(&f[..42]);
             out[0..6].copy_from_slice(&f[22..28]);
             out[6..12].copy_from_slice(mac);
@@ -109,7 +124,13 @@ fn answer(f: &[u8], mac: &[u8; 6], ip: &[u8; 4], out: &mut [u8]) -> (Answer, usi
         0x0800 => {
             let ihl = ((f[14] & 0xf) as usize) * 4;
             let total = be16(f, 16) as usize;
-            if f[14] >> 4 != 4 || ihl < 20 || total < ihl + 8 || 14 + total > f.len() || f[23] != 1 || f[30..34] != ip[..] {
+            if f[14] >> 4 != 4
+                || ihl < 20
+                || total < ihl + 8
+                || 14 + total > f.len()
+                || f[23] != 1
+                || f[30..34] != ip[..]
+            {
                 return (Answer::None, 0);
             }
             if f[14 + ihl] != 8 || be16(f, 20) & 0x3fff != 0 {
@@ -141,7 +162,10 @@ fn mac_line<'a>(l: &'a mut Line, mac: &[u8; 6]) -> &'a mut Line {
         if i > 0 {
             l.s(":");
         }
-        l.b(&[b"0123456789abcdef"[(b >> 4) as usize], b"0123456789abcdef"[(b & 15) as usize]]);
+        l.b(&[
+            b"0123456789abcdef"[(b >> 4) as usize],
+            b"0123456789abcdef"[(b & 15) as usize],
+        ]);
     }
     l
 }
@@ -157,14 +181,19 @@ fn per_sec(n: u64, ns: u64) -> u64 {
 /// `net=on|bench` on the `net_dev`-th virtio-net device.
 pub fn run(c: &mut Ctx, mode: NetMode) {
     let o = c.opts;
-    let Some(v) = c.open("net", 1, o.net_dev, F_MAC) else { return };
+    let Some(v) = c.open("net", 1, o.net_dev, F_MAC) else {
+        return;
+    };
     let rx = v.queue(&mut c.dma, 0, QSIZE);
     let tx = v.queue(&mut c.dma, 1, QSIZE);
     let (Some(rx), Some(tx)) = (rx, tx) else {
         super::missing("net", true);
         return v.reset();
     };
-    let (Some(rxbuf), Some(txbuf)) = (c.dma.alloc(rx.size as u64 * BUF, 4096), c.dma.alloc(tx.size as u64 * BUF, 4096)) else {
+    let (Some(rxbuf), Some(txbuf)) = (
+        c.dma.alloc(rx.size as u64 * BUF, 4096),
+        c.dma.alloc(tx.size as u64 * BUF, 4096),
+    ) else {
         super::missing("net", true);
         return v.reset();
     };
@@ -174,7 +203,16 @@ pub fn run(c: &mut Ctx, mode: NetMode) {
             *m = v.cfg8(i as u64);
         }
     }
-    let mut n = Net { v, rx, tx, rxbuf, txbuf, mac, rx_frames: 0, tx_frames: 0 };
+    let mut n = Net {
+        v,
+        rx,
+        tx,
+        rxbuf,
+        txbuf,
+        mac,
+        rx_frames: 0,
+        tx_frames: 0,
+    };
     while n.post_rx() {}
     n.v.driver_ok();
     n.rx.kick();
@@ -201,7 +239,8 @@ fn responder(n: &mut Net, o: &crate::devices::DevOpts) {
         }
         while let Some((d, len)) = n.rx.pop() {
             n.rx_frames += 1;
-            let f = &slice(n.rxbuf + d as u64 * BUF, BUF as usize)[..(len as usize).min(BUF as usize)];
+            let f =
+                &slice(n.rxbuf + d as u64 * BUF, BUF as usize)[..(len as usize).min(BUF as usize)];
             if f.len() > HDR {
                 let mac = n.mac;
                 if let Some((t, out)) = n.tx_slot() {
@@ -227,7 +266,14 @@ fn responder(n: &mut Net, o: &crate::devices::DevOpts) {
     let mut l = Line::new();
     l.s("net_mac=");
     mac_line(&mut l, &n.mac);
-    l.s(" net_rx=").dec(n.rx_frames).s(" net_tx=").dec(n.tx_frames).s(" net_arp=").dec(arp).s(" net_icmp=").dec(icmp);
+    l.s(" net_rx=")
+        .dec(n.rx_frames)
+        .s(" net_tx=")
+        .dec(n.tx_frames)
+        .s(" net_arp=")
+        .dec(arp)
+        .s(" net_icmp=")
+        .dec(icmp);
 }
 
 fn bench(n: &mut Net, o: &crate::devices::DevOpts) {
@@ -274,7 +320,8 @@ fn bench(n: &mut Net, o: &crate::devices::DevOpts) {
     // from the first frame to the last.
     Line::new().s("net_rx=listening");
     let deadline = now_ns().saturating_add(o.net_secs.saturating_mul(1_000_000_000));
-    let (mut frames, mut bytes, mut first, mut last, mut reflected) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut frames, mut bytes, mut first, mut last, mut reflected) =
+        (0u64, 0u64, 0u64, 0u64, 0u64);
     while now_ns() < deadline && (o.net_frames == 0 || frames < o.net_frames) {
         if !wait_used(&n.rx, 200_000, deadline.saturating_sub(now_ns())) {
             break;
@@ -288,7 +335,8 @@ fn bench(n: &mut Net, o: &crate::devices::DevOpts) {
             frames += 1;
             bytes += (l as u64).saturating_sub(HDR as u64);
             if o.net_reflect {
-                let f = &slice(n.rxbuf + d as u64 * BUF, BUF as usize)[HDR..(l as usize).clamp(HDR, BUF as usize)];
+                let f = &slice(n.rxbuf + d as u64 * BUF, BUF as usize)
+                    [HDR..(l as usize).clamp(HDR, BUF as usize)];
                 if f.len() >= 60 && be16(f, 12) == BENCH_ETHERTYPE {
                     if let Some((t, out)) = n.tx_slot() {
                         out[..f.len()].copy_from_slice(f);

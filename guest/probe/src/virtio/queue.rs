@@ -23,12 +23,20 @@ pub struct Buf {
 
 /// Readable buffer.
 pub fn rd(addr: u64, len: u32) -> Buf {
-    Buf { addr, len, write: false }
+    Buf {
+        addr,
+        len,
+        write: false,
+    }
 }
 
 /// Device-writable buffer.
 pub fn wr(addr: u64, len: u32) -> Buf {
-    Buf { addr, len, write: true }
+    Buf {
+        addr,
+        len,
+        write: true,
+    }
 }
 
 /// One split virtqueue.
@@ -98,7 +106,10 @@ impl Queue {
             let next = r16(a + 14);
             w64(a, b.addr);
             w32(a + 8, b.len);
-            w16(a + 12, if last { 0 } else { F_NEXT } | if b.write { F_WRITE } else { 0 });
+            w16(
+                a + 12,
+                if last { 0 } else { F_NEXT } | if b.write { F_WRITE } else { 0 },
+            );
             if last {
                 self.free_head = next;
             } else {

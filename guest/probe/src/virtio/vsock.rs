@@ -160,7 +160,11 @@ impl Vsock {
         };
         h.write(slice(a, HDR as usize));
         slice(a + 64, n).copy_from_slice(&data[..n]);
-        let head = if n > 0 { self.tx.push(&[rd(a, HDR as u32), rd(a + 64, n as u32)]) } else { self.tx.push(&[rd(a, HDR as u32)]) };
+        let head = if n > 0 {
+            self.tx.push(&[rd(a, HDR as u32), rd(a + 64, n as u32)])
+        } else {
+            self.tx.push(&[rd(a, HDR as u32)])
+        };
         if let Some(hd) = head {
             self.tx_slot_of[hd as usize] = slot as u8;
         }
@@ -174,7 +178,9 @@ impl Vsock {
     /// Echoes pending bytes as far as the peer's credit allows.
     fn flush_echo(&mut self) {
         while self.npending > 0 && self.state == State::Open {
-            let credit = self.peer_alloc.wrapping_sub(self.tx_cnt.wrapping_sub(self.peer_fwd)) as usize;
+            let credit =
+                self.peer_alloc
+                    .wrapping_sub(self.tx_cnt.wrapping_sub(self.peer_fwd)) as usize;
             let n = self.npending.min(credit).min(DATA as usize);
             if n == 0 {
                 return;
@@ -191,15 +197,22 @@ impl Vsock {
 
     /// Handles one received packet.
     fn handle(&mut self, h: &Hdr, data: &[u8], mode: VsockMode, port: u32) {
-        let ours = h.src_cid == HOST_CID && h.dst_port == self.local_port && h.src_port == self.peer_port;
+        let ours =
+            h.src_cid == HOST_CID && h.dst_port == self.local_port && h.src_port == self.peer_port;
         match h.op {
-            OP_REQUEST if mode == VsockMode::Echo && self.state == State::Idle && h.dst_port == port => {
+            OP_REQUEST
+                if mode == VsockMode::Echo && self.state == State::Idle && h.dst_port == port =>
+            {
                 self.peer_port = h.src_port;
                 self.peer_alloc = h.buf_alloc;
                 self.peer_fwd = h.fwd_cnt;
                 self.state = State::Open;
                 self.send(OP_RESPONSE, 0, &[]);
-                Line::new().s("vsock_accept=").dec(h.src_cid).s(":").dec(h.src_port as u64);
+                Line::new()
+                    .s("vsock_accept=")
+                    .dec(h.src_cid)
+                    .s(":")
+                    .dec(h.src_port as u64);
             }
             OP_RESPONSE if ours && self.state == State::Connecting => {
                 self.peer_alloc = h.buf_alloc;
@@ -236,7 +249,11 @@ impl Vsock {
                 self.state = State::Closed;
             }
             OP_RST => {
-                self.state = if self.state == State::Connecting { State::Reset } else { State::Closed };
+                self.state = if self.state == State::Connecting {
+                    State::Reset
+                } else {
+                    State::Closed
+                };
             }
             _ => {}
         }
@@ -250,7 +267,9 @@ impl Vsock {
             let slot = self.rx_slot_of[head as usize] as usize % RX_SLOTS;
             let a = self.rxmem + slot as u64 * SLOT;
             let h = Hdr::read(slice(a, HDR as usize));
-            let n = (h.len as u64).min(DATA).min((len as u64).saturating_sub(HDR)) as usize;
+            let n = (h.len as u64)
+                .min(DATA)
+                .min((len as u64).saturating_sub(HDR)) as usize;
             self.handle(&h, slice(a + 64, n), mode, port);
             self.post_rx(slot);
         }
@@ -263,15 +282,23 @@ impl Vsock {
 /// `vsock=echo|connect` with `vsock_port`, for `vsock_secs` at most.
 pub fn run(c: &mut Ctx, mode: VsockMode) {
     let o = c.opts;
-    let Some(v) = c.open("vsock", 19, 0, 0) else { return };
-    let (rx, tx, ev) = (v.queue(&mut c.dma, 0, 64), v.queue(&mut c.dma, 1, 64), v.queue(&mut c.dma, 2, 8));
+    let Some(v) = c.open("vsock", 19, 0, 0) else {
+        return;
+    };
+    let (rx, tx, ev) = (
+        v.queue(&mut c.dma, 0, 64),
+        v.queue(&mut c.dma, 1, 64),
+        v.queue(&mut c.dma, 2, 8),
+    );
     let (rxmem, txmem, pending, evbuf) = (
         c.dma.alloc(RX_SLOTS as u64 * SLOT, 4096),
         c.dma.alloc(TX_SLOTS as u64 * SLOT, 4096),
         c.dma.alloc(BUF_ALLOC as u64, 4096),
         c.dma.alloc(64, 64),
     );
-    let (Some(rx), Some(tx), Some(mut ev), Some(rxmem), Some(txmem), Some(pending), Some(evbuf)) = (rx, tx, ev, rxmem, txmem, pending, evbuf) else {
+    let (Some(rx), Some(tx), Some(mut ev), Some(rxmem), Some(txmem), Some(pending), Some(evbuf)) =
+        (rx, tx, ev, rxmem, txmem, pending, evbuf)
+    else {
         super::missing("vsock", true);
         return v.reset();
     };
@@ -345,7 +372,9 @@ pub fn run(c: &mut Ctx, mode: VsockMode) {
                 reply_at = now_ns();
             }
             if reply_at != 0 && now_ns() - reply_at > 100_000_000 {
-                Line::new().s("vsock_reply=").escaped(slice(s.pending, s.npending.min(1024)));
+                Line::new()
+                    .s("vsock_reply=")
+                    .escaped(slice(s.pending, s.npending.min(1024)));
                 s.fwd_cnt = s.fwd_cnt.wrapping_add(s.npending as u32);
                 s.npending = 0;
                 s.send(OP_SHUTDOWN, 3, &[]);
@@ -366,7 +395,13 @@ pub fn run(c: &mut Ctx, mode: VsockMode) {
         _ => "incomplete",
     };
     settle_irqs(&s.v);
-    Line::new().s("vsock=").s(result).s(" vsock_rx_bytes=").dec(s.rx_cnt as u64).s(" vsock_tx_bytes=").dec(s.tx_cnt as u64);
+    Line::new()
+        .s("vsock=")
+        .s(result)
+        .s(" vsock_rx_bytes=")
+        .dec(s.rx_cnt as u64)
+        .s(" vsock_tx_bytes=")
+        .dec(s.tx_cnt as u64);
     Line::new().s("vsock_irqs=").dec(s.v.irqs() as u64);
     s.v.reset();
 }
