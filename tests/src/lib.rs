@@ -270,3 +270,28 @@ impl Drop for Daemon {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// Whether the KVM lab can run here; prints the one SKIPPED line when it cannot.
+pub fn lab_available() -> bool {
+    if std::env::var_os("FERRO_SKIP_LAB").is_some() {
+        println!("SKIPPED: FERRO_SKIP_LAB is set (KVM-lab tests)");
+        return false;
+    }
+    if Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        println!("SKIPPED: no qemu-system-x86_64 for the KVM lab (run scripts/deps.sh)");
+        return false;
+    }
+    true
+}
+
+/// Builds the Linux test guest the lab packs (cached: instant after the first run).
+pub fn build_linux_guest() {
+    run_checked(
+        Command::new("bash").arg(repo().join("guest/linux/build.sh")),
+        "guest/linux/build.sh",
+    );
+}

@@ -7,22 +7,7 @@
 
 use std::process::Command;
 
-use ferro_tests::{repo, vmm};
-
-/// Whether the lab can run here; prints the one SKIPPED line when it cannot.
-fn lab_available() -> bool {
-    if std::env::var_os("FERRO_SKIP_LAB").is_some() {
-        println!("SKIPPED: FERRO_SKIP_LAB is set (KVM-lab tests)");
-        return false;
-    }
-    for tool in ["qemu-system-x86_64", "qemu-img"] {
-        if Command::new(tool).arg("--version").output().is_err() {
-            println!("SKIPPED: no {tool} for the KVM lab (run scripts/deps.sh)");
-            return false;
-        }
-    }
-    true
-}
+use ferro_tests::{build_linux_guest, lab_available, repo, vmm};
 
 /// The value after `prefix` on the first console line that starts with it.
 fn line<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
@@ -44,15 +29,7 @@ fn linux_guest_uses_virtio_blk_disks() {
     if !lab_available() {
         return;
     }
-    let build = Command::new("bash")
-        .arg(repo().join("guest/linux/build.sh"))
-        .output()
-        .expect("run guest/linux/build.sh");
-    assert!(
-        build.status.success(),
-        "{}",
-        String::from_utf8_lossy(&build.stderr)
-    );
+    build_linux_guest();
     let add = format!("{}:/bin/ferro-vmm", vmm().display());
     let out = Command::new("bash")
         .arg(repo().join("lab/lab.sh"))

@@ -8,23 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use ferro_tests::{repo, vmm};
-
-fn lab_available() -> bool {
-    if std::env::var_os("FERRO_SKIP_LAB").is_some() {
-        println!("SKIPPED: FERRO_SKIP_LAB is set (KVM-lab tests)");
-        return false;
-    }
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        println!("SKIPPED: no qemu-system-x86_64 for the KVM lab (run scripts/deps.sh)");
-        return false;
-    }
-    true
-}
+use ferro_tests::{build_linux_guest, lab_available, repo, vmm};
 
 /// Builds vsock-tool (static) and a newc archive holding it as /bin/vsock-tool, in `dir`.
 fn build_tool(dir: &Path) -> Result<(), String> {
@@ -70,15 +54,7 @@ fn linux_guest_talks_vsock_both_ways() {
         println!("SKIPPED: cannot build the static vsock tool (cc -static, cpio): {e}");
         return;
     }
-    let build = Command::new("bash")
-        .arg(repo().join("guest/linux/build.sh"))
-        .output()
-        .expect("run guest/linux/build.sh");
-    assert!(
-        build.status.success(),
-        "{}",
-        String::from_utf8_lossy(&build.stderr)
-    );
+    build_linux_guest();
     let add_vmm = format!("{}:/bin/ferro-vmm", vmm().display());
     let add_tool = format!(
         "{}:/bin/vsock-tool",
