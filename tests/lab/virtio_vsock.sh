@@ -8,7 +8,12 @@ set -u
 # A write to the console fifo after the VMM is gone must fail, not kill the script.
 trap '' PIPE
 cd /lab
-cat /guest/initramfs.cpio.gz /lab/vs.cpio > /tmp/rd.img
+# Linux looks for the next archive of an initramfs only at a 4-byte-aligned offset: pad the
+# compressed base archive with zeros to a multiple of 4 before appending ours.
+cp /guest/initramfs.cpio.gz /tmp/rd.img
+pad=$(( (4 - $(wc -c < /tmp/rd.img) % 4) % 4 ))
+[ "$pad" -gt 0 ] && head -c "$pad" /dev/zero >> /tmp/rd.img
+cat /lab/vs.cpio >> /tmp/rd.img
 CL="console=ttyS0 quiet panic=-1 probe.exit=shell"
 
 waitfor() {
