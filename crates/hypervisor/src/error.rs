@@ -49,6 +49,9 @@ pub enum HypervisorError {
         /// How many were given.
         wanted: usize,
     },
+    /// A saved state does not fit this VM or vCPU.
+    #[error("saved state: {0}")]
+    State(String),
 }
 
 impl HypervisorError {

@@ -6,12 +6,14 @@
 
 mod error;
 mod host;
+mod state;
 mod vcpu;
 mod vm;
 
 pub use error::HypervisorError;
 pub use host::{HostInfo, HostKind};
 pub use kvm_bindings;
+pub use state::{VcpuState, VmState, XsaveArea, STATE_VERSION};
 pub use vcpu::{Vcpu, VmExit};
 pub use vm::{default_irqchip_routes, IrqRoute, Vm, IRQCHIP_GSIS};
 
@@ -59,6 +61,19 @@ impl Hypervisor {
     pub fn create_vm(&self) -> Result<Vm, HypervisorError> {
         let fd = self.kvm.create_vm().map_err(HypervisorError::CreateVm)?;
         Ok(Vm::new(fd, self.kvm.get_vcpu_mmap_size().unwrap_or(0)))
+    }
+
+    /// The MSRs KVM saves and restores for a vCPU (KVM_GET_MSR_INDEX_LIST): the CPU's MSRs
+    /// KVM virtualizes plus the ones it emulates (kvmclock's, the TSC).
+    pub fn msr_index_list(&self) -> Result<Vec<u32>, HypervisorError> {
+        let list = self
+            .kvm
+            .get_msr_index_list()
+            .map_err(|source| HypervisorError::Vm {
+                op: "KVM_GET_MSR_INDEX_LIST",
+                source,
+            })?;
+        Ok(list.as_slice().to_vec())
     }
 
     /// What the host offers, for `ferro-vmm --host-info`.

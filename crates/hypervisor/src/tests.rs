@@ -117,3 +117,40 @@ fn host_info_reports_a_kind() {
     assert!(report.contains(&format!("kind: {}", hv.kind().name())));
     assert!(report.contains("cap.irqchip: yes"), "{report}");
 }
+
+#[test]
+fn vcpu_and_vm_state_round_trip() {
+    // mov al, 0x5a; out 0x80, al; hlt
+    let code = [0xb0, 0x5a, 0xe6, 0x80, 0xf4];
+    let Some((vm, mut vcpu, _mem)) = tiny_vm(&code) else {
+        return;
+    };
+    assert!(matches!(vcpu.run().unwrap(), VmExit::IoOut { .. }));
+    let hv = Hypervisor::new().unwrap();
+    let msrs = hv.msr_index_list().unwrap();
+    let saved = vcpu.save_state(&msrs).unwrap();
+    assert!(
+        saved.msrs.iter().any(|m| m.index == 0x10),
+        "the TSC is saved"
+    );
+    let vm_state = vm.save_state().unwrap();
+    let text = serde_json::to_string(&saved).unwrap();
+    let back: crate::VcpuState = serde_json::from_str(&text).unwrap();
+
+    let Some((vm2, vcpu2, _mem2)) = tiny_vm(&code) else {
+        return;
+    };
+    vcpu2.restore_state(&back).unwrap();
+    vm2.restore_state(&vm_state).unwrap();
+    assert_eq!(vcpu2.regs().unwrap().rip, saved.regs.rip);
+    let again = vcpu2.save_state(&msrs).unwrap();
+    assert_eq!(again.regs, saved.regs);
+    assert_eq!(again.sregs.cr0, saved.sregs.cr0);
+    assert_eq!(again.msrs.len(), saved.msrs.len());
+    let clock = vm2.save_state().unwrap().clock.clock;
+    assert!(
+        clock >= vm_state.clock.clock,
+        "{clock} < {}",
+        vm_state.clock.clock
+    );
+}

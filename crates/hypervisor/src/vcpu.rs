@@ -62,8 +62,8 @@ pub enum VmExit<'a> {
 
 /// A KVM vCPU.
 pub struct Vcpu {
-    id: u32,
-    fd: VcpuFd,
+    pub(crate) id: u32,
+    pub(crate) fd: VcpuFd,
     run: *const kvm_bindings::kvm_run,
 }
 
@@ -91,7 +91,10 @@ impl Vcpu {
         self.id
     }
 
-    fn err(&self, op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> HypervisorError {
+    pub(crate) fn err(
+        &self,
+        op: &'static str,
+    ) -> impl FnOnce(kvm_ioctls::Error) -> HypervisorError {
         let id = self.id;
         move |source| HypervisorError::Vcpu { id, op, source }
     }

@@ -91,7 +91,7 @@ impl IrqRoute {
 
 /// A KVM VM.
 pub struct Vm {
-    fd: VmFd,
+    pub(crate) fd: VmFd,
     _run_size: usize,
 }
 
