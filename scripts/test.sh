@@ -22,6 +22,8 @@ bash guest/probe/build-probe.sh >/dev/null
 if [ "$fast" = 0 ]; then
     echo "== building the Linux test guest =="
     bash guest/linux/build.sh
+    echo "== building the Debian template guest =="
+    bash guest/debian/build.sh
 else
     export FERRO_SKIP_LAB=1
 fi
@@ -40,5 +42,6 @@ else
 fi
 
 echo "== cargo test =="
-# The e2e tests boot many VMs; two at a time suits a 2-core machine.
-cargo test --workspace -- --test-threads=2
+# The e2e tests boot many VMs; two at a time suits a 2-core machine. --no-fail-fast: one
+# failing test binary must not hide the results of the others.
+cargo test --workspace --no-fail-fast -- --test-threads=2

@@ -295,3 +295,16 @@ pub fn build_linux_guest() {
         "guest/linux/build.sh",
     );
 }
+
+/// Builds the Debian template root disk (cached: instant after the first run) and returns its
+/// directory (`debian.qcow2`, `debian-initrd.cpio.gz`, ...).
+pub fn build_debian_guest() -> PathBuf {
+    run_checked(
+        Command::new("bash").arg(repo().join("guest/debian/build.sh")),
+        "guest/debian/build.sh",
+    );
+    std::env::var_os("FERRO_BUILD")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("build"))
+        .join("debian")
+}

@@ -1,0 +1,81 @@
+# Runs inside the KVM lab (busybox sh): boots the Debian template (systemd, root on virtio-blk)
+# under ferro-vmm from a qcow2 overlay (/lab/vm.qcow2) on the read-only base (/lab/debian.qcow2),
+# with a NIC on a tap. Boot 1: wait for `ferro-guest: ready`, reach the guest's TCP echo (port
+# 7) and HTTP (port 80) services and ping it from the lab, write a file, sync, power off.
+# Boot 2: the file is there. The base's MD5 is taken before and after. Output lines start with
+# `L-` (lab) or `G-` (guest) for tests/tests/lab_debian.rs.
+set -u
+trap '' PIPE
+cd /lab
+IP=169.254.10.2
+CL="console=ttyS0 root=/dev/vda ferro.ip=$IP/16 quiet"
+tunctl -t tap0 >/dev/null && ip addr add 169.254.10.1/16 dev tap0 && ip link set tap0 up
+chmod 0444 /lab/debian.qcow2
+echo "L-BASE-MD5-BEFORE $(md5sum /lab/debian.qcow2 | cut -d' ' -f1)"
+
+waitfor() {   # waitfor FILE PATTERN SECONDS
+    n=0
+    while ! tr -d '\r' < "$1" 2>/dev/null | grep -q "$2"; do
+        kill -0 "$pid" 2>/dev/null || return 1
+        sleep 1
+        n=$((n + 1))
+        [ "$n" -ge "$3" ] && return 1
+    done
+    return 0
+}
+
+# boot N: starts ferro-vmm with its console in /tmp/cN.txt and input from fd 3.
+boot() {
+    rm -f /tmp/in
+    mkfifo /tmp/in
+    ferro-vmm --kernel /guest/bzImage --initrd /lab/debian-initrd.cpio.gz --cmdline "$CL" \
+        --disk path=/lab/vm.qcow2 --net tap=tap0 --cpus 2 --memory 512 \
+        < /tmp/in > "/tmp/c$1.txt" 2> "/tmp/e$1.txt" &
+    pid=$!
+    exec 3> /tmp/in
+    t0=$(cut -d' ' -f1 /proc/uptime)
+}
+# stop N: power off from the guest's shell and report the VMM's status.
+stop() {
+    echo 'poweroff' >&3
+    n=0
+    while kill -0 "$pid" 2>/dev/null && [ "$n" -lt 180 ]; do sleep 1; n=$((n + 1)); done
+    kill -9 "$pid" 2>/dev/null
+    wait "$pid"
+    echo "L-VMM$1 rc=$?"
+    exec 3>&-
+}
+elapsed() { awk -v s="$t0" '{printf "%.1f", $1 - s}' /proc/uptime; }
+
+boot 1
+if waitfor /tmp/c1.txt 'ferro-guest: ready' 600; then
+    echo "L-READY1 $(elapsed) s"
+    echo "L-ECHO $(echo hello-ferro | timeout 20 nc $IP 7)"
+    echo "L-HTTP $(printf 'GET /t HTTP/1.0\r\n\r\n' | timeout 20 nc $IP 80 | tr -d '\r' | tail -n 1)"
+    if ping -c 2 -W 5 $IP >/dev/null 2>&1; then echo "L-PING ok"; else echo "L-PING failed"; fi
+    echo 'echo ferro-persist-$((6*7)) > /root/persist && sync && echo "G-WROTE $(cat /root/persist)"' >&3
+    waitfor /tmp/c1.txt '^G-WROTE' 120 || echo "L-NO-WRITE"
+else
+    echo "L-NO-READY1"
+fi
+stop 1
+
+boot 2
+if waitfor /tmp/c2.txt 'ferro-guest: ready' 600; then
+    echo "L-READY2 $(elapsed) s"
+    echo 'echo "G-READ $(cat /root/persist 2>&1)"' >&3
+    waitfor /tmp/c2.txt '^G-READ' 120 || echo "L-NO-READ"
+else
+    echo "L-NO-READY2"
+fi
+stop 2
+echo "L-BASE-MD5-AFTER $(md5sum /lab/debian.qcow2 | cut -d' ' -f1)"
+for n in 1 2; do
+    tr -d '\r' < "/tmp/c$n.txt" | grep -v 'echo ' | grep -o 'G-[A-Z]* .*'
+done
+for n in 1 2; do
+    if ! tr -d '\r' < "/tmp/c$n.txt" | grep -q 'ferro-guest: ready'; then
+        echo "--- console $n tail"; tr -d '\r' < "/tmp/c$n.txt" | tail -60; cat "/tmp/e$n.txt"
+    fi
+done
+echo "lab-debian-disk: done"
