@@ -11,6 +11,7 @@
 
 mod acpi;
 mod boot;
+mod count;
 mod cpu;
 mod devices;
 mod dma;
@@ -43,6 +44,7 @@ struct Opts {
     work: Option<u64>,
     memtest: Option<u64>,
     input: Option<u64>,
+    count: Option<u64>,
 }
 
 pub(crate) fn parse_num(v: &[u8]) -> Option<u64> {
@@ -68,6 +70,7 @@ fn parse_cmdline(cmd: &[u8]) -> Opts {
         work: None,
         memtest: None,
         input: None,
+        count: None,
     };
     for tok in cmd.split(|&c| c == b' ' || c == b'\t' || c == b'\n') {
         let Some(eq) = tok.iter().position(|&c| c == b'=') else {
@@ -82,6 +85,7 @@ fn parse_cmdline(cmd: &[u8]) -> Opts {
             b"work" => o.work = parse_num(v),
             b"memtest" => o.memtest = parse_num(v),
             b"input" => o.input = parse_num(v),
+            b"count" => o.count = parse_num(v),
             _ => {}
         }
     }
@@ -243,6 +247,15 @@ extern "sysv64" fn kmain(start_info: u32) -> ! {
         if got < want {
             Line::new().s("input_timeout=").dec(got as u64);
         }
+    }
+
+    if let Some(ticks) = opts.count {
+        let f = free_ram(&si);
+        let region = f.ranges[..f.n]
+            .iter()
+            .find(|r| r.1 - r.0 >= count::REGION_BYTES)
+            .map(|r| r.0);
+        count::run(ticks, region);
     }
 
     devices::run(si.cmdline, &si, acpi.ecam, acpi.dsdt.0, &free_ram(&si));
