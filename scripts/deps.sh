@@ -6,7 +6,7 @@ set -euo pipefail
 # Packages checked one by one (python3: the build helpers are Python; minimal images lack it). qemu-system-x86 is handled separately below because it
 # needs the qemu-utils downgrade (see PLATFORM-NOTES: the image ships qemu-utils 10 from
 # backports, and Debian's qemu-system-x86 7.2 conflicts with it).
-PKGS=(busybox-static cpio lz4 xz-utils zstd iproute2 kmod gzip python3 debootstrap e2fsprogs iputils-ping)
+PKGS=(busybox-static cpio lz4 xz-utils zstd iproute2 kmod gzip python3 debootstrap e2fsprogs iputils-ping fio)
 
 SUDO=""
 if [[ $(id -u) -ne 0 ]]; then SUDO="sudo"; fi

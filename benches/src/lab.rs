@@ -279,6 +279,7 @@ pub fn run(env: &Env, runs: usize, r: &mut Results) -> LabOutcome {
         echo: true,
         // A hung lab (seen once: a nested QEMU that bench-timer could not end) prints nothing.
         idle_timeout: Some(Duration::from_secs(LAB_IDLE_S)),
+        marker_tx: None,
     });
     let o = match res {
         Ok(o) => o,

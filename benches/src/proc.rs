@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -50,6 +51,9 @@ pub struct Spec<'a> {
     pub echo: bool,
     /// Kill the child when it prints nothing on stdout for this long.
     pub idle_timeout: Option<Duration>,
+    /// Told the index of each of `markers` as it first appears (a host-side peer that must
+    /// act on the guest's console follows the run through it).
+    pub marker_tx: Option<&'a Sender<usize>>,
 }
 
 /// What one run measured (durations are from just before the spawn).
@@ -289,6 +293,10 @@ pub fn run(spec: &Spec) -> Result<Outcome> {
                     for (i, m) in spec.markers.iter().enumerate() {
                         if markers[i].is_none() && found_since(&s.buf, old_len, m) {
                             markers[i] = Some(at);
+                            if let Some(tx) = spec.marker_tx {
+                                // A peer that has gone away no longer needs to know.
+                                let _ = tx.send(i);
+                            }
                         }
                     }
                     if let Some(m) = spec.smaps_at {
@@ -353,6 +361,7 @@ pub fn output(program: &Path, args: &[String], timeout: Duration) -> Result<Outc
         smaps_at: None,
         echo: false,
         idle_timeout: None,
+        marker_tx: None,
     })
 }
 
@@ -370,6 +379,7 @@ mod tests {
             smaps_at,
             echo: false,
             idle_timeout: None,
+            marker_tx: None,
         })
         .unwrap()
     }
@@ -427,6 +437,7 @@ mod tests {
             smaps_at: None,
             echo: false,
             idle_timeout: Some(Duration::from_millis(300)),
+            marker_tx: None,
         })
         .unwrap();
         assert_eq!(o.status, Status::Stalled);

@@ -11,6 +11,10 @@ pub enum Sut {
     Microvm,
     Q35,
     Bare,
+    /// The host itself (the disk rows: O_DIRECT threads against the same image file).
+    Host,
+    /// The host with ferro-bench's own O_DIRECT threads (the disk rows).
+    HostThreads,
 }
 
 impl Sut {
@@ -20,6 +24,8 @@ impl Sut {
             Sut::Microvm => "QEMU microvm",
             Sut::Q35 => "QEMU q35",
             Sut::Bare => "bare C KVM_RUN loop",
+            Sut::Host => "host, fio io_uring",
+            Sut::HostThreads => "host, 16 O_DIRECT threads",
         }
     }
 }
@@ -39,6 +45,16 @@ pub enum Metric {
     LabFirstByte,
     LabMarker,
     LabExit,
+    BlkSeqWrite,
+    BlkSeqRead,
+    BlkRandRead,
+    NetTxFps,
+    NetTxMbps,
+    NetRxFps,
+    NetRxMbps,
+    NetTxFps60,
+    NetRxFps60,
+    NetTxSeen,
 }
 
 impl Metric {
@@ -56,13 +72,33 @@ impl Metric {
             Metric::LabFirstByte => "Linux: first serial byte",
             Metric::LabMarker => "Linux: to `linux-init: start`",
             Metric::LabExit => "Linux: process exit",
+            Metric::BlkSeqWrite => "disk: sequential write, 64 KiB requests",
+            Metric::BlkSeqRead => "disk: sequential read, 64 KiB requests",
+            Metric::BlkRandRead => "disk: 4 KiB random reads",
+            Metric::NetTxFps => "net: guest→host frames/s, 1514 B",
+            Metric::NetTxMbps => "net: guest→host MB/s, 1514 B",
+            Metric::NetRxFps => "net: host→guest frames/s, 1514 B",
+            Metric::NetRxMbps => "net: host→guest MB/s, 1514 B",
+            Metric::NetTxFps60 => "net: guest→host frames/s, 60 B",
+            Metric::NetRxFps60 => "net: host→guest frames/s, 60 B",
+            Metric::NetTxSeen => "net: guest→host frames the host's socket saw, 1514 B",
         }
     }
 
     pub fn unit(self) -> &'static str {
         match self {
             Metric::MaxRss | Metric::RssNoGuest | Metric::GuestRss => "MiB",
-            Metric::Pio | Metric::PioKernel => "/s",
+            Metric::Pio
+            | Metric::PioKernel
+            | Metric::NetTxFps
+            | Metric::NetRxFps
+            | Metric::NetTxFps60
+            | Metric::NetRxFps60 => "/s",
+            Metric::BlkSeqWrite | Metric::BlkSeqRead | Metric::NetTxMbps | Metric::NetRxMbps => {
+                "MB/s"
+            }
+            Metric::BlkRandRead => "IOPS",
+            Metric::NetTxSeen => "%",
             _ => "ms",
         }
     }
