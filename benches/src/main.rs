@@ -162,6 +162,15 @@ fn build_step(desc: &str, program: &Path, args: &[&str], product: &Path) -> Resu
     Ok(())
 }
 
+/// A copy of `src` at `dst` (replaced atomically), executable like the original.
+fn snapshot(src: &Path, dst: &Path) -> Result<PathBuf> {
+    let tmp = dst.with_extension("tmp");
+    std::fs::copy(src, &tmp)
+        .with_context(|| format!("copying {} to {}", src.display(), tmp.display()))?;
+    std::fs::rename(&tmp, dst).with_context(|| format!("renaming to {}", dst.display()))?;
+    Ok(dst.to_path_buf())
+}
+
 /// Everything the vmm benchmarks need to launch.
 pub struct Env {
     pub repo: PathBuf,
@@ -835,6 +844,14 @@ fn real_main() -> Result<()> {
     if qemu.is_none() {
         log("error: qemu-system-x86_64 not found on PATH: the QEMU columns stay empty");
     }
+    // Others may rebuild target/release while we measure: every run uses this copy of the
+    // binary (and of the probe) taken now, so all samples come from the same build.
+    let ferro = snapshot(&ferro, &work.join("ferro-vmm"))?;
+    let probe = if probe.exists() {
+        snapshot(&probe, &work.join("probe"))?
+    } else {
+        probe
+    };
     let env = Env {
         repo: repo.clone(),
         ferro,
