@@ -20,6 +20,7 @@ pub mod error;
 pub mod event_loop;
 pub mod kernel;
 pub mod machine;
+pub mod memfile;
 pub mod memory;
 pub mod mmio;
 pub mod pci;
