@@ -37,7 +37,7 @@ use crate::{
     VirtioDevice,
 };
 use request::{Limits, Op, Rejected, ID_BYTES, SECTOR};
-use worker::{Ctx, Job, Pool};
+use worker::{Ctx, Job, Part, Pool};
 
 /// Size of the request queue.
 pub const QUEUE_SIZE: u16 = 256;
@@ -299,12 +299,17 @@ impl VirtioDevice for Block {
                     let out = request::answer_id(&ctx.mem, &segs, &req, &ctx.id);
                     a.done.push((head, out.written));
                 }
-                Ok(req) => a.jobs.push(Job {
-                    ctx: ctx.clone(),
-                    head,
-                    segs,
-                    req,
-                }),
+                Ok(req) => {
+                    let p = Part { head, segs, req };
+                    // A request that continues the previous one on the disk joins it.
+                    let p = match a.jobs.last_mut() {
+                        Some(j) => j.merge(p),
+                        None => Err(p),
+                    };
+                    if let Err(p) = p {
+                        a.jobs.push(Job::new(ctx.clone(), p));
+                    }
+                }
                 Err(Rejected { at, status }) => {
                     let written = match at {
                         Some(addr) => {
@@ -318,7 +323,7 @@ impl VirtioDevice for Block {
                 }
             }
         }
-        let n = a.jobs.len();
+        let n: usize = a.jobs.iter().map(Job::requests).sum();
         if n > 0 {
             ctx.begin(n);
             if let Some(pool) = &self.pool {

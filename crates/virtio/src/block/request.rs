@@ -359,6 +359,82 @@ pub fn execute(
     }
 }
 
+/// Whether `parts` can run as one disk call: all reads or all writes, each starting at the
+/// sector where the one before ends, together at most [`CHUNK`] bytes.
+pub fn runs_together(parts: &[(&[Segment], &Request)]) -> bool {
+    let Some((_, first)) = parts.first() else {
+        return false;
+    };
+    if !matches!(first.op, Op::Read | Op::Write) {
+        return false;
+    }
+    let mut next = first.sector;
+    let mut total = 0u64;
+    for (_, r) in parts {
+        if r.op != first.op || r.sector != next {
+            return false;
+        }
+        total += u64::from(r.len);
+        next = r.sector.saturating_add(u64::from(r.len) / SECTOR);
+    }
+    total <= CHUNK as u64
+}
+
+/// Runs contiguous requests of one kind (see [`runs_together`]) with one disk call and writes
+/// every status byte; pushes each request's outcome, in order, to `out`. Parts that cannot run
+/// together, or a write whose data cannot all be gathered, run one by one through [`execute`].
+pub fn execute_run(
+    mem: &GuestMemory,
+    parts: &[(&[Segment], &Request)],
+    disk: &dyn BlockBackend,
+    id: &[u8; ID_BYTES],
+    writethrough: bool,
+    buf: &mut IoBuf,
+    out: &mut Vec<Outcome>,
+) {
+    let one_by_one = |buf: &mut IoBuf, out: &mut Vec<Outcome>| {
+        for (segs, req) in parts {
+            out.push(execute(mem, segs, req, disk, id, writethrough, buf));
+        }
+    };
+    if !runs_together(parts) {
+        return one_by_one(buf, out);
+    }
+    let (op, base) = (parts[0].1.op, parts[0].1.sector.saturating_mul(SECTOR));
+    let total: usize = parts.iter().map(|(_, r)| r.len as usize).sum();
+    let b = buf.get(total);
+    let ok = if op == Op::Read {
+        disk.read_at(b, base).is_ok()
+    } else {
+        let mut at = 0usize;
+        for (segs, req) in parts {
+            let n = req.len as usize;
+            if !gather(mem, readable(segs), u64::from(HEADER), &mut b[at..at + n]) {
+                return one_by_one(buf, out);
+            }
+            at += n;
+        }
+        disk.write_at(b, base).is_ok() && (!writethrough || disk.flush().is_ok())
+    };
+    let mut at = 0usize;
+    for (segs, req) in parts {
+        let n = req.len as usize;
+        let done = ok && (op == Op::Write || scatter(mem, writable(segs), 0, &b[at..at + n]));
+        at += n;
+        let status = if done { status::OK } else { status::IOERR };
+        // The status address was checked by walk_chain; a failure here is not reportable.
+        let _ = mem.write_obj(status, req.status);
+        out.push(Outcome {
+            status,
+            written: if done && op == Op::Read {
+                req.len + 1
+            } else {
+                1
+            },
+        });
+    }
+}
+
 /// Answers GET_ID (no disk I/O: the event loop does it at once).
 pub fn answer_id(
     mem: &GuestMemory,

@@ -21,6 +21,8 @@ struct MemDisk {
     ro: bool,
     flushes: AtomicUsize,
     ops: Mutex<Vec<String>>,
+    /// read_at and write_at calls.
+    calls: AtomicUsize,
 }
 
 impl MemDisk {
@@ -31,6 +33,7 @@ impl MemDisk {
             ro,
             flushes: AtomicUsize::new(0),
             ops: Mutex::new(Vec::new()),
+            calls: AtomicUsize::new(0),
         })
     }
     fn err(&self) -> DiskError {
@@ -43,12 +46,14 @@ impl BlockBackend for MemDisk {
         self.data.lock().unwrap().len() as u64
     }
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         let d = self.data.lock().unwrap();
         let o = offset as usize;
         buf.copy_from_slice(d.get(o..o + buf.len()).ok_or_else(|| self.err())?);
         Ok(())
     }
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
         if self.ro {
             return Err(self.err());
         }
@@ -515,6 +520,113 @@ fn many_requests_in_flight_batch_interrupts() {
     let irqs = d.log.take().len();
     assert!((1..=QSIZE as usize).contains(&irqs), "{irqs}");
     assert_eq!(disk.flushes.load(Ordering::SeqCst), 0);
+}
+
+/// Builds request `i` (type `ty`, 8 sectors at `sector`) in its own indirect table; the data
+/// buffer is at the returned address, the status byte 0x2000 after it.
+fn eight_sectors(d: &Driver, i: u16, ty: u32, sector: u64) -> u64 {
+    let h = BUF + 0x4000 + u64::from(i) * 0x3000;
+    let mut hb = [0u8; 16];
+    hb[0..4].copy_from_slice(&ty.to_le_bytes());
+    hb[8..16].copy_from_slice(&sector.to_le_bytes());
+    d.mem.write_slice(&hb, GuestAddress(h)).unwrap();
+    let data = h + 0x800;
+    let f = if ty == kind::IN { DESC_F_WRITE } else { 0 };
+    let it = BUF + 0x3_8000 + u64::from(i) * 0x100;
+    crate::chain::tests::put(&d.mem, it, 0, h, 16, DESC_F_NEXT, 1);
+    crate::chain::tests::put(&d.mem, it, 1, data, 4096, f | DESC_F_NEXT, 2);
+    crate::chain::tests::put(&d.mem, it, 2, data + 0x2000, 1, DESC_F_WRITE, 0);
+    d.mem
+        .write_obj(0xffu8, GuestAddress(data + 0x2000))
+        .unwrap();
+    d.desc(i, it, 48, DESC_F_INDIRECT, 0);
+    data
+}
+
+#[test]
+fn contiguous_requests_share_one_disk_call() {
+    let (mut d, disk) = driver();
+    // Eight writes of 8 sectors, 0..64 in order, published at once: one disk call.
+    for i in 0..8u16 {
+        let data = eight_sectors(&d, i, kind::OUT, u64::from(i) * 8);
+        d.mem
+            .write_slice(&[0xa0 + i as u8; 4096], GuestAddress(data))
+            .unwrap();
+        d.publish(i);
+    }
+    d.kick();
+    wait_used(&d, 8);
+    assert_eq!(disk.calls.load(Ordering::SeqCst), 1);
+    for i in 0..8u16 {
+        let data = BUF + 0x4000 + u64::from(i) * 0x3000 + 0x800;
+        assert_eq!(
+            d.mem.read_obj::<u8>(GuestAddress(data + 0x2000)).unwrap(),
+            st::OK
+        );
+        let at = usize::from(i) * 4096;
+        assert!(disk.data.lock().unwrap()[at..at + 4096]
+            .iter()
+            .all(|&b| b == 0xa0 + i as u8));
+    }
+    // Reads back in reverse order are not contiguous in ring order: one call each; each gets
+    // its own data and used length.
+    for (k, i) in (0..8u16).rev().enumerate() {
+        eight_sectors(&d, k as u16, kind::IN, u64::from(i) * 8);
+        d.publish(k as u16);
+    }
+    d.kick();
+    wait_used(&d, 16);
+    assert_eq!(disk.calls.load(Ordering::SeqCst), 1 + 8);
+    for (k, i) in (0..8u16).rev().enumerate() {
+        let data = BUF + 0x4000 + (k as u64) * 0x3000 + 0x800;
+        assert_eq!(
+            d.mem.read_obj::<u8>(GuestAddress(data + 0x2000)).unwrap(),
+            st::OK
+        );
+        let mut b = [0u8; 4096];
+        d.mem.read_slice(&mut b, GuestAddress(data)).unwrap();
+        assert!(b.iter().all(|&x| x == 0xa0 + i as u8), "request {k}");
+    }
+    for n in 8..16u16 {
+        assert_eq!(d.used(n).1, 4097);
+    }
+    // In order again: one call for all eight.
+    for i in 0..8u16 {
+        eight_sectors(&d, i, kind::IN, u64::from(i) * 8);
+        d.publish(i);
+    }
+    d.kick();
+    wait_used(&d, 24);
+    assert_eq!(disk.calls.load(Ordering::SeqCst), 1 + 8 + 1);
+    for i in 0..8u16 {
+        let data = BUF + 0x4000 + u64::from(i) * 0x3000 + 0x800;
+        let mut b = [0u8; 4096];
+        d.mem.read_slice(&mut b, GuestAddress(data)).unwrap();
+        assert!(b.iter().all(|&x| x == 0xa0 + i as u8), "request {i}");
+    }
+}
+
+#[test]
+fn runs_together_only_for_contiguous_reads_or_writes() {
+    let r = |op, sector, len| request::Request {
+        op,
+        sector,
+        len,
+        status: GuestAddress(0),
+    };
+    let segs: &[crate::chain::Segment] = &[];
+    let a = r(request::Op::Read, 0, 4096);
+    let b = r(request::Op::Read, 8, 4096);
+    let w = r(request::Op::Write, 8, 4096);
+    let gap = r(request::Op::Read, 9, 4096);
+    let f = r(request::Op::Flush, 0, 0);
+    let huge = r(request::Op::Read, 8, request::CHUNK as u32);
+    assert!(request::runs_together(&[(segs, &a), (segs, &b)]));
+    assert!(!request::runs_together(&[(segs, &a), (segs, &w)]));
+    assert!(!request::runs_together(&[(segs, &a), (segs, &gap)]));
+    assert!(!request::runs_together(&[(segs, &f)]));
+    assert!(!request::runs_together(&[(segs, &a), (segs, &huge)]));
+    assert!(!request::runs_together(&[]));
 }
 
 /// Structural chain errors: NEEDS_RESET, config interrupt, nothing used, quiet until reset.

@@ -20,7 +20,7 @@ use ferro_disk::BlockBackend;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::request::{execute, IoBuf, Op, Request, ID_BYTES};
+use super::request::{execute, execute_run, IoBuf, Op, Outcome, Request, CHUNK, ID_BYTES};
 use crate::chain::Segment;
 use crate::{GuestMemory, Interrupt};
 
@@ -140,7 +140,25 @@ impl Ctx {
     }
 }
 
-/// A parsed request on its way to a worker.
+/// Most bytes of one run of merged requests (one disk call). A quarter of a 16-deep queue of
+/// 64 KiB requests: merging fewer, larger calls saves system calls and wake-ups, while keeping
+/// a few calls in flight keeps the disk busy while the guest refills the ring (measured on the
+/// 2-CPU PVM host with the probe's `blk=bench`: 256 KiB beat both no merging and 512 KiB).
+pub const MERGE_MAX: u64 = 256 * 1024;
+const _: () = assert!(MERGE_MAX <= CHUNK as u64);
+
+/// One request: its head descriptor, buffers and what it asks.
+pub struct Part {
+    /// Head descriptor index.
+    pub head: u16,
+    /// Its buffers.
+    pub segs: Vec<Segment>,
+    /// What it asks.
+    pub req: Request,
+}
+
+/// A parsed request on its way to a worker, with the requests merged into it: reads (or
+/// writes) that continue it on the disk, done by the same disk call.
 pub struct Job {
     /// The activation it belongs to.
     pub ctx: Arc<Ctx>,
@@ -150,6 +168,47 @@ pub struct Job {
     pub segs: Vec<Segment>,
     /// What it asks.
     pub req: Request,
+    /// Requests merged after it, in disk order.
+    pub more: Vec<Part>,
+}
+
+impl Job {
+    /// A job of one request.
+    pub fn new(ctx: Arc<Ctx>, p: Part) -> Self {
+        Self {
+            ctx,
+            head: p.head,
+            segs: p.segs,
+            req: p.req,
+            more: Vec::new(),
+        }
+    }
+
+    /// Requests in this job.
+    pub fn requests(&self) -> usize {
+        1 + self.more.len()
+    }
+
+    /// Takes `p` into this job when it is the same kind of transfer (read or write) and
+    /// starts where the job ends on the disk, up to [`MERGE_MAX`] bytes; else gives it back.
+    pub fn merge(&mut self, p: Part) -> Result<(), Part> {
+        let last = self.more.last().map_or(&self.req, |m| &m.req);
+        let bytes: u64 =
+            u64::from(self.req.len) + self.more.iter().map(|m| u64::from(m.req.len)).sum::<u64>();
+        let end = last
+            .sector
+            .saturating_add(u64::from(last.len) / super::request::SECTOR);
+        if matches!(self.req.op, Op::Read | Op::Write)
+            && p.req.op == self.req.op
+            && p.req.sector == end
+            && bytes + u64::from(p.req.len) <= MERGE_MAX
+        {
+            self.more.push(p);
+            Ok(())
+        } else {
+            Err(p)
+        }
+    }
 }
 
 struct State {
@@ -200,10 +259,9 @@ impl Pool {
         st.jobs.extend(jobs);
         let added = st.jobs.len() - before;
         drop(st);
-        match added {
-            0 => {}
-            1 => self.shared.ready.notify_one(),
-            _ => self.shared.ready.notify_all(),
+        // One wake-up per job: waking every idle worker for two jobs costs more than it helps.
+        for _ in 0..added.min(self.threads.len()) {
+            self.shared.ready.notify_one();
         }
     }
 }
@@ -234,6 +292,7 @@ fn next(s: &Shared, wait: bool) -> Option<Job> {
 
 fn work(s: &Shared) {
     let mut buf = IoBuf::new();
+    let mut outs: Vec<Outcome> = Vec::new();
     // Completions whose interrupt decision is still to be made, and their activation.
     let mut held: Option<(Arc<Ctx>, usize)> = None;
     let mut last = Duration::ZERO;
@@ -264,23 +323,45 @@ fn work(s: &Shared) {
             }
         };
         let t = Instant::now();
-        let out = execute(
-            &job.ctx.mem,
-            &job.segs,
-            &job.req,
-            job.ctx.disk.as_ref(),
-            &job.ctx.id,
-            job.ctx.writethrough,
-            &mut buf,
-        );
-        last = t.elapsed();
-        {
-            let mut q = lock(&job.ctx.queue);
-            job.ctx.complete(&mut q, job.head, out.written);
+        let c = &job.ctx;
+        if job.more.is_empty() {
+            let out = execute(
+                &c.mem,
+                &job.segs,
+                &job.req,
+                c.disk.as_ref(),
+                &c.id,
+                c.writethrough,
+                &mut buf,
+            );
+            last = t.elapsed();
+            let mut q = lock(&c.queue);
+            c.complete(&mut q, job.head, out.written);
+        } else {
+            let mut parts = Vec::with_capacity(job.requests());
+            parts.push((job.segs.as_slice(), &job.req));
+            parts.extend(job.more.iter().map(|p| (p.segs.as_slice(), &p.req)));
+            outs.clear();
+            execute_run(
+                &c.mem,
+                &parts,
+                c.disk.as_ref(),
+                &c.id,
+                c.writethrough,
+                &mut buf,
+                &mut outs,
+            );
+            last = t.elapsed();
+            let mut q = lock(&c.queue);
+            let heads = std::iter::once(job.head).chain(job.more.iter().map(|p| p.head));
+            for (head, out) in heads.zip(&outs) {
+                c.complete(&mut q, head, out.written);
+            }
         }
+        let k = job.requests();
         held = Some(match held {
-            Some((c, n)) => (c, n + 1),
-            None => (job.ctx, 1),
+            Some((c, n)) => (c, n + k),
+            None => (job.ctx, k),
         });
     }
 }
