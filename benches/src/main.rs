@@ -238,7 +238,7 @@ fn probe_command(env: &Env, sut: Sut, cmdline: &str) -> Option<(PathBuf, Vec<Str
             .qemu
             .clone()
             .map(|q| (q, qemu_args(Machine::Q35, &env.probe, cmdline))),
-        Sut::Bare | Sut::Host | Sut::HostThreads => None,
+        Sut::Bare | Sut::Host | Sut::HostThreads | Sut::HostBest => None,
     }
 }
 

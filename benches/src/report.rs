@@ -15,6 +15,8 @@ pub enum Sut {
     Host,
     /// The host with ferro-bench's own O_DIRECT threads (the disk rows).
     HostThreads,
+    /// Per round, the better of `Host` and `HostThreads` (the disk targets' reference).
+    HostBest,
 }
 
 impl Sut {
@@ -26,6 +28,7 @@ impl Sut {
             Sut::Bare => "bare C KVM_RUN loop",
             Sut::Host => "host, fio io_uring",
             Sut::HostThreads => "host, 16 O_DIRECT threads",
+            Sut::HostBest => "host, the better of fio and threads",
         }
     }
 }
