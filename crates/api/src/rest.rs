@@ -171,6 +171,41 @@ pub struct EditVm {
     /// New restart policy.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restart: Option<RestartPolicy>,
+    /// Disks to remove, by index in the current list (0 is the first); applied before
+    /// `add_disks`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove_disks: Vec<u32>,
+    /// Disks to append.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<Object>)]
+    pub add_disks: Vec<DiskConfig>,
+    /// NICs to remove, by index in the current list; applied before `add_nets`. Their MAC
+    /// and address go back to the pool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove_nets: Vec<u32>,
+    /// NICs to append (`{}` is a NIC on the daemon's bridge).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<Object>)]
+    pub add_nets: Vec<NetConfig>,
+}
+
+/// One NIC of a VM as the daemon placed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Nic {
+    /// Its index among the VM's NICs (the guest's eth0 is 0).
+    pub index: u32,
+    /// The guest's MAC, unique among the daemon's VMs.
+    pub mac: String,
+    /// The host tap: the one the daemon names for a NIC on its bridge, or the one configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// The bridge the tap is attached to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bridge: Option<String>,
+    /// The IPv4 address with prefix length (`10.77.0.2/24`) a NIC on the daemon's bridge got
+    /// from the bridge's pool; given to the guest on its command line (NIC 0 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
 }
 
 /// A VM as the API shows it.
@@ -208,6 +243,9 @@ pub struct Vm {
     #[serde(default)]
     #[schema(value_type = Vec<Object>)]
     pub nets: Vec<NetConfig>,
+    /// The NICs as placed on the host: MAC, tap, bridge and IPv4 address.
+    #[serde(default)]
+    pub nics: Vec<Nic>,
     /// The VMM's console socket (local clients may attach to it directly).
     #[schema(value_type = String)]
     pub console_socket: PathBuf,
@@ -248,6 +286,54 @@ pub struct HostInfo {
     pub vms: u32,
     /// Database schema version.
     pub schema_version: u32,
+    /// The host bridge NICs go on (created when the first VM with such a NIC starts).
+    #[serde(default)]
+    pub bridge: String,
+    /// The bridge's address and prefix (its pool is the rest of that subnet).
+    #[serde(default)]
+    pub bridge_address: String,
+}
+
+/// Whether a long operation still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OperationState {
+    /// Still working.
+    Running,
+    /// Done: `result` holds what the synchronous call would have returned.
+    Succeeded,
+    /// Failed: `error` says why; nothing was left behind.
+    Failed,
+}
+
+/// A long operation (an image import, a full clone) started with `?async=true`: a 202 with
+/// this body and `Location: /v1/operations/{id}`, to poll until it is no longer running.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Operation {
+    /// Its id.
+    pub id: u64,
+    /// `image_import` or `vm_clone`.
+    pub kind: String,
+    /// What it works on (the image's or the new VM's name).
+    pub target: String,
+    /// Running, succeeded or failed.
+    pub state: OperationState,
+    /// Percent done, 0 to 100.
+    pub progress: f64,
+    /// What it is doing now, for people.
+    pub message: String,
+    /// On success, the body the synchronous call returns (an `Image`, a `Vm`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub result: Option<serde_json::Value>,
+    /// On failure, the error the synchronous call returns, with its HTTP status in `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ApiErrorBody>,
+    /// On failure, the HTTP status the synchronous call would have returned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Start time, Unix ms.
+    pub started_ms: u64,
 }
 
 #[cfg(test)]

@@ -100,3 +100,35 @@ pub struct CloneVm {
     #[serde(default)]
     pub linked: bool,
 }
+
+/// A disk snapshot of a VM, taken while it was stopped: each writable disk's file as it was
+/// then, frozen read-only, with the VM moved onto a qcow2 overlay of it (reverting gives the
+/// VM a fresh overlay on these files).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Snapshot {
+    /// Unique among the VM's snapshots.
+    pub name: String,
+    /// The VM.
+    pub vm: String,
+    /// The frozen files that hold it, one per disk of the VM at the time (read-only disks as
+    /// they are).
+    #[schema(value_type = Vec<String>)]
+    pub disks: Vec<PathBuf>,
+    /// Whether it holds the guest's memory and device state too (not yet: always false).
+    #[serde(default)]
+    pub memory: bool,
+    /// Creation time, Unix ms.
+    pub created_ms: u64,
+}
+
+/// `POST /v1/vms/{name}/snapshots`: snapshot a stopped VM's disks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateSnapshot {
+    /// The snapshot's name: 1 to 63 of `a-z A-Z 0-9 - _ .`.
+    pub name: String,
+    /// Also save memory and device state of a running VM (reserved for `--memory`: answered
+    /// 501 not_implemented today).
+    #[serde(default)]
+    pub memory: bool,
+}

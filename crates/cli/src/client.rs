@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use ferro_api::rest::{ApiErrorBody, CreateVm, EditVm, HostInfo, Vm, VmEvent};
+use ferro_api::rest::{ApiErrorBody, CreateVm, EditVm, HostInfo, Operation, Vm, VmEvent};
 use ferro_api::storage::{CloneVm, CreateTemplate, Image, ImportImage, Template};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
@@ -240,9 +240,23 @@ impl Client {
     pub async fn list_images(&self) -> Result<Vec<Image>, ClientError> {
         self.call(Method::GET, "/v1/images", None).await
     }
-    /// Imports an image (synchronous: returns when it is stored).
-    pub async fn import_image(&self, req: &ImportImage) -> Result<Image, ClientError> {
-        self.call(Method::POST, "/v1/images", Some(to_json(req)?))
+    /// Starts an import in the background (`?async=true`): the operation to poll.
+    pub async fn import_image_async(&self, req: &ImportImage) -> Result<Operation, ClientError> {
+        self.call(Method::POST, "/v1/images?async=true", Some(to_json(req)?))
+            .await
+    }
+    /// Starts a clone in the background (`?async=true`): the operation to poll.
+    pub async fn clone_vm_async(&self, src: &str, req: &CloneVm) -> Result<Operation, ClientError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/vms/{src}/clone?async=true"),
+            Some(to_json(req)?),
+        )
+        .await
+    }
+    /// One operation.
+    pub async fn operation(&self, id: u64) -> Result<Operation, ClientError> {
+        self.call(Method::GET, &format!("/v1/operations/{id}"), None)
             .await
     }
     /// Every template.

@@ -7,6 +7,7 @@ mod client;
 #[allow(unsafe_code)] // termios raw mode
 mod console;
 mod output;
+mod progress;
 mod storage;
 
 use std::path::PathBuf;
@@ -52,6 +53,12 @@ enum Cmd {
         /// The ferro-vmm binary (default: next to this program).
         #[arg(long)]
         vmm: Option<PathBuf>,
+        /// The host bridge the VMs' NICs go on (created when the first VM with a NIC starts).
+        #[arg(long, default_value = ferro_daemon::net::DEFAULT_BRIDGE)]
+        bridge: String,
+        /// The bridge's address/prefix; the rest of the subnet is the VMs' address pool.
+        #[arg(long, default_value = ferro_daemon::net::DEFAULT_BRIDGE_ADDR)]
+        bridge_address: String,
     },
     /// Virtual machines.
     #[command(subcommand)]
@@ -107,7 +114,8 @@ enum VmCmd {
         /// A disk: path=FILE[,format=raw|qcow2][,readonly=on]. Repeatable.
         #[arg(long = "disk")]
         disks: Vec<DiskConfig>,
-        /// A NIC: tap=NAME[,mac=MAC] or auto. Repeatable.
+        /// A NIC: auto[,mac=MAC] (on the daemon's bridge, with an address from its pool), or
+        /// tap=NAME[,mac=MAC] (your own tap). Repeatable.
         #[arg(long = "net")]
         nets: Vec<NetConfig>,
         /// Restart policy: never, on-failure, always.
@@ -188,6 +196,19 @@ enum VmCmd {
         /// Remove every NIC.
         #[arg(long, conflicts_with = "nets")]
         no_nets: bool,
+        /// Remove disk N (0 is the first; repeatable; before --add-disk).
+        #[arg(long = "remove-disk", value_name = "N")]
+        remove_disks: Vec<u32>,
+        /// Append a disk: path=FILE[,format=raw|qcow2][,readonly=on] (repeatable).
+        #[arg(long = "add-disk", value_name = "DISK")]
+        add_disks: Vec<DiskConfig>,
+        /// Remove NIC N (0 is the first; repeatable; before --add-net). Its MAC and address
+        /// go back to the pool.
+        #[arg(long = "remove-net", value_name = "N")]
+        remove_nets: Vec<u32>,
+        /// Append a NIC: auto[,mac=MAC] or tap=NAME[,mac=MAC] (repeatable).
+        #[arg(long = "add-net", value_name = "NIC")]
+        add_nets: Vec<NetConfig>,
         /// Restart policy.
         #[arg(long)]
         restart: Option<RestartPolicy>,
@@ -241,6 +262,7 @@ fn daemon(
     listen: Option<Listen>,
     vmm: Option<PathBuf>,
     token_file: Option<PathBuf>,
+    net: ferro_daemon::net::NetSettings,
 ) -> Result<()> {
     let vmm = match vmm {
         Some(v) => v,
@@ -258,6 +280,7 @@ fn daemon(
         listen,
         token_file,
         vmm,
+        net,
     }))?;
     Ok(())
 }
@@ -352,8 +375,23 @@ async fn vm(cli: &Cli, c: &Client, cmd: &VmCmd) -> Result<()> {
             no_disks,
             nets,
             no_nets,
+            remove_disks,
+            add_disks,
+            remove_nets,
+            add_nets,
             restart,
         } => {
+            let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            let absolute = |list: &[DiskConfig]| -> Vec<DiskConfig> {
+                list.iter()
+                    .cloned()
+                    .map(|mut d| {
+                        d.path = abs(&d.path);
+                        d
+                    })
+                    .collect()
+            };
+            let disks = absolute(disks);
             let req = EditVm {
                 cpus: *cpus,
                 memory_mib: *memory,
@@ -369,7 +407,14 @@ async fn vm(cli: &Cli, c: &Client, cmd: &VmCmd) -> Result<()> {
                     (!nets.is_empty()).then(|| nets.clone())
                 },
                 restart: *restart,
+                remove_disks: remove_disks.clone(),
+                add_disks: absolute(add_disks),
+                remove_nets: remove_nets.clone(),
+                add_nets: add_nets.clone(),
             };
+            if req == EditVm::default() {
+                bail!("nothing to change: give at least one of --cpus, --memory, --cmdline, --add-disk, --remove-disk, --add-net, --remove-net, --restart");
+            }
             one(c.edit_vm(name, &req).await?)
         }
         VmCmd::Events { name } => output::events(&c.events(name).await?, json),
@@ -378,14 +423,16 @@ async fn vm(cli: &Cli, c: &Client, cmd: &VmCmd) -> Result<()> {
             Ok(())
         }
         VmCmd::Clone { src, dst, linked } => {
-            if !linked && !json {
-                eprintln!("copying the disks of {src} ...");
-            }
             let req = ferro_api::storage::CloneVm {
                 name: dst.clone(),
                 linked: *linked,
             };
-            one(c.clone_vm(src, &req).await?)
+            if *linked {
+                return one(c.clone_vm(src, &req).await?);
+            }
+            let op = c.clone_vm_async(src, &req).await?;
+            let label = format!("copying the disks of {src}");
+            one(progress::wait(c, op, &label, json).await?)
         }
     }
 }
@@ -422,7 +469,13 @@ fn run(cli: Cli) -> Result<()> {
             data_dir,
             listen,
             vmm,
-        } => daemon(data_dir, listen, vmm, cli.token_file),
+            bridge,
+            bridge_address,
+        } => {
+            let net = ferro_daemon::net::NetSettings::new(&bridge, &bridge_address)
+                .map_err(|e| anyhow::anyhow!("--bridge/--bridge-address: {e}"))?;
+            daemon(data_dir, listen, vmm, cli.token_file, net)
+        }
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "ferro", &mut std::io::stdout());
             Ok(())

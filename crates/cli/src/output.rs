@@ -56,8 +56,21 @@ pub fn vm(v: &Vm, as_json: bool) -> Result<()> {
             if d.readonly { " (read-only)" } else { "" }
         );
     }
-    for n in &v.nets {
-        println!("nic:       tap {}", n.tap.as_deref().unwrap_or("auto"));
+    for n in &v.nics {
+        println!(
+            "nic{}:      {} tap {}{}{}",
+            n.index,
+            n.mac,
+            n.tap.as_deref().unwrap_or("auto"),
+            n.bridge
+                .as_deref()
+                .map(|b| format!(" bridge {b}"))
+                .unwrap_or_default(),
+            n.address
+                .as_deref()
+                .map(|a| format!(" address {a}"))
+                .unwrap_or_default()
+        );
     }
     println!(
         "restart:   {} ({} restarts)",

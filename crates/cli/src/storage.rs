@@ -67,14 +67,13 @@ pub async fn run(c: &Client, cmd: &ImageCmd, as_json: bool) -> Result<()> {
     match cmd {
         ImageCmd::Import { file, name } => {
             let path = std::path::absolute(file).unwrap_or_else(|_| file.clone());
-            if !as_json {
-                eprintln!("importing {} ...", path.display());
-            }
+            let label = format!("importing {}", path.display());
             let req = ImportImage {
                 path,
                 name: name.clone(),
             };
-            let img = c.import_image(&req).await?;
+            let op = c.import_image_async(&req).await?;
+            let img: Image = crate::progress::wait(c, op, &label, as_json).await?;
             if as_json {
                 json(&img)
             } else {

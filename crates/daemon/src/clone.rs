@@ -19,6 +19,7 @@ use ferro_api::{DiskConfig, DiskFormat};
 
 use crate::error::DaemonError;
 use crate::images;
+use crate::operations::Tracker;
 use crate::ops::{self, check_name};
 use crate::store::{self, now_ms, VmRecord};
 use crate::supervisor::Supervisor;
@@ -55,12 +56,31 @@ fn overlay(path: &Path, base: &Path) -> Result<(), DaemonError> {
         .map_err(|e| DaemonError::Vmm(format!("cannot make an overlay on {}: {e}", base.display())))
 }
 
-/// Clones stopped VM `src` into a new VM `dst`.
+/// The checks a clone request must pass before any work starts (the clone repeats them
+/// under the VMs' locks).
+pub fn precheck(sup: &Supervisor, src: &str, dst: &str) -> Result<(), DaemonError> {
+    check_name(dst)?;
+    if src == dst || sup.store(|s| s.get(dst)).is_ok() {
+        return Err(DaemonError::Exists(dst.to_string()));
+    }
+    let rec = sup.store(|s| s.get(src))?;
+    if rec.state != VmState::Stopped {
+        return Err(DaemonError::InvalidState(format!(
+            "VM '{src}' is {}: stop it before cloning it (ferro vm stop {src})",
+            rec.state.as_str()
+        )));
+    }
+    Ok(())
+}
+
+/// Clones stopped VM `src` into a new VM `dst`, reporting a full copy's progress to
+/// `progress`.
 pub async fn clone(
     sup: &Supervisor,
     src: &str,
     dst: &str,
     linked: bool,
+    progress: Tracker,
 ) -> Result<Vm, DaemonError> {
     check_name(dst)?;
     if src == dst {
@@ -109,8 +129,10 @@ pub async fn clone(
                 .collect::<Result<_, DaemonError>>()?;
             let copy = plan.clone();
             tokio::task::spawn_blocking(move || {
-                copy.iter()
-                    .try_for_each(|(from, fmt, to)| images::copy_to_qcow2(from, fmt, to))
+                let n = copy.len();
+                copy.iter().enumerate().try_for_each(|(i, (from, fmt, to))| {
+                    images::copy_to_qcow2(from, fmt, to, &progress.part(i, n))
+                })
             })
             .await
             .map_err(|e| DaemonError::Vmm(format!("the clone task failed: {e}")))??;
@@ -120,7 +142,11 @@ pub async fn clone(
         }
         let mut config = rec.config.clone();
         config.disks = disks;
-        let new = VmRecord {
+        // The clone's NICs get MACs (and addresses) of their own.
+        for n in &mut config.nets {
+            n.mac = None;
+        }
+        let mut new = VmRecord {
             name: dst.to_string(),
             config,
             restart: rec.restart,
@@ -132,6 +158,7 @@ pub async fn clone(
         let kind = if linked { "linked" } else { "full" };
         sup.store(|s| {
             s.transaction(|tx| {
+                crate::net::sync(tx, &sup.0.net, dst, &mut new.config.nets)?;
                 store::insert_vm(tx, &new)?;
                 store::insert_event(tx, dst, "created", &format!("{kind} clone of VM '{src}'"))?;
                 if linked {

@@ -17,6 +17,7 @@ use ferro_api::storage::{Image, ImportImage};
 use rusqlite::{params, OptionalExtension, Transaction};
 
 use crate::error::DaemonError;
+use crate::operations::{parse_qemu_progress, Part, Tracker};
 use crate::ops::check_name;
 use crate::ova;
 use crate::store::{now_ms, Store};
@@ -70,6 +71,53 @@ fn qemu_img(args: &[&std::ffi::OsStr]) -> Result<Output, DaemonError> {
         .args(args)
         .output()
         .map_err(DaemonError::io("cannot run qemu-img (install qemu-utils)"))
+}
+
+/// Runs `qemu-img convert -p ARGS`, reporting its progress to `part` as it goes.
+fn qemu_convert(
+    args: &[&std::ffi::OsStr],
+    part: &Part,
+    message: &str,
+) -> Result<Output, DaemonError> {
+    use std::process::Stdio;
+    let mut child = Command::new("qemu-img")
+        .arg("convert")
+        .arg("-p")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(DaemonError::io("cannot run qemu-img (install qemu-utils)"))?;
+    let stderr = child.stderr.take().map(|mut e| {
+        std::thread::spawn(move || {
+            let mut b = Vec::new();
+            let _ = e.read_to_end(&mut b);
+            b
+        })
+    });
+    let mut stdout = Vec::new();
+    if let Some(mut out) = child.stdout.take() {
+        let mut buf = [0u8; 512];
+        while let Ok(n) = out.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            stdout.extend_from_slice(&buf[..n]);
+            if let Some(p) = parse_qemu_progress(&String::from_utf8_lossy(&buf[..n])) {
+                part.set(p, message);
+            }
+        }
+    }
+    let status = child
+        .wait()
+        .map_err(DaemonError::io("cannot wait for qemu-img"))?;
+    let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+    Ok(Output {
+        status,
+        stdout,
+        stderr,
+    })
 }
 
 /// What `qemu-img info` says of a file.
@@ -146,20 +194,25 @@ fn check(file: &Path, format: &str, shown: &Path) -> Result<(), DaemonError> {
 }
 
 /// Converts `src` to a checked qcow2 at `dst`; returns the source format and virtual size.
-fn convert_one(src: &Path, dst: &Path, shown: &Path) -> Result<Probe, DaemonError> {
+fn convert_one(src: &Path, dst: &Path, shown: &Path, part: &Part) -> Result<Probe, DaemonError> {
     let p = probe(src)?;
     if CHECKABLE.contains(&p.format.as_str()) {
+        part.set(0.0, "checking the source");
         check(src, &p.format, shown)?;
     }
-    let out = qemu_img(&[
-        "convert".as_ref(),
-        "-f".as_ref(),
-        p.format.as_ref(),
-        "-O".as_ref(),
-        "qcow2".as_ref(),
-        src.as_os_str(),
-        dst.as_os_str(),
-    ])?;
+    let out = qemu_convert(
+        &[
+            "-f".as_ref(),
+            p.format.as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            src.as_os_str(),
+            dst.as_os_str(),
+        ],
+        part,
+        "converting",
+    )?;
+    part.set(100.0, "checking the result");
     if !out.status.success() {
         return Err(bad(
             "corrupt_image",
@@ -180,16 +233,24 @@ fn convert_one(src: &Path, dst: &Path, shown: &Path) -> Result<Probe, DaemonErro
 
 /// Copies `src` (of `format`) into a new standalone qcow2 at `dst` (blocking); a backing
 /// chain is flattened. `dst` is removed on failure.
-pub(crate) fn copy_to_qcow2(src: &Path, format: &str, dst: &Path) -> Result<(), DaemonError> {
-    let out = qemu_img(&[
-        "convert".as_ref(),
-        "-f".as_ref(),
-        format.as_ref(),
-        "-O".as_ref(),
-        "qcow2".as_ref(),
-        src.as_os_str(),
-        dst.as_os_str(),
-    ])?;
+pub(crate) fn copy_to_qcow2(
+    src: &Path,
+    format: &str,
+    dst: &Path,
+    part: &Part,
+) -> Result<(), DaemonError> {
+    let out = qemu_convert(
+        &[
+            "-f".as_ref(),
+            format.as_ref(),
+            "-O".as_ref(),
+            "qcow2".as_ref(),
+            src.as_os_str(),
+            dst.as_os_str(),
+        ],
+        part,
+        "copying",
+    )?;
     if out.status.success() {
         Ok(())
     } else {
@@ -316,7 +377,12 @@ fn unpack_ova(file: &Path, tmp: &Path) -> Result<(ova::Ovf, Vec<PathBuf>), Daemo
 
 /// Converts `file` into checked qcow2 files under `DATA/images/` named after `name`; returns
 /// the image to record. Blocking (runs qemu-img). Nothing is left behind on failure.
-pub fn convert(data_dir: &Path, file: &Path, name: &str) -> Result<Image, DaemonError> {
+pub fn convert(
+    data_dir: &Path,
+    file: &Path,
+    name: &str,
+    progress: &Tracker,
+) -> Result<Image, DaemonError> {
     if !file.is_absolute() {
         return Err(DaemonError::BadRequest(format!(
             "{}: the path must be absolute (it is read on the daemon's host)",
@@ -340,7 +406,7 @@ pub fn convert(data_dir: &Path, file: &Path, name: &str) -> Result<Image, Daemon
     let mut first: Option<Probe> = None;
     for (i, src) in sources.iter().enumerate() {
         let out = tmp.0.join(format!("disk{i}.qcow2"));
-        let p = convert_one(src, &out, file)?;
+        let p = convert_one(src, &out, file, &progress.part(i, sources.len()))?;
         first.get_or_insert(p);
         converted.push(out);
     }
@@ -440,16 +506,32 @@ fn default_name(file: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Imports a file on the daemon's host (synchronously).
-pub async fn import(sup: &Supervisor, req: ImportImage) -> Result<Image, DaemonError> {
-    let name = req.name.unwrap_or_else(|| default_name(&req.path));
+/// The name an import request gives its image, checked to be valid and free.
+pub fn import_name(sup: &Supervisor, req: &ImportImage) -> Result<String, DaemonError> {
+    let name = req.name.clone().unwrap_or_else(|| default_name(&req.path));
     check_name(&name)?;
     if sup.store(|s| get(s, &name)).is_ok() {
         return Err(taken(&name));
     }
+    if !req.path.is_absolute() {
+        return Err(DaemonError::BadRequest(format!(
+            "{}: the path must be absolute (it is read on the daemon's host)",
+            req.path.display()
+        )));
+    }
+    Ok(name)
+}
+
+/// Imports a file on the daemon's host, reporting progress to `progress`.
+pub async fn import(
+    sup: &Supervisor,
+    req: ImportImage,
+    progress: Tracker,
+) -> Result<Image, DaemonError> {
+    let name = import_name(sup, &req)?;
     let data_dir = sup.0.data_dir.clone();
     let (n, path) = (name.clone(), req.path.clone());
-    let img = tokio::task::spawn_blocking(move || convert(&data_dir, &path, &n))
+    let img = tokio::task::spawn_blocking(move || convert(&data_dir, &path, &n, &progress))
         .await
         .map_err(|e| DaemonError::Vmm(format!("the import task failed: {e}")))??;
     let r = sup.store(|s| s.transaction(|tx| insert(tx, &img)));
@@ -552,7 +634,7 @@ mod tests {
             .status()
             .unwrap();
         assert!(st.success());
-        let img = convert(&d, &src, "a").unwrap();
+        let img = convert(&d, &src, "a", &Tracker::none()).unwrap();
         assert_eq!((img.format.as_str(), img.virtual_size), ("vmdk", 2 << 20));
         assert_eq!(files(&d), ["a.qcow2"]);
         assert_eq!(ferro_disk::info(&img.path).unwrap().virtual_size, 2 << 20);
@@ -573,7 +655,7 @@ mod tests {
 
         let junk = d.join("junk.txt");
         std::fs::write(&junk, "hello").unwrap();
-        let e = convert(&d, &junk, "junk").unwrap_err();
+        let e = convert(&d, &junk, "junk", &Tracker::none()).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -608,7 +690,7 @@ mod tests {
             .success());
         let bytes = std::fs::read(&q).unwrap();
         std::fs::write(&q, &bytes[..300_000]).unwrap();
-        let e = convert(&d, &q, "q").unwrap_err();
+        let e = convert(&d, &q, "q", &Tracker::none()).unwrap_err();
         assert!(
             matches!(
                 e,
@@ -621,8 +703,8 @@ mod tests {
         );
         assert!(e.to_string().contains("corrupt"), "{e}");
 
-        assert!(convert(&d, Path::new("relative.img"), "r").is_err());
-        assert!(convert(&d, &d.join("missing.img"), "m").is_err());
+        assert!(convert(&d, Path::new("relative.img"), "r", &Tracker::none()).is_err());
+        assert!(convert(&d, &d.join("missing.img"), "m", &Tracker::none()).is_err());
         assert_eq!(files(&d), ["a.qcow2"], "failed imports left files behind");
         let _ = std::fs::remove_dir_all(&d);
     }

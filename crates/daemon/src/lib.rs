@@ -8,6 +8,8 @@
 pub mod clone;
 pub mod error;
 pub mod images;
+pub mod net;
+pub mod operations;
 pub mod ops;
 pub mod ova;
 #[allow(unsafe_code)] // setsid between fork and exec, kill(2)
@@ -70,11 +72,13 @@ pub struct DaemonConfig {
     pub token_file: Option<PathBuf>,
     /// The `ferro-vmm` binary.
     pub vmm: PathBuf,
+    /// The bridge of the VMs' NICs and its subnet.
+    pub net: net::NetSettings,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT. The VMMs keep running after it ends.
 pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
-    let sup = Supervisor::open(&cfg.data_dir, cfg.vmm.clone()).await?;
+    let sup = Supervisor::open(&cfg.data_dir, cfg.vmm.clone(), cfg.net.clone()).await?;
     let token = match &cfg.token_file {
         Some(p) => Some(
             std::fs::read_to_string(p)

@@ -8,6 +8,7 @@ use ferro_api::rest::{CreateVm, EditVm, Vm, VmEvent, VmState};
 use ferro_api::VmConfig;
 
 use crate::error::DaemonError;
+use crate::net;
 use crate::process;
 use crate::store::{self, now_ms, VmRecord};
 use crate::supervisor::Supervisor;
@@ -32,6 +33,12 @@ pub fn view(sup: &Supervisor, rec: &VmRecord) -> Vm {
         cmdline: rec.config.cmdline.clone(),
         disks: rec.config.disks.clone(),
         nets: rec.config.nets.clone(),
+        nics: net::view(
+            &sup.0.net,
+            &rec.config.nets,
+            &sup.store(|s| net::rows(s.conn(), &rec.name))
+                .unwrap_or_default(),
+        ),
         console_socket: sup.dir(&rec.name).console(),
         created_ms: rec.created_ms,
     }
@@ -131,6 +138,7 @@ pub async fn create(sup: &Supervisor, req: CreateVm) -> Result<Vm, DaemonError> 
             check_config(&rec.config)?;
             sup.store(|s| {
                 s.transaction(|tx| {
+                    net::sync(tx, &sup.0.net, &rec.name, &mut rec.config.nets)?;
                     store::insert_vm(tx, &rec)?;
                     store::insert_event(
                         tx,
@@ -148,6 +156,7 @@ pub async fn create(sup: &Supervisor, req: CreateVm) -> Result<Vm, DaemonError> 
     } else {
         sup.store(|s| {
             s.transaction(|tx| {
+                net::sync(tx, &sup.0.net, &rec.name, &mut rec.config.nets)?;
                 store::insert_vm(tx, &rec)?;
                 store::insert_event(tx, &rec.name, "created", "VM defined")?;
                 // Last step, so a failure before it leaves no directory behind.
@@ -292,7 +301,33 @@ pub async fn reboot(sup: &Supervisor, name: &str) -> Result<Vm, DaemonError> {
     .await
 }
 
-/// Changes a stopped VM (the restart policy may change at any time).
+/// Removes the entries at `remove` (indices into `list`, each at most once) from `list`.
+fn remove_indices<T>(list: &mut Vec<T>, remove: &[u32], what: &str) -> Result<(), DaemonError> {
+    let mut idx: Vec<usize> = Vec::with_capacity(remove.len());
+    for &i in remove {
+        let i = usize::try_from(i).unwrap_or(usize::MAX);
+        if i >= list.len() {
+            return Err(DaemonError::BadRequest(format!(
+                "there is no {what} {i}: the VM has {} (numbered from 0)",
+                list.len()
+            )));
+        }
+        if idx.contains(&i) {
+            return Err(DaemonError::BadRequest(format!(
+                "{what} {i} is named twice for removal"
+            )));
+        }
+        idx.push(i);
+    }
+    idx.sort_unstable();
+    for i in idx.into_iter().rev() {
+        list.remove(i);
+    }
+    Ok(())
+}
+
+/// Changes a stopped VM (the restart policy may change at any time). The change is checked
+/// like a create and applied in one transaction: a refused edit changes nothing.
 pub async fn edit(sup: &Supervisor, name: &str, req: EditVm) -> Result<Vm, DaemonError> {
     let _guard = sup.vm_lock(name).await;
     let mut rec = sup.store(|s| s.get(name))?;
@@ -300,12 +335,26 @@ pub async fn edit(sup: &Supervisor, name: &str, req: EditVm) -> Result<Vm, Daemo
         || req.memory_mib.is_some()
         || req.cmdline.is_some()
         || req.disks.is_some()
-        || req.nets.is_some();
+        || req.nets.is_some()
+        || !req.remove_disks.is_empty()
+        || !req.add_disks.is_empty()
+        || !req.remove_nets.is_empty()
+        || !req.add_nets.is_empty();
     if hw && rec.state.has_vmm() {
         return Err(DaemonError::InvalidState(format!(
             "VM '{name}' is {}: stop it before changing its CPUs, memory, command line, disks or NICs",
             rec.state.as_str()
         )));
+    }
+    if req.disks.is_some() && !(req.remove_disks.is_empty() && req.add_disks.is_empty()) {
+        return Err(DaemonError::BadRequest(
+            "give either disks (a new list) or remove_disks/add_disks, not both".into(),
+        ));
+    }
+    if req.nets.is_some() && !(req.remove_nets.is_empty() && req.add_nets.is_empty()) {
+        return Err(DaemonError::BadRequest(
+            "give either nets (a new list) or remove_nets/add_nets, not both".into(),
+        ));
     }
     let mut changes = Vec::new();
     if let Some(n) = req.cpus {
@@ -328,14 +377,33 @@ pub async fn edit(sup: &Supervisor, name: &str, req: EditVm) -> Result<Vm, Daemo
         changes.push(format!("{} nics", n.len()));
         rec.config.nets = n;
     }
+    remove_indices(&mut rec.config.disks, &req.remove_disks, "disk")?;
+    for i in &req.remove_disks {
+        changes.push(format!("removed disk {i}"));
+    }
+    for d in req.add_disks {
+        changes.push(format!("added disk {}", d.path.display()));
+        rec.config.disks.push(d);
+    }
+    remove_indices(&mut rec.config.nets, &req.remove_nets, "NIC")?;
+    for i in &req.remove_nets {
+        changes.push(format!("removed nic {i}"));
+    }
+    for n in req.add_nets {
+        changes.push("added a nic".to_string());
+        rec.config.nets.push(n);
+    }
     if let Some(r) = req.restart {
         rec.restart = r;
         changes.push(format!("restart={}", r.as_str()));
-        sup.reset_history(name);
+    }
+    if changes.is_empty() {
+        return Err(DaemonError::BadRequest("the edit changes nothing".into()));
     }
     check_config(&rec.config)?;
     sup.store(|s| {
         s.transaction(|tx| {
+            net::sync(tx, &sup.0.net, name, &mut rec.config.nets)?;
             store::update_vm(tx, &rec)?;
             store::insert_event(
                 tx,
@@ -345,6 +413,9 @@ pub async fn edit(sup: &Supervisor, name: &str, req: EditVm) -> Result<Vm, Daemo
             )
         })
     })?;
+    if req.restart.is_some() {
+        sup.reset_history(name);
+    }
     get(sup, name)
 }
 

@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use ferro_api::rest::{
-    ApiErrorBody, CreateVm, EditVm, HostInfo, RestartPolicy, Vm, VmEvent, VmState,
+    ApiErrorBody, CreateVm, EditVm, HostInfo, Nic, Operation, OperationState, RestartPolicy, Vm,
+    VmEvent, VmState,
 };
 use ferro_api::storage::{CloneVm, CreateTemplate, Image, ImportImage, Template};
 use serde::Deserialize;
@@ -59,7 +60,9 @@ fn bad_query(e: QueryRejection) -> DaemonError {
         delete_image,
         list_templates,
         create_template,
-        delete_template
+        delete_template,
+        list_operations,
+        get_operation
     ),
     components(schemas(
         ApiErrorBody,
@@ -71,6 +74,9 @@ fn bad_query(e: QueryRejection) -> DaemonError {
         Template,
         EditVm,
         HostInfo,
+        Nic,
+        Operation,
+        OperationState,
         RestartPolicy,
         Vm,
         VmEvent,
@@ -111,6 +117,8 @@ pub fn router(sup: Supervisor) -> Router {
         .route("/v1/vms/{name}/clone", post(clone_vm))
         .route("/v1/images", get(list_images).post(import_image))
         .route("/v1/images/{name}", axum::routing::delete(delete_image))
+        .route("/v1/operations", get(list_operations))
+        .route("/v1/operations/{id}", get(get_operation))
         .route("/v1/templates", get(list_templates).post(create_template))
         .route(
             "/v1/templates/{name}",
@@ -169,6 +177,8 @@ async fn host(State(sup): State<Supervisor>) -> ApiResult<Json<HostInfo>> {
         data_dir: sup.0.data_dir.clone(),
         vms: u32::try_from(vms).unwrap_or(u32::MAX),
         schema_version: schema,
+        bridge: sup.0.net.bridge.clone(),
+        bridge_address: sup.0.net.cidr(),
     }))
 }
 
@@ -355,21 +365,69 @@ async fn vm_console(
         .unwrap_or_default())
 }
 
-/// Clones a stopped VM: a full copy of its disks (synchronous), or a linked clone (qcow2
-/// overlays; the source's disks become read-only bases under overlays of its own).
-#[utoipa::path(post, path = "/v1/vms/{name}/clone", params(("name" = String, Path)), request_body = CloneVm, responses(
-    (status = 201, body = Vm), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AsyncQuery {
+    /// Answer 202 with an operation at once instead of waiting for the work.
+    #[serde(default, rename = "async")]
+    run_async: bool,
+}
+
+/// Runs `work` as a background operation: 202 with the operation and its `Location`.
+fn background<T, F>(
+    sup: &Supervisor,
+    kind: &str,
+    target: &str,
+    work: impl FnOnce(crate::operations::Tracker) -> F,
+) -> Response
+where
+    T: serde::Serialize,
+    F: std::future::Future<Output = Result<T, DaemonError>> + Send + 'static,
+{
+    let (op, tracker) = sup.0.operations.begin(kind, target);
+    let fut = work(tracker.clone());
+    let ops = sup.0.operations.clone();
+    tokio::spawn(async move {
+        let r = fut
+            .await
+            .and_then(|v| serde_json::to_value(v).map_err(|e| DaemonError::Vmm(e.to_string())));
+        ops.finish(&tracker, r);
+    });
+    (
+        StatusCode::ACCEPTED,
+        [(header::LOCATION, format!("/v1/operations/{}", op.id))],
+        Json(op),
+    )
+        .into_response()
+}
+
+/// Clones a stopped VM: a full copy of its disks, or a linked clone (qcow2 overlays; the
+/// source's disks become read-only bases under overlays of its own). With `async=true` a
+/// full copy answers 202 with an operation that shows its progress.
+#[utoipa::path(post, path = "/v1/vms/{name}/clone", params(("name" = String, Path), ("async" = Option<bool>, Query)), request_body = CloneVm, responses(
+    (status = 201, body = Vm), (status = 202, description = "started: poll the operation", body = Operation),
+    (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
     (status = 409, body = ApiErrorBody)))]
 async fn clone_vm(
     State(sup): State<Supervisor>,
     Path(name): Path<String>,
+    q: Result<Query<AsyncQuery>, QueryRejection>,
     body: Result<Json<CloneVm>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<Vm>)> {
+) -> ApiResult<Response> {
+    let Query(q) = q.map_err(bad_query)?;
     let Json(req) = body.map_err(bad_json)?;
-    Ok((
-        StatusCode::CREATED,
-        Json(crate::clone::clone(&sup, &name, &req.name, req.linked).await?),
-    ))
+    if q.run_async {
+        crate::clone::precheck(&sup, &name, &req.name)?;
+        let s = sup.clone();
+        return Ok(background(
+            &sup,
+            "vm_clone",
+            &req.name.clone(),
+            move |t| async move { crate::clone::clone(&s, &name, &req.name, req.linked, t).await },
+        ));
+    }
+    let vm = crate::clone::clone(&sup, &name, &req.name, req.linked, Default::default()).await?;
+    Ok((StatusCode::CREATED, Json(vm)).into_response())
 }
 
 /// Every imported image.
@@ -379,16 +437,54 @@ async fn list_images(State(sup): State<Supervisor>) -> ApiResult<Json<Vec<Image>
 }
 
 /// Imports a disk image (qcow2, raw, VMDK, VHD, VHDX) or an OVA from a path on the daemon's
-/// host, converting it to qcow2; synchronous. A failed import leaves nothing behind.
-#[utoipa::path(post, path = "/v1/images", request_body = ImportImage, responses(
-    (status = 201, body = Image), (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody),
+/// host, converting it to qcow2. A failed import leaves nothing behind. With `async=true` it
+/// answers 202 with an operation that shows its progress.
+#[utoipa::path(post, path = "/v1/images", params(("async" = Option<bool>, Query)), request_body = ImportImage, responses(
+    (status = 201, body = Image), (status = 202, description = "started: poll the operation", body = Operation),
+    (status = 400, body = ApiErrorBody), (status = 409, body = ApiErrorBody),
     (status = 422, description = "not a disk image, unsupported or corrupt", body = ApiErrorBody)))]
 async fn import_image(
     State(sup): State<Supervisor>,
+    q: Result<Query<AsyncQuery>, QueryRejection>,
     body: Result<Json<ImportImage>, JsonRejection>,
-) -> ApiResult<(StatusCode, Json<Image>)> {
+) -> ApiResult<Response> {
+    let Query(q) = q.map_err(bad_query)?;
     let Json(req) = body.map_err(bad_json)?;
-    Ok((StatusCode::CREATED, Json(images::import(&sup, req).await?)))
+    if q.run_async {
+        let name = images::import_name(&sup, &req)?;
+        let s = sup.clone();
+        return Ok(background(
+            &sup,
+            "image_import",
+            &name,
+            move |t| async move { images::import(&s, req, t).await },
+        ));
+    }
+    let img = images::import(&sup, req, Default::default()).await?;
+    Ok((StatusCode::CREATED, Json(img)).into_response())
+}
+
+/// Every long operation still known (running, or ended within the last 10 minutes).
+#[utoipa::path(get, path = "/v1/operations", responses((status = 200, body = Vec<Operation>)))]
+async fn list_operations(State(sup): State<Supervisor>) -> Json<Vec<Operation>> {
+    Json(sup.0.operations.list())
+}
+
+/// One long operation: its progress, and at the end its result or error.
+#[utoipa::path(get, path = "/v1/operations/{id}", params(("id" = u64, Path)), responses(
+    (status = 200, body = Operation), (status = 404, body = ApiErrorBody)))]
+async fn get_operation(
+    State(sup): State<Supervisor>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Operation>> {
+    id.parse()
+        .ok()
+        .and_then(|id| sup.0.operations.get(id))
+        .map(Json)
+        .ok_or_else(|| DaemonError::NoSuch {
+            what: "operation",
+            name: id,
+        })
 }
 
 /// Deletes an image and its files (refused while a VM uses it).

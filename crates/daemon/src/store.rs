@@ -46,6 +46,16 @@ pub const MIGRATIONS: &[&str] = &[
         data TEXT NOT NULL,
         created_ms INTEGER NOT NULL
     );",
+    // 4: NICs: each one's MAC and, on the daemon's bridge, its tap and pool address, unique
+    // across VMs.
+    "CREATE TABLE nics (
+        vm TEXT NOT NULL,
+        idx INTEGER NOT NULL,
+        mac TEXT NOT NULL UNIQUE,
+        tap TEXT UNIQUE,
+        ip TEXT UNIQUE,
+        PRIMARY KEY (vm, idx)
+    );",
 ];
 
 /// One VM as stored.
@@ -276,6 +286,7 @@ pub fn update_vm(tx: &Transaction<'_>, rec: &VmRecord) -> Result<(), DaemonError
 /// Deletes a VM and its events.
 pub fn delete_vm(tx: &Transaction<'_>, name: &str) -> Result<(), DaemonError> {
     tx.execute("DELETE FROM events WHERE vm = ?1", [name])?;
+    tx.execute("DELETE FROM nics WHERE vm = ?1", [name])?;
     tx.execute("DELETE FROM vms WHERE name = ?1", [name])?;
     Ok(())
 }

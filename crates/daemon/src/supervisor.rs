@@ -18,6 +18,7 @@ use tokio::process::Child;
 use tokio::sync::watch;
 
 use crate::error::DaemonError;
+use crate::net::{self, NetSettings};
 use crate::process::{self, is_alive, VmDir};
 use crate::restart::{Decision, History, Outcome};
 use crate::store::{Store, VmRecord};
@@ -33,6 +34,8 @@ struct Live {
     stopping: bool,
     exited: watch::Receiver<bool>,
     console: Arc<Mutex<VecDeque<u8>>>,
+    /// The daemon's taps of its NICs, checked gone when it ends.
+    taps: Vec<String>,
 }
 
 /// How the watcher learns that a VMM ended.
@@ -50,6 +53,8 @@ enum Watch {
 pub(crate) struct Inner {
     pub(crate) data_dir: PathBuf,
     vmm: PathBuf,
+    pub(crate) net: NetSettings,
+    pub(crate) operations: crate::operations::Operations,
     store: Mutex<Store>,
     live: Mutex<HashMap<String, Live>>,
     history: Mutex<HashMap<String, History>>,
@@ -66,7 +71,11 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Supervisor {
     /// Opens the store under `data_dir` and re-adopts the VMMs still running.
-    pub async fn open(data_dir: &Path, vmm: PathBuf) -> Result<Self, DaemonError> {
+    pub async fn open(
+        data_dir: &Path,
+        vmm: PathBuf,
+        net: NetSettings,
+    ) -> Result<Self, DaemonError> {
         std::fs::create_dir_all(data_dir.join("vms")).map_err(DaemonError::io(format!(
             "cannot create {}",
             data_dir.display()
@@ -75,6 +84,8 @@ impl Supervisor {
         let sup = Self(Arc::new(Inner {
             data_dir: data_dir.to_path_buf(),
             vmm,
+            net,
+            operations: Default::default(),
             store: Mutex::new(store),
             live: Mutex::new(HashMap::new()),
             history: Mutex::new(HashMap::new()),
@@ -140,7 +151,29 @@ impl Supervisor {
     /// Starts the VMM of `rec` (caller holds the VM's lock and checked the transition).
     pub async fn start_locked(&self, rec: &VmRecord, restart: bool) -> Result<(), DaemonError> {
         let dir = self.dir(&rec.name);
-        let started = process::spawn(&self.0.vmm, &dir, &rec.config).await?;
+        let netcfg = &self.0.net;
+        let rows = self.store(|s| {
+            s.transaction(|tx| {
+                let mut fixed = rec.clone();
+                let rows = net::sync(tx, netcfg, &rec.name, &mut fixed.config.nets)?;
+                if fixed.config.nets != rec.config.nets {
+                    // A VM defined before the daemon kept NICs gets its MACs now.
+                    crate::store::update_vm(tx, &fixed)?;
+                }
+                Ok(rows)
+            })
+        })?;
+        let taps = net::taps(&rows);
+        if !taps.is_empty() {
+            net::ensure_bridge(netcfg).await?;
+            net::release_taps(&taps).await;
+        }
+        let mut config = rec.config.clone();
+        for (n, r) in config.nets.iter_mut().zip(&rows) {
+            n.mac = Some(r.mac);
+        }
+        let config = net::runtime_config(netcfg, &config, &rows);
+        let started = process::spawn(&self.0.vmm, &dir, &config).await?;
         let pid = (started.pid, started.start);
         self.set_state(&rec.name, VmState::Running, Some(pid))?;
         if restart {
@@ -151,11 +184,11 @@ impl Supervisor {
             if restart { "restarted" } else { "started" },
             &format!("VMM started (pid {})", started.pid),
         );
-        self.watch(&rec.name, Watch::Child(started.child), pid);
+        self.watch(&rec.name, Watch::Child(started.child), pid, taps);
         Ok(())
     }
 
-    fn watch(&self, name: &str, how: Watch, (pid, start): (u32, u64)) {
+    fn watch(&self, name: &str, how: Watch, (pid, start): (u32, u64), taps: Vec<String>) {
         let (tx, rx) = watch::channel(false);
         let console = Arc::new(Mutex::new(VecDeque::new()));
         lock(&self.0.live).insert(
@@ -166,6 +199,7 @@ impl Supervisor {
                 stopping: false,
                 exited: rx,
                 console: console.clone(),
+                taps,
             },
         );
         tokio::spawn(follow_console(self.clone(), name.to_string(), pid, console));
@@ -191,6 +225,7 @@ impl Supervisor {
         if let Some(l) = &live {
             let text: Vec<u8> = lock(&l.console).iter().copied().collect();
             let _ = std::fs::write(self.dir(name).console_log(), text);
+            net::release_taps(&l.taps).await;
         }
         let Ok(rec) = self.store(|s| s.get(name)) else {
             return; // deleted
@@ -377,6 +412,10 @@ impl Supervisor {
             };
             match adopted {
                 Some((pid, start, run)) => {
+                    let taps = self
+                        .store(|s| net::rows(s.conn(), &rec.name))
+                        .map(|r| net::taps(&r))
+                        .unwrap_or_default();
                     let state = if run == VmmRunState::Paused {
                         VmState::Paused
                     } else {
@@ -396,6 +435,7 @@ impl Supervisor {
                             control,
                         },
                         (pid, start),
+                        taps,
                     );
                 }
                 None => {

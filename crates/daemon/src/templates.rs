@@ -115,7 +115,8 @@ fn flatten_all(
                 }
             },
         };
-        images::copy_to_qcow2(&d.path, format, &tmp.join(format!("disk{i}.qcow2")))
+        let none = crate::operations::Tracker::none().part(0, 1);
+        images::copy_to_qcow2(&d.path, format, &tmp.join(format!("disk{i}.qcow2")), &none)
             .map_err(fail)?;
     }
     let dest = root.join(name);
