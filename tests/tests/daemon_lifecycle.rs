@@ -506,3 +506,112 @@ fn daemon_cli_completions_and_unreachable_daemon() {
         r.stderr
     );
 }
+
+#[test]
+fn daemon_edit_adds_and_removes_devices_and_refuses_bad_edits_whole() {
+    if !kvm_available("daemon_edit_adds_and_removes_devices_and_refuses_bad_edits_whole") {
+        return;
+    }
+    let d = Daemon::start("edit-devices");
+    let disks: Vec<String> = (0..3)
+        .map(|i| {
+            let p = d.dir.join(format!("d{i}.raw"));
+            std::fs::write(&p, vec![0u8; 1 << 20]).unwrap();
+            p.to_str().unwrap().to_string()
+        })
+        .collect();
+    create(&d, "e", "exit=halt", "never");
+    let v = d.json(&[
+        "vm",
+        "edit",
+        "e",
+        "--add-disk",
+        &disks[0],
+        "--add-disk",
+        &format!("path={},readonly=on", disks[1]),
+        "--add-net",
+        "tap=fvtest0",
+        "--cmdline",
+        "exit=poweroff",
+    ]);
+    let paths = |v: &Value| -> Vec<String> {
+        v["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d["path"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(paths(&v), [disks[0].clone(), disks[1].clone()]);
+    assert_eq!(v["disks"][1]["readonly"], true);
+    assert_eq!(v["cmdline"], "exit=poweroff");
+    assert_eq!(v["nics"].as_array().unwrap().len(), 1);
+    assert_eq!(v["nics"][0]["tap"], "fvtest0");
+    let mac = v["nics"][0]["mac"].as_str().unwrap().to_string();
+    assert!(mac.starts_with("52:54:fe:"), "{v}");
+    // Remove the first disk, add a third: order is kept.
+    let v = d.json(&[
+        "vm",
+        "edit",
+        "e",
+        "--remove-disk",
+        "0",
+        "--add-disk",
+        &disks[2],
+    ]);
+    assert_eq!(paths(&v), [disks[1].clone(), disks[2].clone()]);
+
+    // Bad edits: a 400 with the code, and nothing changed (not even the valid parts).
+    let before = d.json(&["vm", "show", "e"]);
+    for args in [
+        vec!["--remove-disk", "5"],
+        vec!["--cpus", "2", "--remove-net", "3"],
+        vec!["--remove-disk", "0", "--remove-disk", "0"],
+        vec!["--cpus", "0"],
+        vec!["--memory", "1", "--cmdline", "changed"],
+        vec!["--cpus", "2", "--add-disk", "/nonexistent/disk.img"],
+    ] {
+        let mut a = vec!["vm", "edit", "e"];
+        a.extend(args.iter());
+        let r = d.ferro(&a);
+        assert_eq!(r.code, Some(1), "{args:?} was accepted");
+        assert!(r.stderr.contains("[bad_request]"), "{args:?}: {}", r.stderr);
+        assert_eq!(
+            d.json(&["vm", "show", "e"]),
+            before,
+            "{args:?} changed the VM"
+        );
+    }
+    let r = d.ferro(&["vm", "edit", "e"]);
+    assert_eq!(r.code, Some(1), "an empty edit is refused");
+    // Raw API: unknown fields and wrong types are 400s.
+    let patch = |body: &str| {
+        d.http(&format!(
+            "PATCH /v1/vms/e HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        ))
+    };
+    let (status, body) = patch(r#"{"remove_disks":[-1]}"#);
+    assert_eq!(status, 400, "{body}");
+    let (status, body) = patch(r#"{"disks":[],"add_disks":[{"path":"/x"}]}"#);
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("bad_request"), "{body}");
+    let (status, body) = patch(r#"{"remove_nets":[0]}"#);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(d.json(&["vm", "show", "e"])["nics"], Value::Array(vec![]));
+
+    // While it runs: 409, nothing changed; the restart policy alone may change.
+    d.json(&["vm", "start", "e"]);
+    let before = d.json(&["vm", "show", "e"]);
+    let r = d.ferro(&["vm", "edit", "e", "--remove-disk", "0"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("[invalid_state]"), "{}", r.stderr);
+    let (status, body) = patch(r#"{"add_nets":[{}]}"#);
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(d.json(&["vm", "show", "e"])["disks"], before["disks"]);
+    assert_eq!(
+        d.json(&["vm", "edit", "e", "--restart", "always"])["restart"],
+        "always"
+    );
+    d.json(&["vm", "stop", "e", "--force"]);
+}

@@ -26,7 +26,9 @@ impl NetDaemon {
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
-            println!("SKIPPED: cannot create a network namespace (needs root and iproute2) ({test})");
+            println!(
+                "SKIPPED: cannot create a network namespace (needs root and iproute2) ({test})"
+            );
             return None;
         }
         let dir = std::env::temp_dir().join(format!("ferro-net-{}-{test}", std::process::id()));
@@ -163,7 +165,11 @@ fn daemon_network_bridge_tap_ping_and_unique_addresses() {
     assert_eq!(r.code, Some(1));
     assert!(r.stderr.contains("[conflict]"), "{}", r.stderr);
     let r = d.ferro(&["vm", "show", "c"]);
-    assert!(r.stderr.contains("[not_found]"), "a refused create stored a VM: {}", r.stdout);
+    assert!(
+        r.stderr.contains("[not_found]"),
+        "a refused create stored a VM: {}",
+        r.stdout
+    );
     // No bridge until a VM with a NIC starts.
     assert!(!d.links().contains(BRIDGE), "{}", d.links());
 
@@ -180,15 +186,29 @@ fn daemon_network_bridge_tap_ping_and_unique_addresses() {
             );
             break;
         }
-        assert!(t.elapsed() < Duration::from_secs(20), "no net_ready:\n{log}");
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "no net_ready:\n{log}"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
-    let master = d.in_ns(&["ip", "-br", "link", "show", "master", BRIDGE]).stdout;
-    assert!(master.contains(&tap), "tap {tap} is not on {BRIDGE}: {master}");
+    let master = d
+        .in_ns(&["ip", "-br", "link", "show", "master", BRIDGE])
+        .stdout;
+    assert!(
+        master.contains(&tap),
+        "tap {tap} is not on {BRIDGE}: {master}"
+    );
     let human = d.ferro(&["vm", "show", "a"]).stdout;
     assert!(human.contains("address 10.78.0.2/24"), "{human}");
     let ping = d.in_ns(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.78.0.2"]);
-    assert_eq!(ping.code, Some(0), "ping failed:\n{}{}", ping.stdout, ping.stderr);
+    assert_eq!(
+        ping.code,
+        Some(0),
+        "ping failed:\n{}{}",
+        ping.stdout,
+        ping.stderr
+    );
     assert!(ping.stdout.contains("3 received"), "{}", ping.stdout);
     println!(
         "ping: {}",
@@ -199,7 +219,11 @@ fn daemon_network_bridge_tap_ping_and_unique_addresses() {
     assert_eq!(v["state"], "stopped");
     let t = Instant::now();
     while d.links().contains(&tap) {
-        assert!(t.elapsed() < Duration::from_secs(3), "tap {tap} left behind: {}", d.links());
+        assert!(
+            t.elapsed() < Duration::from_secs(3),
+            "tap {tap} left behind: {}",
+            d.links()
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
     // It starts again on the same tap and address.
@@ -218,7 +242,11 @@ fn daemon_network_bridge_tap_ping_and_unique_addresses() {
     let v = d.json(&["vm", "edit", "a", "--remove-net", "0", "--add-net", "auto"]);
     assert_eq!(v["nics"].as_array().unwrap().len(), 1);
     assert_ne!(nic(&v, 0)["mac"], a0["mac"]);
-    assert_eq!(nic(&v, 0)["address"], "10.78.0.2/24", "lowest free address: {v}");
+    assert_eq!(
+        nic(&v, 0)["address"],
+        "10.78.0.2/24",
+        "lowest free address: {v}"
+    );
     let macs: Vec<Value> = d
         .json(&["vm", "list"])
         .as_array()

@@ -473,3 +473,152 @@ fn vm_clone_full_and_linked() {
     assert!(r.stderr.contains("no VM named 'nope'"), "{}", r.stderr);
     let _ = std::fs::remove_dir_all(&w);
 }
+
+/// `GET path` over the API socket, as JSON.
+fn get_json(d: &Daemon, path: &str) -> (u16, Value) {
+    let (status, body) = d.http(&format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    ));
+    (status, serde_json::from_str(&body).unwrap_or(Value::Null))
+}
+
+fn post_json(d: &Daemon, path: &str, body: &str) -> (u16, String, Value) {
+    let (status, text) = d.http(&format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ));
+    let v = serde_json::from_str(&text).unwrap_or(Value::Null);
+    (status, text, v)
+}
+
+#[test]
+fn image_import_and_clone_report_progress() {
+    if !have_qemu_img("image_import_and_clone_report_progress") {
+        return;
+    }
+    let d = Daemon::start("img-progress");
+    let w = scratch("progress");
+    // 192 MiB of incompressible-looking, non-zero data: the conversion takes a while.
+    let src = w.join("big.raw");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&src).unwrap();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut buf = vec![0u8; 1 << 20];
+        for _ in 0..192 {
+            for c in buf.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&buf).unwrap();
+        }
+    }
+    // The API: 202, a Location, progress that rises to 100, the image as the result.
+    let body = format!(r#"{{"path":"{}","name":"big"}}"#, src.display());
+    let (status, text, op) = post_json(&d, "/v1/images?async=true", &body);
+    assert_eq!(status, 202, "{text}");
+    let id = op["id"].as_u64().expect("an operation id");
+    assert_eq!(op["kind"], "image_import");
+    let t = std::time::Instant::now();
+    let mut seen = Vec::new();
+    let done = loop {
+        let (status, op) = get_json(&d, &format!("/v1/operations/{id}"));
+        assert_eq!(status, 200, "{op}");
+        seen.push(op["progress"].as_f64().unwrap());
+        if op["state"] != "running" {
+            break op;
+        }
+        assert!(t.elapsed().as_secs() < 120, "the import did not end: {op}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["progress"], 100.0);
+    assert_eq!(done["result"]["name"], "big");
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "progress went back: {seen:?}"
+    );
+    println!(
+        "import of 192 MiB: {:.2} s, {} polls, progress seen {seen:?}",
+        t.elapsed().as_secs_f64(),
+        seen.len()
+    );
+    // Bad requests are answered at once, with no operation.
+    let (status, text, _) = post_json(&d, "/v1/images?async=true", &body);
+    assert_eq!(status, 409, "a taken name: {text}");
+    let (status, text, _) = post_json(
+        &d,
+        "/v1/images?async=true",
+        r#"{"path":"rel.raw","name":"r"}"#,
+    );
+    assert_eq!(status, 400, "{text}");
+    // A failed import ends as a failed operation with the synchronous call's code, and
+    // leaves nothing.
+    let junk = w.join("junk.txt");
+    std::fs::write(&junk, "hello").unwrap();
+    let (status, _, op) = post_json(
+        &d,
+        "/v1/images?async=true",
+        &format!(r#"{{"path":"{}"}}"#, junk.display()),
+    );
+    assert_eq!(status, 202);
+    let failed = loop {
+        let (_, op) = get_json(&d, &format!("/v1/operations/{}", op["id"]));
+        if op["state"] != "running" {
+            break op;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert_eq!(failed["status"], 422);
+    assert_eq!(failed["error"]["code"], "bad_image");
+    assert_eq!(d.json(&["image", "list"]).as_array().unwrap().len(), 1);
+    let (status, _) = get_json(&d, "/v1/operations/999999");
+    assert_eq!(status, 404);
+
+    // The CLI without a terminal: plain progress lines on stderr, the table on stdout.
+    let r = d.ferro(&["image", "import", src.to_str().unwrap(), "--name", "big2"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(r.stderr.contains("importing"), "{}", r.stderr);
+    assert!(r.stderr.contains("100%"), "{}", r.stderr);
+    assert!(r.stdout.contains("big2"), "{}", r.stdout);
+    let r = d.ferro(&["image", "import", junk.to_str().unwrap(), "--name", "junk2"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("[bad_image]"), "{}", r.stderr);
+
+    // A full clone reports its copy the same way.
+    let p = d.json(&["image", "list"])[0]["path"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let disk = w.join("vm.qcow2");
+    sh(Command::new("qemu-img")
+        .args(["convert", "-f", "qcow2", "-O", "qcow2"])
+        .arg(&p)
+        .arg(&disk));
+    let kernel = w.join("kernel");
+    std::fs::write(&kernel, b"not booted").unwrap();
+    d.json(&[
+        "vm",
+        "create",
+        "src",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--disk",
+        disk.to_str().unwrap(),
+    ]);
+    let r = d.ferro(&["vm", "clone", "src", "copy"]);
+    assert_eq!(r.code, Some(0), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("copying the disks of src"),
+        "{}",
+        r.stderr
+    );
+    assert!(r.stderr.contains("100%"), "{}", r.stderr);
+    let r = d.ferro(&["vm", "clone", "src", "copy"]);
+    assert_eq!(r.code, Some(1));
+    assert!(r.stderr.contains("[conflict]"), "{}", r.stderr);
+    let _ = std::fs::remove_dir_all(&w);
+}
