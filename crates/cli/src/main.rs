@@ -448,11 +448,13 @@ async fn client_main(cli: &Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&h)?);
             } else {
                 println!(
-                    "version {}, data dir {}, {} VMs, schema {}",
+                    "version {}, data dir {}, {} VMs, schema {}, bridge {} {}",
                     h.version,
                     h.data_dir.display(),
                     h.vms,
-                    h.schema_version
+                    h.schema_version,
+                    h.bridge,
+                    h.bridge_address
                 );
             }
             Ok(())

@@ -473,6 +473,65 @@ mod tests {
     }
 
     #[test]
+    fn sync_keeps_macs_and_addresses_unique_and_reuses_freed_ones() {
+        let dir = std::env::temp_dir().join(format!("ferro-net-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = crate::store::Store::open(&dir.join("db")).unwrap();
+        let net = NetSettings::new("br0", "10.9.0.1/29").unwrap(); // pool .2 .. .6
+        let auto = || NetConfig {
+            tap: None,
+            mac: None,
+            bridge: None,
+        };
+        let mut all = Vec::new();
+        for vm in ["a", "b"] {
+            let mut nets = vec![auto(), auto()];
+            let rows = s.transaction(|tx| sync(tx, &net, vm, &mut nets)).unwrap();
+            assert!(nets.iter().all(|n| n.mac.is_some()));
+            all.extend(rows);
+        }
+        let macs: HashSet<_> = all.iter().map(|r| r.mac).collect();
+        let ips: Vec<_> = all.iter().filter_map(|r| r.ip).collect();
+        let taps: HashSet<_> = all.iter().filter_map(|r| r.tap.clone()).collect();
+        assert_eq!((macs.len(), taps.len()), (4, 4));
+        let ip = |n| Ipv4Addr::new(10, 9, 0, n);
+        assert_eq!(ips, [ip(2), ip(3), ip(4), ip(5)]);
+        // Two more NICs do not fit the pool (one address left): refused, nothing stored.
+        let mut nets = vec![auto(), auto()];
+        let e = s.transaction(|tx| sync(tx, &net, "c", &mut nets));
+        assert!(matches!(e, Err(DaemonError::Conflict(_))), "{e:?}");
+        assert!(rows(s.conn(), "c").unwrap().is_empty());
+        // Another VM's MAC is refused.
+        let mut nets = vec![NetConfig {
+            mac: Some(all[0].mac),
+            ..auto()
+        }];
+        let e = s.transaction(|tx| sync(tx, &net, "c", &mut nets));
+        assert!(matches!(e, Err(DaemonError::Conflict(_))), "{e:?}");
+        // b's addresses come back when it goes; a keeps its own on a re-sync.
+        s.transaction(|tx| forget(tx, "b")).unwrap();
+        let mut nets = vec![auto(), auto()];
+        let c = s.transaction(|tx| sync(tx, &net, "c", &mut nets)).unwrap();
+        assert_eq!(
+            c.iter().map(|r| r.ip).collect::<Vec<_>>(),
+            [Some(ip(4)), Some(ip(5))]
+        );
+        let mut a_nets: Vec<NetConfig> = all[..2]
+            .iter()
+            .map(|r| NetConfig {
+                mac: Some(r.mac),
+                ..auto()
+            })
+            .collect();
+        let again = s
+            .transaction(|tx| sync(tx, &net, "a", &mut a_nets))
+            .unwrap();
+        assert_eq!(again, all[..2]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn command_line_gets_the_first_address_once() {
         let net = NetSettings::default();
         let mut cfg = VmConfig::new("/k");
