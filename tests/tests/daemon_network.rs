@@ -239,6 +239,11 @@ fn daemon_network_bridge_tap_ping_and_unique_addresses() {
     let c: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(nic(&c, 0)["address"], "10.78.0.3/24");
     assert_ne!(nic(&c, 0)["mac"], b0["mac"].clone(), "a fresh MAC");
+    // A clone gets its own MAC and address.
+    let c2 = d.json(&["vm", "clone", "c", "c2"]);
+    assert_ne!(nic(&c2, 0)["mac"], nic(&c, 0)["mac"]);
+    assert_eq!(nic(&c2, 0)["address"], "10.78.0.4/24", "{c2}");
+    assert_eq!(d.ferro(&["vm", "delete", "c2"]).code, Some(0));
     let v = d.json(&["vm", "edit", "a", "--remove-net", "0", "--add-net", "auto"]);
     assert_eq!(v["nics"].as_array().unwrap().len(), 1);
     assert_ne!(nic(&v, 0)["mac"], a0["mac"]);
