@@ -40,25 +40,35 @@ impl NetDaemon {
             child: None,
         };
         d.in_ns(&["ip", "link", "set", "lo", "up"]);
-        let log = std::fs::File::create(d.dir.join("daemon.log")).expect("log");
+        d.spawn();
+        Some(d)
+    }
+
+    /// Starts the daemon in the namespace (killing a running one first: its VMMs stay).
+    fn spawn(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::remove_file(self.dir.join("ferro.sock"));
+        let log = std::fs::File::create(self.dir.join("daemon.log")).expect("log");
         let child = Command::new("ip")
-            .args(["netns", "exec", &d.ns])
+            .args(["netns", "exec", &self.ns])
             .arg(ferro())
             .args(["daemon", "--data-dir"])
-            .arg(&d.dir)
+            .arg(&self.dir)
             .args(["--bridge", BRIDGE, "--bridge-address", "10.78.0.1/24"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start the daemon");
-        d.child = Some(child);
+        self.child = Some(child);
         let t = Instant::now();
-        while std::os::unix::net::UnixStream::connect(d.dir.join("ferro.sock")).is_err() {
+        while std::os::unix::net::UnixStream::connect(self.dir.join("ferro.sock")).is_err() {
             assert!(t.elapsed() < Duration::from_secs(20), "no daemon");
             std::thread::sleep(Duration::from_millis(10));
         }
-        Some(d)
     }
 
     fn in_ns(&self, args: &[&str]) -> Run {
@@ -126,11 +136,11 @@ fn daemon_network_bridge_tap_ping_and_unique_addresses() {
     if !kvm_available("daemon_network_bridge_tap_ping_and_unique_addresses") {
         return;
     }
-    let Some(d) = NetDaemon::start("ping") else {
+    let Some(mut d) = NetDaemon::start("ping") else {
         return;
     };
     let p = probe().to_str().unwrap().to_string();
-    let create = |name: &str, net: &str| {
+    let create = |d: &NetDaemon, name: &str, net: &str| {
         d.ferro(&[
             "vm",
             "create",
@@ -146,10 +156,10 @@ fn daemon_network_bridge_tap_ping_and_unique_addresses() {
             "--json",
         ])
     };
-    let r = create("a", "auto");
+    let r = create(&d, "a", "auto");
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let a: Value = serde_json::from_str(&r.stdout).unwrap();
-    let r = create("b", "auto");
+    let r = create(&d, "b", "auto");
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let b: Value = serde_json::from_str(&r.stdout).unwrap();
     let (a0, b0) = (nic(&a, 0), nic(&b, 0));
@@ -161,7 +171,7 @@ fn daemon_network_bridge_tap_ping_and_unique_addresses() {
     // The stored NIC carries its MAC; a second VM may not take it.
     assert_eq!(a["nets"][0]["mac"], a0["mac"]);
     let taken = format!("auto,mac={}", a0["mac"].as_str().unwrap());
-    let r = create("c", &taken);
+    let r = create(&d, "c", &taken);
     assert_eq!(r.code, Some(1));
     assert!(r.stderr.contains("[conflict]"), "{}", r.stderr);
     let r = d.ferro(&["vm", "show", "c"]);
@@ -215,6 +225,18 @@ fn daemon_network_bridge_tap_ping_and_unique_addresses() {
         ping.stdout.lines().last().unwrap_or_default().trim()
     );
 
+    // A restarted daemon re-adopts the VM: same NIC, still answering, and it still removes
+    // the tap when the VM stops.
+    d.spawn();
+    let v = d.json(&["vm", "show", "a"]);
+    assert_eq!((v["state"].as_str(), nic(&v, 0)), (Some("running"), a0));
+    let ping = d.in_ns(&["ping", "-c", "1", "-W", "2", "10.78.0.2"]);
+    assert_eq!(
+        ping.code,
+        Some(0),
+        "no answer after the daemon restart: {}",
+        ping.stdout
+    );
     let v = d.json(&["vm", "stop", "a", "--force"]);
     assert_eq!(v["state"], "stopped");
     let t = Instant::now();
@@ -234,7 +256,7 @@ fn daemon_network_bridge_tap_ping_and_unique_addresses() {
 
     // A deleted VM's address goes back to the pool; a removed NIC's too.
     assert_eq!(d.ferro(&["vm", "delete", "b"]).code, Some(0));
-    let r = create("c", "auto");
+    let r = create(&d, "c", "auto");
     assert_eq!(r.code, Some(0), "{}", r.stderr);
     let c: Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(nic(&c, 0)["address"], "10.78.0.3/24");
