@@ -14,19 +14,25 @@ pub fn vms(list: &[Vm], as_json: bool) -> Result<()> {
         return json(&list);
     }
     println!(
-        "{:<20} {:<8} {:>8} {:>5} {:>8} {:>8}  RESTART",
-        "NAME", "STATE", "PID", "CPUS", "MEMORY", "RESTARTS"
+        "{:<20} {:<8} {:>8} {:>5} {:>8} {:>8}  {:<10}  ADDRESS",
+        "NAME", "STATE", "PID", "CPUS", "MEMORY", "RESTARTS", "RESTART"
     );
     for v in list {
+        let address = v
+            .nics
+            .iter()
+            .find_map(|n| n.address.as_deref())
+            .unwrap_or("-");
         println!(
-            "{:<20} {:<8} {:>8} {:>5} {:>7}M {:>8}  {}",
+            "{:<20} {:<8} {:>8} {:>5} {:>7}M {:>8}  {:<10}  {}",
             v.name,
             v.state.as_str(),
             v.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             v.cpus,
             v.memory_mib,
             v.restarts,
-            v.restart.as_str()
+            v.restart.as_str(),
+            address
         );
     }
     Ok(())
