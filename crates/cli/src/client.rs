@@ -288,7 +288,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, ClientError> {
     serde_json::to_vec(v).map_err(|e| ClientError::Http(e.to_string()))
 }
 
-fn check(status: StatusCode, bytes: &[u8]) -> Result<(), ClientError> {
+pub(crate) fn check(status: StatusCode, bytes: &[u8]) -> Result<(), ClientError> {
     if status.is_success() {
         return Ok(());
     }

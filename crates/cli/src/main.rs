@@ -8,6 +8,7 @@ mod client;
 mod console;
 mod output;
 mod progress;
+mod snapshot;
 mod storage;
 
 use std::path::PathBuf;
@@ -223,6 +224,9 @@ enum VmCmd {
         /// The VM.
         name: String,
     },
+    /// Disk snapshots of a stopped VM: `snapshot NAME --name SNAP` takes one; list, revert,
+    /// delete.
+    Snapshot(snapshot::SnapshotArgs),
     /// Clone a stopped VM: a full copy, or with --linked qcow2 overlays (the source's disks
     /// become read-only bases under overlays of its own).
     Clone {
@@ -417,6 +421,7 @@ async fn vm(cli: &Cli, c: &Client, cmd: &VmCmd) -> Result<()> {
             }
             one(c.edit_vm(name, &req).await?)
         }
+        VmCmd::Snapshot(a) => snapshot::run(c, a, json).await,
         VmCmd::Events { name } => output::events(&c.events(name).await?, json),
         VmCmd::Log { name } => {
             print!("{}", c.log(name).await?);

@@ -29,6 +29,14 @@ pub enum DaemonError {
         /// The name asked for.
         name: String,
     },
+    /// VM `vm` has no snapshot of that name.
+    #[error("VM '{vm}' has no snapshot named '{name}' (see `ferro vm snapshot list {vm}`)")]
+    NoSnapshot {
+        /// The VM.
+        vm: String,
+        /// The snapshot asked for.
+        name: String,
+    },
     /// The request conflicts with what exists (a name taken, an image in use).
     #[error("{0}")]
     Conflict(String),
@@ -72,7 +80,9 @@ impl DaemonError {
             DaemonError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             DaemonError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             DaemonError::Exists(_) => (StatusCode::CONFLICT, "conflict"),
-            DaemonError::NoSuch { .. } => (StatusCode::NOT_FOUND, "not_found"),
+            DaemonError::NoSuch { .. } | DaemonError::NoSnapshot { .. } => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
             DaemonError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             DaemonError::BadImage { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
             DaemonError::InvalidState(_) => (StatusCode::CONFLICT, "invalid_state"),

@@ -16,6 +16,7 @@ pub mod ova;
 pub mod process;
 pub mod restart;
 pub mod routes;
+pub mod snapshots;
 pub mod store;
 pub mod supervisor;
 pub mod templates;

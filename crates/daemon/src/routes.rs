@@ -88,6 +88,7 @@ pub struct ApiDoc;
 /// The OpenAPI document as pretty JSON (what `docs/openapi.json` holds).
 pub fn openapi_json() -> String {
     let mut doc = ApiDoc::openapi();
+    doc.merge(crate::snapshots::SnapshotDoc::openapi());
     doc.info.version = "1".to_string();
     doc.info.license = None;
     doc.to_pretty_json().unwrap_or_default() + "\n"
@@ -124,6 +125,7 @@ pub fn router(sup: Supervisor) -> Router {
             "/v1/templates/{name}",
             axum::routing::delete(delete_template),
         )
+        .merge(crate::snapshots::router())
         .fallback(|m: axum::http::Method, uri: axum::http::Uri| async move {
             error_response(
                 StatusCode::NOT_FOUND,

@@ -56,6 +56,8 @@ pub const MIGRATIONS: &[&str] = &[
         ip TEXT UNIQUE,
         PRIMARY KEY (vm, idx)
     );",
+    // 5: disk snapshots (external qcow2 overlays); see `snapshots.rs`.
+    crate::snapshots::MIGRATION,
 ];
 
 /// One VM as stored.
