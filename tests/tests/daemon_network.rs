@@ -212,7 +212,10 @@ fn daemon_network_bridge_tap_ping_and_unique_addresses() {
     let human = d.ferro(&["vm", "show", "a"]).stdout;
     assert!(human.contains("address 10.78.0.2/24"), "{human}");
     let table = d.ferro(&["vm", "list"]).stdout;
-    assert!(table.contains("ADDRESS") && table.contains("10.78.0.2/24"), "{table}");
+    assert!(
+        table.contains("ADDRESS") && table.contains("10.78.0.2/24"),
+        "{table}"
+    );
     let ping = d.in_ns(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.78.0.2"]);
     assert_eq!(
         ping.code,
