@@ -600,7 +600,9 @@ fn daemon_edit_adds_and_removes_devices_and_refuses_bad_edits_whole() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(d.json(&["vm", "show", "e"])["nics"], Value::Array(vec![]));
 
-    // While it runs: 409, nothing changed; the restart policy alone may change.
+    // While it runs: 409, nothing changed; the restart policy alone may change. It must stay
+    // up for that: an `exit=poweroff` probe would be stopped again before the checks.
+    d.json(&["vm", "edit", "e", "--cmdline", "exit=halt"]);
     d.json(&["vm", "start", "e"]);
     let before = d.json(&["vm", "show", "e"]);
     let r = d.ferro(&["vm", "edit", "e", "--remove-disk", "0"]);
