@@ -92,6 +92,22 @@ impl Run {
         map
     }
 
+    /// The numbers of the probe line that starts with `first=` (lines such as
+    /// `rng_bytes=N rng_nonzero=N rng_irqs=N` carry several keys); a value that is no number
+    /// reads as 0. A test failure that shows the console when there is no such line.
+    pub fn fields(&self, first: &str) -> BTreeMap<String, u64> {
+        let start = format!("{first}=");
+        let line = self
+            .stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with(&start))
+            .unwrap_or_else(|| panic!("no {first}= line in the output:\n{}", self.stdout));
+        line.split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim().parse().unwrap_or(0)))
+            .collect()
+    }
+
     /// The single value of `key`, or a test failure that shows the console.
     pub fn value(&self, key: &str) -> String {
         match self.report().get(key).and_then(|v| v.last()) {

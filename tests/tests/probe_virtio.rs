@@ -21,16 +21,7 @@ fn probe_reads_entropy_from_virtio_rng() {
         pci.iter().any(|p| p.starts_with("00:01.0 1af4:1044")),
         "virtio-rng: {pci:?}"
     );
-    // One line: rng_bytes=N rng_nonzero=N rng_irqs=N.
-    let rng: std::collections::BTreeMap<&str, u32> = r
-        .stdout
-        .lines()
-        .find(|l| l.trim_start().starts_with("rng_bytes="))
-        .unwrap_or_else(|| panic!("no rng_bytes line: {}", r.stdout))
-        .split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .map(|(k, v)| (k, v.trim().parse().unwrap_or(0)))
-        .collect();
+    let rng = r.fields("rng_bytes");
     assert_eq!(rng.get("rng_bytes"), Some(&4096), "{}", r.stdout);
     assert!(rng["rng_nonzero"] > 4000, "{rng:?}");
     assert!(rng["rng_irqs"] >= 1, "MSI-X queue interrupts: {rng:?}");

@@ -33,6 +33,20 @@ pub enum ControlRequest {
     Quit,
     /// The console's recent output (the ring buffer of `--serial socket:PATH`), as text.
     ConsoleLog,
+    /// Pause the vCPUs, write the whole VM to the snapshot directory `dir` (created if
+    /// missing; a snapshot already there is replaced) and, unless `resume` is false, let the VM
+    /// run again. `ferro-vmm --restore DIR` runs the VM from it.
+    Snapshot {
+        /// The snapshot directory.
+        dir: std::path::PathBuf,
+        /// Resume the VM afterwards (default true); a VM paused before stays paused.
+        #[serde(default = "yes")]
+        resume: bool,
+    },
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// Whether the vCPUs run.
@@ -159,6 +173,15 @@ mod tests {
             r#"{"cmd":"console_log"}"#
         );
         assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"fly"}"#).is_err());
+        let r: ControlRequest = serde_json::from_str(r#"{"cmd":"snapshot","dir":"/s"}"#).unwrap();
+        assert_eq!(
+            r,
+            ControlRequest::Snapshot {
+                dir: "/s".into(),
+                resume: true
+            }
+        );
+        assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"snapshot"}"#).is_err());
         let e = ControlLine::Event(ControlEvent::Exit {
             reason: ExitReason::PowerOff,
             code: 0,

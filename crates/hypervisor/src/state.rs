@@ -220,6 +220,26 @@ impl Vcpu {
 }
 
 impl Vm {
+    /// A second handle on `vcpu` (its descriptor duplicated), so another thread can read its
+    /// state while the vCPU's own thread is parked outside KVM_RUN.
+    pub fn vcpu_handle(&self, vcpu: &Vcpu) -> Result<Vcpu, HypervisorError> {
+        use std::os::fd::AsRawFd;
+        let err = |source| HypervisorError::Vcpu {
+            id: vcpu.id,
+            op: "dup",
+            source,
+        };
+        // SAFETY: dup(2) of a descriptor this process owns (the vCPU's); the result is checked.
+        let fd = unsafe { libc::dup(vcpu.fd.as_raw_fd()) };
+        if fd < 0 {
+            return Err(err(kvm_ioctls::Error::last()));
+        }
+        // SAFETY: `fd` is a fresh duplicate of a vCPU descriptor of this VM that nothing else
+        // owns; the VcpuFd takes ownership of it (closing it on drop) and maps its own kvm_run.
+        let fd = unsafe { self.fd.create_vcpu_from_rawfd(fd) }.map_err(err)?;
+        Ok(Vcpu::new(vcpu.id, fd))
+    }
+
     fn irqchip(&self, chip: u32) -> Result<kvm_irqchip, HypervisorError> {
         let mut c = kvm_irqchip {
             chip_id: chip,

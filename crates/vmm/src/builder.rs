@@ -17,7 +17,9 @@ use crate::kernel::{self, BootProtocol, KernelEntry};
 use crate::machine::{self, ExitLatch, Machine};
 use crate::memory::{self, GuestMemory};
 use crate::pci::PciDevices;
+use crate::snapshot::Loaded;
 use crate::{console, VmmError};
+use ferro_arch::memory_map::RamLayout;
 
 /// Choices that are not part of the VM's identity.
 #[derive(Debug, Clone, Copy, Default)]
@@ -50,6 +52,100 @@ fn backend(kind: HostKind) -> Backend {
     }
 }
 
+/// What the devices need from the host, opened before KVM is touched (so bad input fails the
+/// same way everywhere).
+struct HostSide {
+    disks: Vec<ferro_virtio::block::BlockConfig>,
+    serial_out: Box<dyn std::io::Write + Send>,
+    virtio: Vec<Box<dyn VirtioDevice>>,
+    nets: Vec<crate::devices_net::NetInfo>,
+}
+
+fn host_side(cfg: &VmConfig) -> Result<HostSide, VmmError> {
+    let disks = crate::devices_block::open_disks(&cfg.disks)?;
+    let serial_out = console::output(&cfg.serial)?;
+    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
+    let nets = crate::devices_net::create(&cfg.nets, &mut virtio)?;
+    crate::devices_vsock::create(cfg.vsock.as_ref(), &mut virtio)?;
+    Ok(HostSide {
+        disks,
+        serial_out,
+        virtio,
+        nets,
+    })
+}
+
+/// Builds the VM a snapshot holds (configured as `cfg`, the snapshot's configuration with the
+/// console chosen anew), ready to continue where it was saved: guest memory mapped from the
+/// snapshot's memory file, devices, vCPUs and KVM's in-kernel state restored.
+pub fn restore(cfg: &VmConfig, snap: &Loaded) -> Result<BuiltVm, VmmError> {
+    cfg.validate()?;
+    let state = &snap.state;
+    let HostSide {
+        disks,
+        serial_out,
+        mut virtio,
+        nets,
+    } = host_side(cfg)?;
+    let hypervisor = Hypervisor::new()?;
+    let vm = Arc::new(hypervisor.create_vm()?);
+    let mem = snap.map_memory()?;
+    memory::register(&vm, &mem, cfg.memory_mib)?;
+    let layout = RamLayout::new(cfg.memory_mib << 20);
+    vm.setup_platform()?;
+    let balloon =
+        crate::devices_balloon::create(cfg.balloon, cfg.balloon_target_mib, &mem, &mut virtio)?;
+    let latch = Arc::new(ExitLatch::new()?);
+    let mut machine = machine::build(
+        &vm,
+        &mem,
+        &layout,
+        latch.clone(),
+        serial_out,
+        PciDevices {
+            rng: cfg.rng,
+            disks,
+            virtio,
+        },
+    )?;
+    machine.nets = nets;
+    machine.balloon = balloon;
+    machine.restore_legacy(&state.legacy)?;
+    if state.virtio.len() != machine.pci.virtio.len() {
+        return Err(VmmError::Devices(format!(
+            "the snapshot has {} virtio devices, its configuration {}",
+            state.virtio.len(),
+            machine.pci.virtio.len()
+        )));
+    }
+    for (i, (dev, saved)) in machine.pci.virtio.iter().zip(&state.virtio).enumerate() {
+        dev.lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(saved)
+            .map_err(|e| VmmError::Devices(format!("virtio device {i}: {e}")))?;
+        machine
+            .pci
+            .root
+            .refresh(crate::pci::FIRST_DEVICE_SLOT + i as u8);
+    }
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for saved in &state.vcpus {
+        let vcpu = vm.create_vcpu(saved.id)?;
+        vcpu.restore_state(saved)?;
+        vcpus.push(vcpu);
+    }
+    // After the vCPUs' TSCs: kvmclock continues from the saved value.
+    vm.restore_state(&state.vm)?;
+    Ok(BuiltVm {
+        vcpus,
+        machine,
+        latch,
+        vm,
+        memory: mem,
+        hypervisor,
+    })
+}
+
 /// Builds the VM `cfg` describes.
 pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
     cfg.validate()?;
@@ -71,11 +167,12 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
             })?;
         }
     }
-    let disks = crate::devices_block::open_disks(&cfg.disks)?;
-    let serial_out = console::output(&cfg.serial)?;
-    let mut virtio: Vec<Box<dyn VirtioDevice>> = Vec::new();
-    let nets = crate::devices_net::create(&cfg.nets, &mut virtio)?;
-    crate::devices_vsock::create(cfg.vsock.as_ref(), &mut virtio)?;
+    let HostSide {
+        disks,
+        serial_out,
+        mut virtio,
+        nets,
+    } = host_side(cfg)?;
 
     let hypervisor = Hypervisor::new()?;
     let vm = Arc::new(hypervisor.create_vm()?);

@@ -80,6 +80,9 @@ pub enum VmmError {
     /// A device could not be set up.
     #[error("cannot set up devices: {0}")]
     Devices(String),
+    /// A snapshot could not be written or read.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
     /// A host I/O resource failed.
     #[error("{what}: {source}")]
     Io {

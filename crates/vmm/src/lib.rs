@@ -25,6 +25,7 @@ pub mod memory;
 pub mod mmio;
 pub mod pci;
 pub mod runner;
+pub mod snapshot;
 pub mod teardown;
 pub mod vcpu;
 

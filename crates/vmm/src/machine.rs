@@ -11,10 +11,12 @@ use std::sync::{Arc, Mutex};
 use ferro_arch::layout::ports;
 use ferro_arch::memory_map::RamLayout;
 use ferro_devices::{
-    AcpiPmDevice, CmosDevice, GuestRequest, GuestRequestSink, I8042Device, PioBus, PioDevice,
-    PvPanicDevice, ResetDevice, SerialDevice, SinkDevice,
+    AcpiPmDevice, AcpiPmState, CmosDevice, CmosState, GuestRequest, GuestRequestSink, I8042Device,
+    PioBus, PioDevice, PvPanicDevice, ResetDevice, ResetState, SerialDevice, SerialDeviceState,
+    SinkDevice,
 };
 use ferro_hypervisor::Vm;
+use serde::{Deserialize, Serialize};
 
 use crate::memory::GuestMemory;
 use crate::mmio::MmioBus;
@@ -106,10 +108,52 @@ pub struct Machine {
     pub serial: Arc<Mutex<SerialDevice>>,
     /// ACPI PM, for the power button.
     pub acpi_pm: Arc<Mutex<AcpiPmDevice>>,
+    /// CMOS/RTC, for snapshots.
+    pub cmos: Arc<Mutex<CmosDevice>>,
+    /// The 0xcf9 reset register, for snapshots.
+    pub reset: Arc<Mutex<ResetDevice>>,
     /// The NICs (tap names, MACs, counters), for status; the builder fills it in.
     pub nets: Vec<crate::devices_net::NetInfo>,
     /// The balloon's handle (target, statistics), when there is one; the builder fills it in.
     pub balloon: Option<ferro_virtio::balloon::BalloonHandle>,
+}
+
+/// Saved state of the legacy devices (i8042, pvpanic and the sink have none).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LegacyState {
+    /// COM1: registers, FIFO, pending interrupt.
+    pub serial: SerialDeviceState,
+    /// CMOS RAM and the RTC's offset from the host clock.
+    pub cmos: CmosState,
+    /// ACPI PM1 registers and the PM timer.
+    pub acpi_pm: AcpiPmState,
+    /// The reset control register.
+    pub reset: ResetState,
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Machine {
+    /// The legacy devices' state (the vCPUs are paused).
+    pub fn save_legacy(&self) -> LegacyState {
+        LegacyState {
+            serial: lock(&self.serial).save(),
+            cmos: lock(&self.cmos).save(),
+            acpi_pm: lock(&self.acpi_pm).save(),
+            reset: lock(&self.reset).save(),
+        }
+    }
+
+    /// Puts back [`Machine::save_legacy`]'s result.
+    pub fn restore_legacy(&self, s: &LegacyState) -> Result<(), VmmError> {
+        lock(&self.serial).restore(&s.serial).map_err(dev_err)?;
+        lock(&self.cmos).restore(&s.cmos).map_err(dev_err)?;
+        lock(&self.acpi_pm).restore(&s.acpi_pm).map_err(dev_err)?;
+        lock(&self.reset).restore(&s.reset).map_err(dev_err)?;
+        Ok(())
+    }
 }
 
 fn dev_err(e: impl std::fmt::Display) -> VmmError {
@@ -134,7 +178,8 @@ pub fn build(
 
     let serial = Arc::new(Mutex::new(SerialDevice::new(com1_irq, serial_out)));
     let acpi_pm = Arc::new(Mutex::new(AcpiPmDevice::new(sci, requests.clone())));
-    let cmos = CmosDevice::new(layout.low, layout.high);
+    let cmos = Arc::new(Mutex::new(CmosDevice::new(layout.low, layout.high)));
+    let reset = Arc::new(Mutex::new(ResetDevice::new(requests.clone())));
     let sink = Arc::new(Mutex::new(SinkDevice::new()));
 
     let mut bus = PioBus::new();
@@ -148,12 +193,8 @@ pub fn build(
         5,
         Arc::new(Mutex::new(I8042Device::new(requests.clone()))),
     )?;
-    add(ports::CMOS_INDEX, 2, Arc::new(Mutex::new(cmos)))?;
-    add(
-        ports::RESET_REG,
-        1,
-        Arc::new(Mutex::new(ResetDevice::new(requests.clone()))),
-    )?;
+    add(ports::CMOS_INDEX, 2, cmos.clone())?;
+    add(ports::RESET_REG, 1, reset.clone())?;
     add(
         ports::PVPANIC,
         1,
@@ -173,6 +214,8 @@ pub fn build(
         events,
         serial,
         acpi_pm,
+        cmos,
+        reset,
         nets: Vec::new(),
         balloon: None,
     })

@@ -36,7 +36,7 @@ enum OnReboot {
 #[command(name = "ferro-vmm", version)]
 struct Args {
     /// Kernel: a PVH ELF, a Linux vmlinux or a Linux bzImage.
-    #[arg(long, required_unless_present_any = ["config", "host_info"])]
+    #[arg(long, required_unless_present_any = ["config", "host_info", "restore"])]
     kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long)]
@@ -80,9 +80,17 @@ struct Args {
     #[arg(long)]
     host_info: bool,
     /// Listen on this unix socket for control requests (line-delimited JSON: status, pause,
-    /// resume, shutdown, reset, quit, console_log).
+    /// resume, shutdown, reset, quit, console_log, snapshot).
     #[arg(long)]
     control: Option<PathBuf>,
+    /// Run the VM saved in this snapshot directory (a `snapshot` control request writes one)
+    /// from where it was saved, with no daemon. Only --serial, --control and --on-reboot
+    /// apply; the rest comes from the snapshot.
+    #[arg(long, value_name = "DIR", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "rng", "vsock",
+        "balloon", "config", "linux_boot",
+    ])]
+    restore: Option<PathBuf>,
     /// What a guest reboot does: exit (status 0, like a power-off) or restart in place.
     #[arg(long, value_enum, default_value_t = OnReboot::Exit)]
     on_reboot: OnReboot,
@@ -142,15 +150,35 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
         }
         return Ok(ExitStatus::Ok);
     }
-    let cfg = config(args)?;
-    let opts = BuildOptions {
-        protocol: if args.linux_boot {
-            BootProtocol::Linux
-        } else {
-            BootProtocol::Auto
-        },
+    let (cfg, vm) = match &args.restore {
+        Some(dir) => {
+            let started = std::time::Instant::now();
+            let snap = ferro_vmm::snapshot::load(dir)?;
+            let mut cfg = snap.manifest.config.clone();
+            if let Some(s) = &args.serial {
+                cfg.serial = s.clone();
+            }
+            let vm = builder::restore(&cfg, &snap)?;
+            eprintln!(
+                "ferro-vmm: restored {} in {:.1} ms",
+                dir.display(),
+                started.elapsed().as_secs_f64() * 1000.0
+            );
+            (cfg, vm)
+        }
+        None => {
+            let cfg = config(args)?;
+            let opts = BuildOptions {
+                protocol: if args.linux_boot {
+                    BootProtocol::Linux
+                } else {
+                    BootProtocol::Auto
+                },
+            };
+            let vm = builder::build(&cfg, opts)?;
+            (cfg, vm)
+        }
     };
-    let vm = builder::build(&cfg, opts)?;
     let boots = std::env::var(BOOT_ENV)
         .ok()
         .and_then(|b| b.parse().ok())
@@ -167,6 +195,7 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
             control,
             memory_mib: cfg.memory_mib,
             boots,
+            config: cfg.clone(),
         },
     )?;
     // Disks keep their contents across the guest's power-off or reboot.

@@ -22,6 +22,13 @@ pub fn create(vm: &Vm, mib: u64) -> Result<(GuestMemory, RamLayout), VmmError> {
         mib,
         reason: e.to_string(),
     })?;
+    register(vm, &mem, mib)?;
+    Ok((mem, layout))
+}
+
+/// Maps every region of `mem` into the VM, one memory slot each. `mem` must live as long as the
+/// VM (the process ends with the VM; memory is never unmapped before).
+pub fn register(vm: &Vm, mem: &GuestMemory, mib: u64) -> Result<(), VmmError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(vm_memory::MemoryRegionAddress(0))
@@ -31,7 +38,7 @@ pub fn create(vm: &Vm, mib: u64) -> Result<(GuestMemory, RamLayout), VmmError> {
             })?;
         // SAFETY: `host` is the start of this region's mmap of `region.len()` bytes, owned by
         // `mem`, which the caller keeps alive for as long as the VM runs (the process ends with
-        // the VM; memory is never unmapped before).
+        // the VM; memory is never unmapped before), as this function's contract says.
         unsafe {
             vm.map_memory(
                 slot as u32,
@@ -41,5 +48,5 @@ pub fn create(vm: &Vm, mib: u64) -> Result<(GuestMemory, RamLayout), VmmError> {
             )?;
         }
     }
-    Ok((mem, layout))
+    Ok(())
 }

@@ -28,7 +28,7 @@ use crate::VmmError;
 /// Most GSIs KVM routes (KVM_CAP_IRQ_ROUTING reports 4096 on our hosts; x86's KVM_MAX_IRQ_ROUTES).
 const MAX_GSI: u32 = 4096;
 /// First slot for devices (slot 0 is the host bridge).
-const FIRST_DEVICE_SLOT: u8 = 1;
+pub(crate) const FIRST_DEVICE_SLOT: u8 = 1;
 
 fn dev_err(e: impl std::fmt::Display) -> VmmError {
     VmmError::Devices(e.to_string())

@@ -10,13 +10,17 @@ use std::time::{Duration, Instant};
 use ferro_api::control::{
     ControlErrorCode, ControlRequest, ExitReason, VmmRunState, VmmStatus, CONTROL_PROTOCOL_VERSION,
 };
+use ferro_api::VmConfig;
 use ferro_arch::layout::ports;
 use ferro_devices::AcpiPmDevice;
+use ferro_hypervisor::{Hypervisor, Vcpu, Vm};
 
 use crate::builder::BuiltVm;
 use crate::console::{socket_console, EscapeFilter, RawTerminal};
 use crate::control::{ControlServer, ControlTarget};
-use crate::machine::ExitLatch;
+use crate::machine::{ExitLatch, Machine};
+use crate::memory::GuestMemory;
+use crate::snapshot::{self, Capture};
 use crate::vcpu::{install_kick_handler, run_vcpu, VcpuControl};
 use crate::{ExitStatus, VmmError};
 
@@ -35,6 +39,8 @@ pub struct RunOptions {
     pub memory_mib: u64,
     /// Which boot of the guest this is in this process (1 + in-place restarts).
     pub boots: u32,
+    /// The VM's configuration, for snapshots.
+    pub config: VmConfig,
 }
 
 /// How a run ended.
@@ -75,9 +81,21 @@ fn signal_fd() -> Result<std::fs::File, VmmError> {
     Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
+/// What a snapshot is taken from.
+struct SnapshotParts<'a> {
+    config: &'a VmConfig,
+    vm: &'a Vm,
+    hypervisor: &'a Hypervisor,
+    /// A second handle on each vCPU, for reading its state while its thread is parked.
+    vcpus: &'a [Vcpu],
+    machine: &'a Machine,
+    memory: &'a GuestMemory,
+}
+
 /// The VM as the control socket sees it.
 struct VmHandle<'a> {
     vcpus: &'a VcpuControl,
+    snapshot: SnapshotParts<'a>,
     acpi_pm: &'a Mutex<AcpiPmDevice>,
     latch: &'a ExitLatch,
     vcpu_count: u32,
@@ -143,6 +161,25 @@ impl ControlTarget for VmHandle<'_> {
                     });
                 self.latch.request(ExitStatus::Ok);
             }
+            ControlRequest::Snapshot { dir, resume } => {
+                if !paused {
+                    self.vcpus
+                        .pause(PAUSE_TIMEOUT)
+                        .map_err(|e| (ControlErrorCode::Failed, e.to_string()))?;
+                }
+                let saved = self.save_snapshot(dir);
+                if !paused && *resume {
+                    self.vcpus.resume();
+                }
+                let s = saved.map_err(|e| (ControlErrorCode::Failed, e.to_string()))?;
+                eprintln!(
+                    "ferro-vmm: snapshot {}: {} MiB of RAM, {} KiB written, in {:.1} ms",
+                    dir.display(),
+                    s.memory_bytes >> 20,
+                    s.data_bytes >> 10,
+                    s.ms
+                );
+            }
             ControlRequest::ConsoleLog => {
                 let text = socket_console()
                     .map(|c| String::from_utf8_lossy(&c.recent()).into_owned())
@@ -154,6 +191,25 @@ impl ControlTarget for VmHandle<'_> {
             }
         }
         Ok(None)
+    }
+}
+
+impl VmHandle<'_> {
+    /// Saves the paused VM into `dir`.
+    fn save_snapshot(&self, dir: &std::path::Path) -> Result<snapshot::Saved, VmmError> {
+        let p = &self.snapshot;
+        let msrs = p.hypervisor.msr_index_list()?;
+        Ok(snapshot::save(
+            dir,
+            &Capture {
+                config: p.config,
+                vm: p.vm,
+                vcpus: p.vcpus,
+                msrs: &msrs,
+                machine: p.machine,
+                memory: p.memory,
+            },
+        )?)
     }
 }
 
@@ -201,6 +257,7 @@ pub fn run(vm: BuiltVm, opts: RunOptions) -> Result<RunEnd, VmmError> {
         mut control,
         memory_mib,
         boots,
+        config,
     } = opts;
     let mut sigfd = signal_fd()?;
     install_kick_handler()?;
@@ -215,7 +272,11 @@ pub fn run(vm: BuiltVm, opts: RunOptions) -> Result<RunEnd, VmmError> {
         hypervisor,
     } = vm;
     // Never dropped: tearing the VM down is left to the process exit (see teardown.rs).
-    let _keep = std::mem::ManuallyDrop::new((vm, memory, hypervisor));
+    let keep = std::mem::ManuallyDrop::new((vm, memory, hypervisor));
+    let handles = vcpus
+        .iter()
+        .map(|v| keep.0.vcpu_handle(v))
+        .collect::<Result<Vec<_>, _>>()?;
     for vcpu in vcpus {
         let bus = machine.bus.clone();
         let latch = latch.clone();
@@ -228,6 +289,14 @@ pub fn run(vm: BuiltVm, opts: RunOptions) -> Result<RunEnd, VmmError> {
     }
     let mut handle = VmHandle {
         vcpus: &vcpu_control,
+        snapshot: SnapshotParts {
+            config: &config,
+            vm: &keep.0,
+            hypervisor: &keep.2,
+            vcpus: &handles,
+            machine: &machine,
+            memory: &keep.1,
+        },
         acpi_pm: &machine.acpi_pm,
         latch: &latch,
         vcpu_count,
