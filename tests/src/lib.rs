@@ -324,3 +324,35 @@ pub fn build_debian_guest() -> PathBuf {
         .unwrap_or_else(|| repo().join("build"))
         .join("debian")
 }
+
+/// The rest of the first console line that starts (after blanks) with `prefix`, trimmed.
+pub fn console_line<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
+    console
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix(prefix))
+        .map(str::trim)
+}
+
+/// Runs `tests/lab/SCRIPT` inside the KVM lab with the `--add SRC:DEST` files `adds`, for at most
+/// `timeout_s` seconds, and returns its console; fails the test (showing the console and the
+/// lab's stderr) unless the lab and the script ended with status 0.
+pub fn run_lab(script: &str, adds: &[String], timeout_s: u32) -> String {
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo().join("lab/lab.sh"))
+        .args(["run", "--timeout", &timeout_s.to_string()]);
+    for a in adds {
+        cmd.args(["--add", a]);
+    }
+    let out = cmd
+        .arg(repo().join("tests/lab").join(script))
+        .output()
+        .expect("run lab/lab.sh");
+    let console = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "lab failed: {console}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    console
+}

@@ -7,14 +7,7 @@
 
 use std::process::Command;
 
-use ferro_tests::{build_debian_guest, ferro, lab_available, repo, vmm};
-
-fn line<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
-    console
-        .lines()
-        .find_map(|l| l.trim_start().strip_prefix(prefix))
-        .map(str::trim)
-}
+use ferro_tests::{build_debian_guest, console_line as line, ferro, lab_available, run_lab, vmm};
 
 #[test]
 fn daemon_runs_a_debian_vm_from_a_template_inside_the_lab() {
@@ -48,23 +41,7 @@ fn daemon_runs_a_debian_vm_from_a_template_inside_the_lab() {
             debian.join("debian-initrd.cpio.gz").display()
         ),
     ];
-    let mut cmd = Command::new("bash");
-    cmd.arg(repo().join("lab/lab.sh"))
-        .args(["run", "--timeout", "1500", "--mem", "3072"]);
-    for a in &adds {
-        cmd.args(["--add", a]);
-    }
-    let out = cmd
-        .arg(repo().join("tests/lab/daemon_debian.sh"))
-        .output()
-        .expect("run lab/lab.sh");
-    let console = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "lab failed: {console}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let console = run_lab("daemon_debian.sh", &adds, 1500);
     assert!(line(&console, "D-FAIL").is_none(), "{console}");
     assert!(line(&console, "D-done ").is_some(), "{console}");
     let addr = line(&console, "D-address ").unwrap_or_default();

@@ -6,14 +6,7 @@
 
 use std::process::Command;
 
-use ferro_tests::{build_debian_guest, lab_available, repo, vmm};
-
-fn line<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
-    console
-        .lines()
-        .find_map(|l| l.trim_start().strip_prefix(prefix))
-        .map(str::trim)
-}
+use ferro_tests::{build_debian_guest, console_line as line, lab_available, run_lab, vmm};
 
 #[test]
 fn debian_template_boots_from_a_qcow2_overlay_serves_tcp_and_keeps_its_writes() {
@@ -47,24 +40,8 @@ fn debian_template_boots_from_a_qcow2_overlay_serves_tcp_and_keeps_its_writes() 
         ),
         format!("{}:/lab/vm.qcow2", overlay.display()),
     ];
-    let mut cmd = Command::new("bash");
-    cmd.arg(repo().join("lab/lab.sh"))
-        .args(["run", "--timeout", "1500", "--mem", "3072"]);
-    for a in &adds {
-        cmd.args(["--add", a]);
-    }
-    let out = cmd
-        .arg(repo().join("tests/lab/debian_disk.sh"))
-        .output()
-        .expect("run lab/lab.sh");
+    let console = run_lab("debian_disk.sh", &adds, 1500);
     let _ = std::fs::remove_dir_all(&dir);
-    let console = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "lab failed: {console}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(console.contains("lab-debian-disk: done"), "{console}");
     assert!(
         line(&console, "L-READY1 ").is_some(),

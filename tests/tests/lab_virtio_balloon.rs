@@ -6,14 +6,7 @@
 
 use std::process::Command;
 
-use ferro_tests::{build_linux_guest, lab_available, repo, vmm};
-
-fn line<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
-    console
-        .lines()
-        .find_map(|l| l.trim_start().strip_prefix(prefix))
-        .map(str::trim)
-}
+use ferro_tests::{build_linux_guest, console_line as line, lab_available, repo, vmm};
 
 fn kib(console: &str, prefix: &str) -> u64 {
     line(console, prefix)

@@ -7,15 +7,7 @@
 
 use std::process::Command;
 
-use ferro_tests::{build_linux_guest, lab_available, repo, vmm};
-
-/// The value after `prefix` on the first console line that starts with it.
-fn line<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
-    console
-        .lines()
-        .find_map(|l| l.trim_start().strip_prefix(prefix))
-        .map(str::trim)
-}
+use ferro_tests::{build_linux_guest, console_line as line, lab_available, repo, vmm};
 
 /// The md5 on a `PREFIX <hash>  -` line.
 fn md5<'a>(console: &'a str, prefix: &str) -> &'a str {

@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use ferro_tests::{build_linux_guest, lab_available, repo, vmm};
+use ferro_tests::{build_linux_guest, console_line as line, lab_available, repo, vmm};
 
 /// Builds vsock-tool (static) and a newc archive holding it as /bin/vsock-tool, in `dir`.
 fn build_tool(dir: &Path) -> Result<(), String> {
@@ -34,13 +34,6 @@ fn build_tool(dir: &Path) -> Result<(), String> {
         return Err("cpio failed".into());
     }
     Ok(())
-}
-
-fn line<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
-    console
-        .lines()
-        .find_map(|l| l.trim_start().strip_prefix(prefix))
-        .map(str::trim)
 }
 
 #[test]
