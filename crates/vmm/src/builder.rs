@@ -95,21 +95,19 @@ pub fn restore(cfg: &VmConfig, snap: &Loaded) -> Result<BuiltVm, VmmError> {
     vm.setup_platform()?;
     let balloon =
         crate::devices_balloon::create(cfg.balloon, cfg.balloon_target_mib, &mem, &mut virtio)?;
-    let latch = Arc::new(ExitLatch::new()?);
-    let mut machine = machine::build(
+    let (machine, latch) = assemble(
+        cfg,
         &vm,
         &mem,
         &layout,
-        latch.clone(),
-        serial_out,
-        PciDevices {
-            rng: cfg.rng,
+        HostSide {
             disks,
+            serial_out,
             virtio,
+            nets,
         },
+        balloon,
     )?;
-    machine.nets = nets;
-    machine.balloon = balloon;
     machine.restore_legacy(&state.legacy)?;
     if state.virtio.len() != machine.pci.virtio.len() {
         return Err(VmmError::Devices(format!(
@@ -246,21 +244,19 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
         }
     };
 
-    let latch = Arc::new(ExitLatch::new()?);
-    let mut machine = machine::build(
+    let (machine, latch) = assemble(
+        cfg,
         &vm,
         &mem,
         &layout,
-        latch.clone(),
-        serial_out,
-        PciDevices {
-            rng: cfg.rng,
+        HostSide {
             disks,
+            serial_out,
             virtio,
+            nets,
         },
+        balloon,
     )?;
-    machine.nets = nets;
-    machine.balloon = balloon;
     let vcpus = create_vcpus(&hypervisor, &vm, cfg.cpus, entry)?;
     Ok(BuiltVm {
         vcpus,
@@ -270,6 +266,34 @@ pub fn build(cfg: &VmConfig, opts: BuildOptions) -> Result<BuiltVm, VmmError> {
         memory: mem,
         hypervisor,
     })
+}
+
+/// The machine (legacy devices, PCI with the virtio devices) on `vm`, with the host side's
+/// NICs and the balloon handle recorded, and the exit latch its devices pull.
+fn assemble(
+    cfg: &VmConfig,
+    vm: &Arc<Vm>,
+    mem: &GuestMemory,
+    layout: &RamLayout,
+    host: HostSide,
+    balloon: Option<ferro_virtio::balloon::BalloonHandle>,
+) -> Result<(Machine, Arc<ExitLatch>), VmmError> {
+    let latch = Arc::new(ExitLatch::new()?);
+    let mut machine = machine::build(
+        vm,
+        mem,
+        layout,
+        latch.clone(),
+        host.serial_out,
+        PciDevices {
+            rng: cfg.rng,
+            disks: host.disks,
+            virtio: host.virtio,
+        },
+    )?;
+    machine.nets = host.nets;
+    machine.balloon = balloon;
+    Ok((machine, latch))
 }
 
 fn create_vcpus(hv: &Hypervisor, vm: &Vm, count: u32, entry: Entry) -> Result<Vec<Vcpu>, VmmError> {
