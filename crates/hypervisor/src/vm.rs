@@ -3,7 +3,7 @@
 use kvm_bindings::{
     kvm_irq_routing_entry, kvm_pit_config, kvm_userspace_memory_region, KvmIrqRouting,
     KVM_IRQCHIP_IOAPIC, KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQ_ROUTING_IRQCHIP,
-    KVM_IRQ_ROUTING_MSI, KVM_PIT_SPEAKER_DUMMY,
+    KVM_IRQ_ROUTING_MSI, KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
 };
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -149,6 +149,50 @@ impl Vm {
         // which is what KVM_SET_USER_MEMORY_REGION requires.
         unsafe { self.fd.set_user_memory_region(region) }
             .map_err(vm_err("KVM_SET_USER_MEMORY_REGION"))
+    }
+
+    /// Turns dirty-page logging on or off for the memory slot [`Vm::map_memory`] made with
+    /// the same `slot`, `guest_addr`, `size` and `host_addr` (KVM_SET_USER_MEMORY_REGION with
+    /// only KVM_MEM_LOG_DIRTY_PAGES changed; vCPUs may run meanwhile). Turning it on starts an
+    /// empty log; [`Vm::dirty_log`] then reports the pages the guest (or KVM on its behalf)
+    /// wrote. Writes by host threads through their own mapping are not logged.
+    ///
+    /// # Safety
+    /// As for [`Vm::map_memory`]: the host range is the slot's live mapping, owned by the
+    /// caller and kept for as long as the VM exists.
+    pub unsafe fn set_dirty_logging(
+        &self,
+        slot: u32,
+        guest_addr: u64,
+        size: u64,
+        host_addr: u64,
+        on: bool,
+    ) -> Result<(), HypervisorError> {
+        let region = kvm_userspace_memory_region {
+            slot,
+            flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr,
+        };
+        // SAFETY: the same slot with the same live host range the caller guarantees outlives
+        // the VM; only the flags differ, which KVM applies to the existing slot in place.
+        unsafe { self.fd.set_user_memory_region(region) }
+            .map_err(vm_err("KVM_SET_USER_MEMORY_REGION (dirty logging)"))
+    }
+
+    /// KVM_GET_DIRTY_LOG: the pages of `slot` (of `size` bytes) written since logging started
+    /// or since the last call, one bit per 4 KiB page (bit `i % 64` of word `i / 64`), and
+    /// clears the log. The slot must have dirty logging on.
+    pub fn dirty_log(&self, slot: u32, size: u64) -> Result<Vec<u64>, HypervisorError> {
+        let size = usize::try_from(size).map_err(|_| HypervisorError::Vm {
+            op: "KVM_GET_DIRTY_LOG (slot too large)",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        // kvm-ioctls sizes the bitmap from `size` (one bit per page) and checks the ioctl.
+        self.fd
+            .get_dirty_log(slot, size)
+            .map_err(vm_err("KVM_GET_DIRTY_LOG"))
     }
 
     /// Makes a signal on `fd` raise interrupt line `gsi`.
