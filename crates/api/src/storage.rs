@@ -114,21 +114,55 @@ pub struct Snapshot {
     /// they are).
     #[schema(value_type = Vec<String>)]
     pub disks: Vec<PathBuf>,
-    /// Whether it holds the guest's memory and device state too (not yet: always false).
+    /// Whether it holds the guest's memory and device state too (a snapshot of a running or
+    /// paused VM, taken with `memory: true`; `POST /v1/vms/{name}/restore` runs it again).
     #[serde(default)]
     pub memory: bool,
     /// Creation time, Unix ms.
     pub created_ms: u64,
+    /// A memory snapshot's directory (`snapshot.json`, `state.json`, `memory`: what
+    /// `ferro-vmm --restore DIR` reads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub dir: Option<PathBuf>,
+    /// A memory snapshot's size on disk (state and the memory file's data), bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes: Option<u64>,
+    /// How long a memory snapshot held the guest still (pause to running again), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused_ms: Option<u64>,
 }
 
-/// `POST /v1/vms/{name}/snapshots`: snapshot a stopped VM's disks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// `POST /v1/vms/{name}/snapshots`: snapshot a stopped VM's disks, or (`memory: true`) a
+/// running or paused VM's memory, device state and disks at one instant.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSnapshot {
     /// The snapshot's name: 1 to 63 of `a-z A-Z 0-9 - _ .`.
     pub name: String,
-    /// Also save memory and device state of a running VM (reserved for `--memory`: answered
-    /// 501 not_implemented today).
+    /// Save memory and device state of a running or paused VM too (its disks are frozen at
+    /// the same instant).
     #[serde(default)]
     pub memory: bool,
+    /// Where a memory snapshot's directory goes (absolute, missing or empty; default
+    /// `DATA/vms/NAME/snapshots/SNAP`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub dir: Option<PathBuf>,
+}
+
+/// `POST /v1/vms/{name}/restore`: run a stopped VM from a memory snapshot (exactly one of
+/// `snapshot` and `from`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreVm {
+    /// One of the VM's memory snapshots: its state, with its disks as they were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot: Option<String>,
+    /// A snapshot directory on the daemon's host. One of the VM's own memory snapshots is
+    /// restored with its disks; any other runs on the VM's current disks and must match the
+    /// VM's CPUs, memory, disks and NICs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub from: Option<PathBuf>,
 }

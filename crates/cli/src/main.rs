@@ -224,9 +224,11 @@ enum VmCmd {
         /// The VM.
         name: String,
     },
-    /// Disk snapshots of a stopped VM: `snapshot NAME --name SNAP` takes one; list, revert,
-    /// delete.
+    /// Snapshots: `snapshot NAME --name SNAP` of a stopped VM's disks, `--memory` of a
+    /// running VM's memory, devices and disks; list, revert, delete.
     Snapshot(snapshot::SnapshotArgs),
+    /// Run a stopped VM from a memory snapshot: its guest carries on where it was saved.
+    Restore(snapshot::RestoreArgs),
     /// Clone a stopped VM: a full copy, or with --linked qcow2 overlays (the source's disks
     /// become read-only bases under overlays of its own).
     Clone {
@@ -422,6 +424,7 @@ async fn vm(cli: &Cli, c: &Client, cmd: &VmCmd) -> Result<()> {
             one(c.edit_vm(name, &req).await?)
         }
         VmCmd::Snapshot(a) => snapshot::run(c, a, json).await,
+        VmCmd::Restore(a) => snapshot::restore(c, a, json).await,
         VmCmd::Events { name } => output::events(&c.events(name).await?, json),
         VmCmd::Log { name } => {
             print!("{}", c.log(name).await?);

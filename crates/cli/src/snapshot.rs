@@ -1,12 +1,15 @@
-//! `ferro vm snapshot ...`: disk snapshots of a stopped VM.
+//! `ferro vm snapshot ...` and `ferro vm restore`: snapshots of a VM.
 //!
-//! `ferro vm snapshot NAME --name SNAP` takes one; `list`, `revert` and `delete` work on them.
-//! A memory snapshot will be `--memory` on the same command (the API has the field; the daemon
-//! answers 501 until it exists).
+//! `ferro vm snapshot NAME --name SNAP` snapshots a stopped VM's disks; with `--memory [--to
+//! DIR]` a running or paused VM's memory, device state and disks. `list`, `revert` and
+//! `delete` work on both kinds; `ferro vm restore NAME --snapshot SNAP | --from DIR` runs a
+//! stopped VM from a memory snapshot.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
-use ferro_api::storage::{CreateSnapshot, Snapshot};
+use std::path::PathBuf;
+
+use ferro_api::storage::{CreateSnapshot, RestoreVm, Snapshot};
 use hyper::Method;
 
 use crate::client::{Client, ClientError};
@@ -23,6 +26,25 @@ pub struct SnapshotArgs {
     /// The snapshot's name.
     #[arg(long, required = true)]
     name: Option<String>,
+    /// Save the memory and device state of the running (or paused) VM too; it runs on.
+    #[arg(long)]
+    memory: bool,
+    /// Where the memory snapshot's directory goes (on the daemon's host; new or empty).
+    #[arg(long, value_name = "DIR", requires = "memory")]
+    to: Option<PathBuf>,
+}
+
+/// `ferro vm restore NAME --snapshot SNAP | --from DIR`.
+#[derive(Args, Debug)]
+pub struct RestoreArgs {
+    /// The VM (stopped).
+    vm: String,
+    /// One of its memory snapshots.
+    #[arg(long, required_unless_present = "from", conflicts_with = "from")]
+    snapshot: Option<String>,
+    /// A snapshot directory on the daemon's host.
+    #[arg(long, value_name = "DIR")]
+    from: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -82,9 +104,28 @@ fn utc(ms: u64) -> String {
 }
 
 fn table(list: &[Snapshot]) {
-    println!("{:<24} {:>5}  CREATED (UTC)", "NAME", "DISKS");
+    println!(
+        "{:<24} {:>5} {:>8}  {:<19}  DIR",
+        "NAME", "DISKS", "MEMORY", "CREATED (UTC)"
+    );
     for s in list {
-        println!("{:<24} {:>5}  {}", s.name, s.disks.len(), utc(s.created_ms));
+        let memory = match (s.memory, s.bytes) {
+            (true, Some(b)) => format!("{}K", b >> 10),
+            (true, None) => "yes".to_string(),
+            (false, _) => "-".to_string(),
+        };
+        let dir = s
+            .dir
+            .as_ref()
+            .map(|d| d.display().to_string())
+            .unwrap_or_default();
+        println!(
+            "{:<24} {:>5} {:>8}  {:<19}  {dir}",
+            s.name,
+            s.disks.len(),
+            memory,
+            utc(s.created_ms)
+        );
     }
 }
 
@@ -140,9 +181,11 @@ pub async fn run(c: &Client, args: &SnapshotArgs, as_json: bool) -> Result<()> {
             Ok(())
         }
         (None, Some(vm), Some(name)) => {
+            let abs = |p: &PathBuf| std::path::absolute(p).unwrap_or_else(|_| p.clone());
             let req = CreateSnapshot {
                 name: name.clone(),
-                memory: false,
+                memory: args.memory,
+                dir: args.to.as_ref().map(abs),
             };
             let body = serde_json::to_vec(&req)?;
             let s: Option<Snapshot> = call(
@@ -162,6 +205,41 @@ pub async fn run(c: &Client, args: &SnapshotArgs, as_json: bool) -> Result<()> {
             }
         }
         _ => anyhow::bail!("give a VM and --name SNAP, or list|revert|delete"),
+    }
+}
+
+/// Runs `ferro vm restore ...`.
+pub async fn restore(c: &Client, args: &RestoreArgs, as_json: bool) -> Result<()> {
+    let req = RestoreVm {
+        snapshot: args.snapshot.clone(),
+        from: args
+            .from
+            .as_ref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.clone())),
+    };
+    let started = std::time::Instant::now();
+    let v: Option<ferro_api::rest::Vm> = call(
+        c,
+        Method::POST,
+        &format!("/v1/vms/{}/restore", args.vm),
+        Some(serde_json::to_vec(&req)?),
+    )
+    .await?;
+    match v {
+        Some(v) if as_json => json(&v),
+        _ => {
+            println!(
+                "restored {} ({} ms): {}",
+                args.vm,
+                started.elapsed().as_millis(),
+                match (&args.snapshot, &args.from) {
+                    (Some(s), _) => format!("snapshot {s}"),
+                    (_, Some(d)) => d.display().to_string(),
+                    _ => String::new(),
+                }
+            );
+            Ok(())
+        }
     }
 }
 

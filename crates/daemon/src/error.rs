@@ -48,6 +48,18 @@ pub enum DaemonError {
         /// What is wrong, naming the file.
         message: String,
     },
+    /// A snapshot directory is not one this daemon's `ferro-vmm` can run.
+    #[error("{message}")]
+    BadSnapshot {
+        /// `bad_snapshot` (missing, corrupt, not this VM's) or `unsupported_snapshot`
+        /// (another format version).
+        code: &'static str,
+        /// What is wrong, naming the directory.
+        message: String,
+    },
+    /// Another daemon (a migration's peer) refused or could not be reached.
+    #[error("{0}")]
+    Peer(String),
     /// Not built yet.
     #[error("{0} is not implemented yet")]
     NotImplemented(&'static str),
@@ -84,7 +96,10 @@ impl DaemonError {
                 (StatusCode::NOT_FOUND, "not_found")
             }
             DaemonError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            DaemonError::BadImage { code, .. } => (StatusCode::UNPROCESSABLE_ENTITY, code),
+            DaemonError::BadImage { code, .. } | DaemonError::BadSnapshot { code, .. } => {
+                (StatusCode::UNPROCESSABLE_ENTITY, code)
+            }
+            DaemonError::Peer(_) => (StatusCode::BAD_GATEWAY, "peer_failed"),
             DaemonError::InvalidState(_) => (StatusCode::CONFLICT, "invalid_state"),
             DaemonError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
             DaemonError::Vmm(_) => (StatusCode::INTERNAL_SERVER_ERROR, "vmm_failed"),

@@ -8,6 +8,7 @@
 pub mod clone;
 pub mod error;
 pub mod images;
+pub mod memsnap;
 pub mod net;
 pub mod operations;
 pub mod ops;

@@ -92,9 +92,24 @@ pub struct Started {
     pub start: u64,
 }
 
+/// How a VMM gets its guest.
+#[derive(Debug, Clone, Copy)]
+pub enum Boot<'a> {
+    /// Boots the guest from the config (`--config`), restarting in place on a guest reboot.
+    Fresh,
+    /// Runs the VM saved in a snapshot directory (`--restore DIR`). A guest reboot ends the
+    /// VMM (exit 0, reason reboot): restarting in place would restore the snapshot again.
+    Restore(&'a Path),
+}
+
 /// Writes the VMM's config and starts `vmm` on it, detached; returns once it answers on its
 /// control socket, or the error it printed if it ended first.
-pub async fn spawn(vmm: &Path, dir: &VmDir, config: &VmConfig) -> Result<Started, DaemonError> {
+pub async fn spawn(
+    vmm: &Path,
+    dir: &VmDir,
+    config: &VmConfig,
+    boot: Boot<'_>,
+) -> Result<Started, DaemonError> {
     std::fs::create_dir_all(&dir.0).map_err(DaemonError::io("cannot create the VM directory"))?;
     for stale in [dir.control(), dir.console()] {
         let _ = std::fs::remove_file(stale);
@@ -113,11 +128,20 @@ pub async fn spawn(vmm: &Path, dir: &VmDir, config: &VmConfig) -> Result<Started
         .map_err(DaemonError::io("cannot open the VMM log"))?;
     let log_len = log.metadata().map(|m| m.len()).unwrap_or(0);
     let mut cmd = Command::new(vmm);
-    cmd.arg("--config")
-        .arg(dir.config())
-        .arg("--control")
+    match boot {
+        Boot::Fresh => {
+            cmd.arg("--config")
+                .arg(dir.config())
+                .args(["--on-reboot", "restart"]);
+        }
+        Boot::Restore(from) => {
+            let mut serial = std::ffi::OsString::from("socket:");
+            serial.push(dir.console());
+            cmd.arg("--restore").arg(from).arg("--serial").arg(serial);
+        }
+    }
+    cmd.arg("--control")
         .arg(dir.control())
-        .args(["--on-reboot", "restart"])
         .stdin(Stdio::null())
         .stdout(log)
         .stderr(log2)

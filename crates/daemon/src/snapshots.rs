@@ -20,8 +20,9 @@
 //!   another VM is based on (a linked clone) stays as a base.
 //!
 //! The rows live in the `snapshots` table ([`MIGRATION`]); a trigger drops them with their VM.
-//! Room for memory snapshots: [`CreateSnapshot::memory`] is answered 501 until the VMM can
-//! save a running VM; such a snapshot would add its state file to the same row.
+//! A memory snapshot ([`CreateSnapshot::memory`], [`crate::memsnap`]) is a row of the same
+//! kind with a state directory and the VM's definition as it was; deleting it removes the
+//! directory's files too.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -33,7 +34,7 @@ use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use ferro_api::rest::{ApiErrorBody, Vm};
-use ferro_api::storage::{CreateSnapshot, Snapshot};
+use ferro_api::storage::{CreateSnapshot, RestoreVm, Snapshot};
 use ferro_api::{DiskConfig, DiskFormat};
 use rusqlite::{params, OptionalExtension, Transaction};
 use serde::{Deserialize, Serialize};
@@ -55,11 +56,14 @@ pub const MIGRATION: &str = "CREATE TABLE snapshots (
     CREATE TRIGGER snapshots_of_deleted_vm AFTER DELETE ON vms
     BEGIN DELETE FROM snapshots WHERE vm = OLD.name; END;";
 
-/// A row's `data`: the API view plus the VM's disks as they were (paths = the layers).
+/// A row's `data`: the API view plus the VM's disks as they were (paths = the layers) and,
+/// for a memory snapshot, the VM's definition then (a restore brings it back).
 #[derive(Debug, Clone, Serialize, Deserialize)]
-struct Row {
-    snapshot: Snapshot,
-    disks: Vec<DiskConfig>,
+pub(crate) struct Row {
+    pub(crate) snapshot: Snapshot,
+    pub(crate) disks: Vec<DiskConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) config: Option<ferro_api::VmConfig>,
 }
 
 fn corrupt() -> DaemonError {
@@ -77,13 +81,13 @@ fn no_such(vm: &str, snap: &str) -> DaemonError {
     }
 }
 
-fn taken(vm: &str, snap: &str) -> DaemonError {
+pub(crate) fn taken(vm: &str, snap: &str) -> DaemonError {
     DaemonError::Conflict(format!(
         "VM '{vm}' has a snapshot named '{snap}' already: pick another name or delete it first"
     ))
 }
 
-fn rows(s: &Store, vm: &str) -> Result<Vec<Row>, DaemonError> {
+pub(crate) fn rows(s: &Store, vm: &str) -> Result<Vec<Row>, DaemonError> {
     let mut st = s
         .conn()
         .prepare("SELECT data FROM snapshots WHERE vm = ?1 ORDER BY created_ms, name")?;
@@ -92,7 +96,7 @@ fn rows(s: &Store, vm: &str) -> Result<Vec<Row>, DaemonError> {
         .collect()
 }
 
-fn row(s: &Store, vm: &str, snap: &str) -> Result<Row, DaemonError> {
+pub(crate) fn row(s: &Store, vm: &str, snap: &str) -> Result<Row, DaemonError> {
     let data: Option<String> = s
         .conn()
         .query_row(
@@ -104,7 +108,7 @@ fn row(s: &Store, vm: &str, snap: &str) -> Result<Row, DaemonError> {
     serde_json::from_str(&data.ok_or_else(|| no_such(vm, snap))?).map_err(|_| corrupt())
 }
 
-fn insert(tx: &Transaction<'_>, r: &Row) -> Result<(), DaemonError> {
+pub(crate) fn insert(tx: &Transaction<'_>, r: &Row) -> Result<(), DaemonError> {
     let data = serde_json::to_string(r).map_err(|e| DaemonError::BadRequest(e.to_string()))?;
     let res = tx.execute(
         "INSERT INTO snapshots (vm, name, data, created_ms) VALUES (?1, ?2, ?3, ?4)",
@@ -145,7 +149,7 @@ fn stopped(rec: &VmRecord, verb: &str) -> Result<(), DaemonError> {
     Ok(())
 }
 
-fn absolute(p: &Path) -> Result<PathBuf, DaemonError> {
+pub(crate) fn absolute(p: &Path) -> Result<PathBuf, DaemonError> {
     std::fs::canonicalize(p).map_err(|e| {
         DaemonError::Conflict(format!(
             "disk {} cannot be reached: {e} (repair or remove the disk first)",
@@ -176,7 +180,11 @@ fn overlay_on(layer: &Path, top: &Path, like: &DiskConfig) -> Result<DiskConfig,
 
 /// Fresh overlays on `layers` (read-only disks stay as they are) under `dir`; removes what it
 /// made when one fails.
-fn overlays(layers: &[DiskConfig], dir: &Path, stamp: u64) -> Result<Vec<DiskConfig>, DaemonError> {
+pub(crate) fn overlays(
+    layers: &[DiskConfig],
+    dir: &Path,
+    stamp: u64,
+) -> Result<Vec<DiskConfig>, DaemonError> {
     let mut made: Vec<PathBuf> = Vec::new();
     let mut out = Vec::new();
     for (i, d) in layers.iter().enumerate() {
@@ -212,8 +220,11 @@ pub async fn create(
 ) -> Result<Snapshot, DaemonError> {
     check_name(&req.name)?;
     if req.memory {
-        return Err(DaemonError::NotImplemented(
-            "a memory snapshot (memory: true)",
+        return crate::memsnap::create(sup, vm, req).await;
+    }
+    if req.dir.is_some() {
+        return Err(DaemonError::BadRequest(
+            "dir is for memory snapshots (memory: true)".into(),
         ));
     }
     let _guard = sup.vm_lock(vm).await;
@@ -239,10 +250,14 @@ pub async fn create(
         disks: layers.iter().map(|d| d.path.clone()).collect(),
         memory: false,
         created_ms: stamp,
+        dir: None,
+        bytes: None,
+        paused_ms: None,
     };
     let r = Row {
         snapshot: snapshot.clone(),
         disks: layers.clone(),
+        config: None,
     };
     rec.config.disks = tops.clone();
     let saved = sup.store(|s| {
@@ -270,7 +285,7 @@ pub async fn create(
 }
 
 /// Whether `path` is a file the daemon made for VM `vm` (under its directory).
-fn owned(sup: &Supervisor, vm: &str, path: &Path) -> bool {
+pub(crate) fn owned(sup: &Supervisor, vm: &str, path: &Path) -> bool {
     let dir = sup.dir(vm).0;
     match (std::fs::canonicalize(path), std::fs::canonicalize(&dir)) {
         (Ok(p), Ok(d)) => p.starts_with(d),
@@ -280,7 +295,7 @@ fn owned(sup: &Supervisor, vm: &str, path: &Path) -> bool {
 
 /// Whether anything the daemon keeps still needs `path`: a VM's disk (or its backing chain),
 /// a snapshot's layer (or its chain), a template's base. `skip` leaves out one VM.
-fn in_use(s: &Store, path: &Path, skip: Option<&str>) -> Result<bool, DaemonError> {
+pub(crate) fn in_use(s: &Store, path: &Path, skip: Option<&str>) -> Result<bool, DaemonError> {
     for vm in s.list()? {
         if skip == Some(vm.name.as_str()) {
             continue;
@@ -449,6 +464,9 @@ pub async fn remove(sup: &Supervisor, vm: &str, snap: &str) -> Result<(), Daemon
             let _ = std::fs::remove_file(f);
         }
     }
+    if let Some(dir) = &r.snapshot.dir {
+        crate::memsnap::remove_dir(dir);
+    }
     Ok(())
 }
 
@@ -468,11 +486,11 @@ async fn list_snapshots(
     Ok(Json(list(&sup, &name)?))
 }
 
-/// Snapshots a stopped VM's disks (qcow2 overlays; `memory: true` is reserved for memory
-/// snapshots and answered 501).
+/// Snapshots a stopped VM's disks (qcow2 overlays), or with `memory: true` a running or
+/// paused VM's memory, device state and disks at one instant (the VM runs on).
 #[utoipa::path(post, path = "/v1/vms/{name}/snapshots", params(("name" = String, Path)), request_body = CreateSnapshot, responses(
     (status = 201, body = Snapshot), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
-    (status = 409, body = ApiErrorBody), (status = 501, body = ApiErrorBody)))]
+    (status = 409, body = ApiErrorBody), (status = 500, body = ApiErrorBody)))]
 async fn create_snapshot(
     State(sup): State<Supervisor>,
     UrlPath(name): UrlPath<String>,
@@ -505,11 +523,35 @@ async fn delete_snapshot(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Runs a stopped VM from one of its memory snapshots (`snapshot`) or a snapshot directory
+/// (`from`): its guest carries on where it was saved, on the disks as they were then. A
+/// directory that is missing, corrupt or of another format version is a 422 and leaves the
+/// VM stopped and unchanged.
+#[utoipa::path(post, path = "/v1/vms/{name}/restore", params(("name" = String, Path)), request_body = RestoreVm, responses(
+    (status = 200, body = Vm), (status = 400, body = ApiErrorBody), (status = 404, body = ApiErrorBody),
+    (status = 409, body = ApiErrorBody),
+    (status = 422, description = "not a snapshot this ferro-vmm runs (bad_snapshot, unsupported_snapshot)", body = ApiErrorBody),
+    (status = 500, body = ApiErrorBody)))]
+async fn restore_vm(
+    State(sup): State<Supervisor>,
+    UrlPath(name): UrlPath<String>,
+    body: Result<Json<RestoreVm>, JsonRejection>,
+) -> ApiResult<Json<Vm>> {
+    let Json(req) = body.map_err(bad_json)?;
+    Ok(Json(crate::memsnap::restore(&sup, &name, req).await?))
+}
+
 /// The OpenAPI part of the snapshot routes (merged into the daemon's document).
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    paths(list_snapshots, create_snapshot, revert_snapshot, delete_snapshot),
-    components(schemas(Snapshot, CreateSnapshot))
+    paths(
+        list_snapshots,
+        create_snapshot,
+        revert_snapshot,
+        delete_snapshot,
+        restore_vm
+    ),
+    components(schemas(Snapshot, CreateSnapshot, RestoreVm))
 )]
 pub struct SnapshotDoc;
 
@@ -528,4 +570,5 @@ pub fn router() -> Router<Supervisor> {
             "/v1/vms/{name}/snapshots/{snapshot}",
             delete(delete_snapshot),
         )
+        .route("/v1/vms/{name}/restore", post(restore_vm))
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferro_api::control::{ControlEvent, ControlLine, ControlRequest, VmmRunState};
+use ferro_api::control::{ControlEvent, ControlLine, ControlRequest, ExitReason, VmmRunState};
 use ferro_api::rest::{RestartPolicy, VmState};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::UnixStream;
@@ -32,10 +32,15 @@ struct Live {
     start: u64,
     /// The daemon asked it to end: its end is a stop, not a crash.
     stopping: bool,
+    /// The daemon ends it to run the VM on in another VMM at once (a memory snapshot, a
+    /// migration): its end changes neither the state nor the event log.
+    replacing: bool,
     exited: watch::Receiver<bool>,
     console: Arc<Mutex<VecDeque<u8>>>,
     /// The daemon's taps of its NICs, checked gone when it ends.
     taps: Vec<String>,
+    /// Why it ended, from the `exit` event on its control socket.
+    reason: Arc<Mutex<Option<ExitReason>>>,
 }
 
 /// How the watcher learns that a VMM ended.
@@ -150,6 +155,17 @@ impl Supervisor {
 
     /// Starts the VMM of `rec` (caller holds the VM's lock and checked the transition).
     pub async fn start_locked(&self, rec: &VmRecord, restart: bool) -> Result<(), DaemonError> {
+        self.launch(rec, restart, None).await
+    }
+
+    /// Starts the VMM of `rec`: a fresh boot, or (`from`) the VM saved in a snapshot
+    /// directory, run on `rec`'s disks and NICs (see [`crate::memsnap::restore_dir`]).
+    pub async fn launch(
+        &self,
+        rec: &VmRecord,
+        restart: bool,
+        from: Option<&Path>,
+    ) -> Result<(), DaemonError> {
         let dir = self.dir(&rec.name);
         let netcfg = &self.0.net;
         let rows = self.store(|s| {
@@ -173,16 +189,31 @@ impl Supervisor {
             n.mac = Some(r.mac);
         }
         let config = net::runtime_config(netcfg, &config, &rows);
-        let started = process::spawn(&self.0.vmm, &dir, &config).await?;
+        let started = match from {
+            None => process::spawn(&self.0.vmm, &dir, &config, process::Boot::Fresh).await?,
+            Some(snap) => {
+                let work = crate::memsnap::restore_dir(&dir, snap, &config)?;
+                let r =
+                    process::spawn(&self.0.vmm, &dir, &config, process::Boot::Restore(&work)).await;
+                // The VMM has read the state and mapped the memory once it answers.
+                let _ = std::fs::remove_dir_all(&work);
+                r?
+            }
+        };
         let pid = (started.pid, started.start);
         self.set_state(&rec.name, VmState::Running, Some(pid))?;
         if restart {
             self.store(|s| s.count_restart(&rec.name))?;
         }
+        let (kind, what) = match (from, restart) {
+            (Some(snap), _) => ("restored", format!(" from {}", snap.display())),
+            (None, true) => ("restarted", String::new()),
+            (None, false) => ("started", String::new()),
+        };
         self.event(
             &rec.name,
-            if restart { "restarted" } else { "started" },
-            &format!("VMM started (pid {})", started.pid),
+            kind,
+            &format!("VMM started (pid {}){what}", started.pid),
         );
         self.watch(&rec.name, Watch::Child(started.child), pid, taps);
         Ok(())
@@ -191,18 +222,22 @@ impl Supervisor {
     fn watch(&self, name: &str, how: Watch, (pid, start): (u32, u64), taps: Vec<String>) {
         let (tx, rx) = watch::channel(false);
         let console = Arc::new(Mutex::new(VecDeque::new()));
+        let reason = Arc::new(Mutex::new(None));
         lock(&self.0.live).insert(
             name.to_string(),
             Live {
                 pid,
                 start,
                 stopping: false,
+                replacing: false,
                 exited: rx,
                 console: console.clone(),
                 taps,
+                reason: reason.clone(),
             },
         );
         tokio::spawn(follow_console(self.clone(), name.to_string(), pid, console));
+        tokio::spawn(follow_control(self.clone(), name.to_string(), pid, reason));
         let sup = self.clone();
         let name = name.to_string();
         tokio::spawn(async move {
@@ -226,6 +261,9 @@ impl Supervisor {
             let text: Vec<u8> = lock(&l.console).iter().copied().collect();
             let _ = std::fs::write(self.dir(name).console_log(), text);
             net::release_taps(&l.taps).await;
+            if l.replacing {
+                return;
+            }
         }
         let Ok(rec) = self.store(|s| s.get(name)) else {
             return; // deleted
@@ -233,6 +271,27 @@ impl Supervisor {
         if stopping {
             let _ = self.set_state(name, VmState::Stopped, None);
             self.event(name, "stopped", "VM stopped");
+            return;
+        }
+        let mut reason = live.as_ref().and_then(|l| *lock(&l.reason));
+        for _ in 0..10 {
+            if reason.is_some() || outcome != Outcome::Clean {
+                break;
+            }
+            // The exit event may still be on its way to the control follower.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            reason = live.as_ref().and_then(|l| *lock(&l.reason));
+        }
+        if outcome == Outcome::Clean && reason == Some(ExitReason::Reboot) {
+            // A VMM that runs a restored or migrated VM does not restart in place (it would
+            // load the old state again): the guest's reboot is a fresh boot.
+            let _ = self.set_state(name, VmState::Stopped, None);
+            self.event(name, "rebooted", "the guest rebooted: booting it afresh");
+            tokio::spawn(self.clone().restart_after(
+                name.to_string(),
+                VmState::Stopped,
+                Duration::ZERO,
+            ));
             return;
         }
         let what = match outcome {
@@ -376,6 +435,21 @@ impl Supervisor {
         }
     }
 
+    /// Ends VM `name`'s VMM (caller holds its lock) so that another one can take the VM
+    /// over: a `quit` (which flushes its disks), then SIGKILL; the VM's state and event log
+    /// stay as they are.
+    pub async fn retire_locked(&self, name: &str) -> Result<(), DaemonError> {
+        if let Some(l) = lock(&self.0.live).get_mut(name) {
+            l.replacing = true;
+        }
+        self.stop_locked(name, Duration::ZERO, true).await
+    }
+
+    /// Whether VM `name`'s VMM is one this daemon watches.
+    pub fn watches(&self, name: &str) -> bool {
+        lock(&self.0.live).contains_key(name)
+    }
+
     /// The console's recent output: from the running VMM, or what was kept of the last run.
     pub async fn console_log(&self, name: &str) -> Result<String, DaemonError> {
         if self.pid(name).is_some() {
@@ -494,6 +568,30 @@ async fn wait(how: Watch) -> Outcome {
             // Restarting in place, or not listening yet.
             tokio::time::sleep(Duration::from_millis(20)).await;
         },
+    }
+}
+
+/// Keeps a control connection to a VMM while it runs, to learn why it ends (its `exit`
+/// event).
+async fn follow_control(
+    sup: Supervisor,
+    name: String,
+    pid: u32,
+    reason: Arc<Mutex<Option<ExitReason>>>,
+) {
+    let socket = sup.dir(&name).control();
+    while sup.pid(&name) == Some(pid) {
+        if let Ok(stream) = UnixStream::connect(&socket).await {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(ControlLine::Event(ControlEvent::Exit { reason: r, .. })) =
+                    serde_json::from_str(&line)
+                {
+                    *lock(&reason) = Some(r);
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
