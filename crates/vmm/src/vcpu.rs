@@ -191,6 +191,7 @@ pub fn run_vcpu(mut vcpu: Vcpu, bus: Arc<Buses>, latch: Arc<ExitLatch>, control:
                 bus.mmio.write(addr, data);
             }
             Ok(VmExit::TripleFault) => {
+                report_triple_fault(&vcpu);
                 latch.request(ExitStatus::TripleFault);
                 return;
             }
@@ -221,4 +222,38 @@ pub fn run_vcpu(mut vcpu: Vcpu, bus: Arc<Buses>, latch: Arc<ExitLatch>, control:
             }
         }
     }
+}
+
+/// One line on stderr with where `vcpu` was when the guest triple-faulted, so an operator (or a
+/// lab log) can tell a guest bug from a VMM one without a debugger.
+fn report_triple_fault(vcpu: &Vcpu) {
+    let (Ok(r), Ok(s)) = (vcpu.regs(), vcpu.sregs()) else {
+        eprintln!("ferro-vmm: vCPU {}: triple fault", vcpu.id());
+        return;
+    };
+    // On AMD, KVM answers a shutdown intercept by re-initialising the vCPU (the VMCB is
+    // undefined after one), so what is left to read is the reset state, not the fault's.
+    if r.rip == 0xfff0 && s.cs.selector == 0xf000 {
+        eprintln!(
+            "ferro-vmm: vCPU {}: triple fault (registers not kept by this KVM)",
+            vcpu.id()
+        );
+        return;
+    }
+    eprintln!(
+        "ferro-vmm: vCPU {}: triple fault at rip={:#x} rsp={:#x} rflags={:#x} cs={:#x} \
+         cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} idt={:#x}+{:#x}",
+        vcpu.id(),
+        r.rip,
+        r.rsp,
+        r.rflags,
+        s.cs.selector,
+        s.cr0,
+        s.cr2,
+        s.cr3,
+        s.cr4,
+        s.efer,
+        s.idt.base,
+        s.idt.limit
+    );
 }
