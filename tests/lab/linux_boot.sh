@@ -3,7 +3,8 @@
 # for tests/tests/lab_linux.rs to check.
 boot() {
     name=$1; shift
-    ferro-vmm "$@" > /tmp/console.txt 2> /tmp/stderr.txt
+    # A bound on each boot: a nested guest that hangs fails its case, not the whole lab run.
+    timeout 180 ferro-vmm "$@" > /tmp/console.txt 2> /tmp/stderr.txt
     rc=$?
     probe=$(grep -m1 '^linux-probe:' /tmp/console.txt | tr -d '\r')
     panic=$(grep -c 'Kernel panic' /tmp/console.txt)

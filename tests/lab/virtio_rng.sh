@@ -28,7 +28,7 @@ if ! grep -q G-END /tmp/console.txt; then
 fi
 # A guest that never enables MSI-X: virtio_pci cannot get an interrupt (no INTx here), the
 # device just stays unused, and the VM boots and powers off as usual.
-ferro-vmm --kernel /guest/bzImage $RD --cmdline "console=ttyS0 quiet panic=-1 probe.exit=poweroff pci=nomsi" \
+timeout 180 ferro-vmm --kernel /guest/bzImage $RD --cmdline "console=ttyS0 quiet panic=-1 probe.exit=poweroff pci=nomsi" \
     --cpus 1 --memory 256 --rng > /tmp/nomsi.txt 2>&1
 rc=$?
 echo "nomsi rc=$rc $(tr -d '\r' < /tmp/nomsi.txt | grep -m1 '^linux-probe:')"

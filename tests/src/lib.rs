@@ -333,26 +333,56 @@ pub fn console_line<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
+/// How many times a KVM-lab test runs before its failure counts. The lab is QEMU's software CPU
+/// emulating AMD-V, and its nested SVM is not perfect: about one boot of a 4-vCPU nested Linux
+/// guest in ten ends in a triple fault of an application processor, or a lab CPU stalls for
+/// seconds (RCU stall warnings on the lab console), on a guest and VMM that boot every time on
+/// hardware. A second run keeps that noise out of CI; a failure of ours fails both runs.
+pub const LAB_ATTEMPTS: u32 = 2;
+
 /// Runs `tests/lab/SCRIPT` inside the KVM lab with the `--add SRC:DEST` files `adds`, for at most
-/// `timeout_s` seconds, and returns its console; fails the test (showing the console and the
-/// lab's stderr) unless the lab and the script ended with status 0.
-pub fn run_lab(script: &str, adds: &[String], timeout_s: u32) -> String {
-    let mut cmd = Command::new("bash");
-    cmd.arg(repo().join("lab/lab.sh"))
-        .args(["run", "--timeout", &timeout_s.to_string()]);
-    for a in adds {
-        cmd.args(["--add", a]);
+/// `timeout_s` seconds, and hands its console to `check`, which asserts. The lab and the script
+/// must end with status 0. A failing run is repeated (see [`LAB_ATTEMPTS`]); the last failure
+/// fails the test, showing the console and the lab's stderr.
+pub fn lab_check(script: &str, adds: &[String], timeout_s: u32, check: impl Fn(&str)) {
+    for attempt in 1..=LAB_ATTEMPTS {
+        let mut cmd = Command::new("bash");
+        cmd.arg(repo().join("lab/lab.sh"))
+            .args(["run", "--timeout", &timeout_s.to_string()]);
+        for a in adds {
+            cmd.args(["--add", a]);
+        }
+        let out = cmd
+            .arg(repo().join("tests/lab").join(script))
+            .output()
+            .expect("run lab/lab.sh");
+        let console = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "lab failed: {console}\n{stderr}"
+            );
+            check(&console);
+        }));
+        match result {
+            Ok(()) => {
+                if attempt > 1 {
+                    println!("lab: {script}: passed on attempt {attempt} of {LAB_ATTEMPTS}");
+                }
+                return;
+            }
+            Err(e) if attempt < LAB_ATTEMPTS => {
+                let why = e
+                    .downcast_ref::<String>()
+                    .map(String::as_str)
+                    .or_else(|| e.downcast_ref::<&str>().copied())
+                    .unwrap_or("panic");
+                let first = why.lines().next().unwrap_or_default();
+                println!("lab: {script}: attempt {attempt} failed ({first}); running it again");
+            }
+            Err(e) => std::panic::resume_unwind(e),
+        }
     }
-    let out = cmd
-        .arg(repo().join("tests/lab").join(script))
-        .output()
-        .expect("run lab/lab.sh");
-    let console = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "lab failed: {console}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    console
 }

@@ -7,7 +7,7 @@
 
 use std::process::Command;
 
-use ferro_tests::{build_debian_guest, console_line as line, ferro, lab_available, run_lab, vmm};
+use ferro_tests::{build_debian_guest, console_line as line, ferro, lab_available, lab_check, vmm};
 
 #[test]
 fn daemon_runs_a_debian_vm_from_a_template_inside_the_lab() {
@@ -41,19 +41,20 @@ fn daemon_runs_a_debian_vm_from_a_template_inside_the_lab() {
             debian.join("debian-initrd.cpio.gz").display()
         ),
     ];
-    let console = run_lab("daemon_debian.sh", &adds, 1500);
-    assert!(line(&console, "D-FAIL").is_none(), "{console}");
-    assert!(line(&console, "D-done ").is_some(), "{console}");
-    let addr = line(&console, "D-address ").unwrap_or_default();
-    assert!(addr.starts_with("10.77.0."), "address {addr:?}: {console}");
-    assert!(
-        line(&console, "D-http ").is_some_and(|l| l.starts_with("ferro-guest: ok ")),
-        "{console}"
-    );
-    assert_eq!(line(&console, "D-state "), Some("stopped"), "{console}");
-    assert_eq!(line(&console, "D-base "), Some("unchanged"), "{console}");
-    println!(
-        "ready {} after vm create",
-        line(&console, "D-ready ").unwrap_or("?")
-    );
+    lab_check("daemon_debian.sh", &adds, 1500, |console| {
+        assert!(line(console, "D-FAIL").is_none(), "{console}");
+        assert!(line(console, "D-done ").is_some(), "{console}");
+        let addr = line(console, "D-address ").unwrap_or_default();
+        assert!(addr.starts_with("10.77.0."), "address {addr:?}: {console}");
+        assert!(
+            line(console, "D-http ").is_some_and(|l| l.starts_with("ferro-guest: ok ")),
+            "{console}"
+        );
+        assert_eq!(line(console, "D-state "), Some("stopped"), "{console}");
+        assert_eq!(line(console, "D-base "), Some("unchanged"), "{console}");
+        println!(
+            "ready {} after vm create",
+            line(console, "D-ready ").unwrap_or("?")
+        );
+    });
 }

@@ -6,7 +6,7 @@
 
 use std::process::Command;
 
-use ferro_tests::{build_debian_guest, console_line as line, lab_available, run_lab, vmm};
+use ferro_tests::{build_debian_guest, console_line as line, lab_available, lab_check, vmm};
 
 #[test]
 fn debian_template_boots_from_a_qcow2_overlay_serves_tcp_and_keeps_its_writes() {
@@ -40,36 +40,37 @@ fn debian_template_boots_from_a_qcow2_overlay_serves_tcp_and_keeps_its_writes() 
         ),
         format!("{}:/lab/vm.qcow2", overlay.display()),
     ];
-    let console = run_lab("debian_disk.sh", &adds, 1500);
-    let _ = std::fs::remove_dir_all(&dir);
-    assert!(console.contains("lab-debian-disk: done"), "{console}");
-    assert!(
-        line(&console, "L-READY1 ").is_some(),
-        "no first boot: {console}"
-    );
-    assert_eq!(line(&console, "L-ECHO "), Some("hello-ferro"), "{console}");
-    assert!(
-        line(&console, "L-HTTP ").is_some_and(|l| l.starts_with("ferro-guest: ok ")),
-        "{console}"
-    );
-    assert_eq!(line(&console, "L-PING "), Some("ok"), "{console}");
-    assert_eq!(
-        line(&console, "G-WROTE "),
-        Some("ferro-persist-42"),
-        "{console}"
-    );
-    assert_eq!(line(&console, "L-VMM1 rc="), Some("0"), "{console}");
-    assert!(
-        line(&console, "L-READY2 ").is_some(),
-        "no second boot: {console}"
-    );
-    assert_eq!(
-        line(&console, "G-READ "),
-        Some("ferro-persist-42"),
-        "{console}"
-    );
-    assert_eq!(line(&console, "L-VMM2 rc="), Some("0"), "{console}");
-    let before = line(&console, "L-BASE-MD5-BEFORE ");
-    assert!(before.is_some_and(|m| m.len() == 32), "{console}");
-    assert_eq!(before, line(&console, "L-BASE-MD5-AFTER "), "{console}");
+    lab_check("debian_disk.sh", &adds, 1500, |console| {
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(console.contains("lab-debian-disk: done"), "{console}");
+        assert!(
+            line(console, "L-READY1 ").is_some(),
+            "no first boot: {console}"
+        );
+        assert_eq!(line(console, "L-ECHO "), Some("hello-ferro"), "{console}");
+        assert!(
+            line(console, "L-HTTP ").is_some_and(|l| l.starts_with("ferro-guest: ok ")),
+            "{console}"
+        );
+        assert_eq!(line(console, "L-PING "), Some("ok"), "{console}");
+        assert_eq!(
+            line(console, "G-WROTE "),
+            Some("ferro-persist-42"),
+            "{console}"
+        );
+        assert_eq!(line(console, "L-VMM1 rc="), Some("0"), "{console}");
+        assert!(
+            line(console, "L-READY2 ").is_some(),
+            "no second boot: {console}"
+        );
+        assert_eq!(
+            line(console, "G-READ "),
+            Some("ferro-persist-42"),
+            "{console}"
+        );
+        assert_eq!(line(console, "L-VMM2 rc="), Some("0"), "{console}");
+        let before = line(console, "L-BASE-MD5-BEFORE ");
+        assert!(before.is_some_and(|m| m.len() == 32), "{console}");
+        assert_eq!(before, line(console, "L-BASE-MD5-AFTER "), "{console}");
+    });
 }

@@ -4,9 +4,7 @@
 //! VMM's RSS falls, because inflated pages go back to the host (MADV_DONTNEED). Driven by
 //! `tests/lab/virtio_balloon.sh`.
 
-use std::process::Command;
-
-use ferro_tests::{build_linux_guest, console_line as line, lab_available, repo, vmm};
+use ferro_tests::{build_linux_guest, console_line as line, lab_available, lab_check, vmm};
 
 fn kib(console: &str, prefix: &str) -> u64 {
     line(console, prefix)
@@ -21,29 +19,19 @@ fn linux_balloon_inflation_lowers_the_vmm_rss() {
     }
     build_linux_guest();
     let add = format!("{}:/bin/ferro-vmm", vmm().display());
-    let out = Command::new("bash")
-        .arg(repo().join("lab/lab.sh"))
-        .args(["run", "--timeout", "600", "--add", &add])
-        .arg(repo().join("tests/lab/virtio_balloon.sh"))
-        .output()
-        .expect("run lab/lab.sh");
-    let console = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "lab failed: {console}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(console.contains("lab-virtio-balloon: done"), "{console}");
-    assert_eq!(line(&console, "L-VMM rc="), Some("0"), "{console}");
-    assert_eq!(line(&console, "G-RMMOD "), Some("ok"), "{console}");
-    assert_eq!(line(&console, "G-INSMOD "), Some("ok"), "{console}");
-    let filled = kib(&console, "L-RSS-FILLED ");
-    let inflated = kib(&console, "L-RSS-INFLATED ");
-    // 350 MiB were touched; the balloon takes 384 MiB of 512: measured ~250 MiB given back.
-    assert!(filled > 350 * 1024, "RSS after the fill: {filled} KiB");
-    assert!(
-        filled - inflated > 150 * 1024,
-        "RSS fell from {filled} KiB to only {inflated} KiB"
-    );
+    let adds = [add];
+    lab_check("virtio_balloon.sh", &adds, 600, |console| {
+        assert!(console.contains("lab-virtio-balloon: done"), "{console}");
+        assert_eq!(line(console, "L-VMM rc="), Some("0"), "{console}");
+        assert_eq!(line(console, "G-RMMOD "), Some("ok"), "{console}");
+        assert_eq!(line(console, "G-INSMOD "), Some("ok"), "{console}");
+        let filled = kib(console, "L-RSS-FILLED ");
+        let inflated = kib(console, "L-RSS-INFLATED ");
+        // 350 MiB were touched; the balloon takes 384 MiB of 512: measured ~250 MiB given back.
+        assert!(filled > 350 * 1024, "RSS after the fill: {filled} KiB");
+        assert!(
+            filled - inflated > 150 * 1024,
+            "RSS fell from {filled} KiB to only {inflated} KiB"
+        );
+    });
 }

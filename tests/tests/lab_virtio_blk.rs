@@ -5,9 +5,7 @@
 //! read-only disk refuses writes and its file is unchanged; `qemu-img check` finds the qcow2
 //! clean after every boot.
 
-use std::process::Command;
-
-use ferro_tests::{build_linux_guest, console_line as line, lab_available, repo, vmm};
+use ferro_tests::{build_linux_guest, console_line as line, lab_available, lab_check, vmm};
 
 /// The md5 on a `PREFIX <hash>  -` line.
 fn md5<'a>(console: &'a str, prefix: &str) -> &'a str {
@@ -23,67 +21,56 @@ fn linux_guest_uses_virtio_blk_disks() {
     }
     build_linux_guest();
     let add = format!("{}:/bin/ferro-vmm", vmm().display());
-    let out = Command::new("bash")
-        .arg(repo().join("lab/lab.sh"))
-        .args(["run", "--timeout", "900", "--add", &add])
-        .args(["--add", "/usr/bin/qemu-img:/bin/qemu-img"])
-        .arg(repo().join("tests/lab/virtio_blk.sh"))
-        .output()
-        .expect("run lab/lab.sh");
-    let console = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "lab failed: {console}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(console.contains("lab-virtio-blk: done"), "{console}");
-    for boot in ["write", "read", "read2"] {
+    let adds = [add];
+    lab_check("virtio_blk.sh", &adds, 900, |console| {
+        assert!(console.contains("lab-virtio-blk: done"), "{console}");
+        for boot in ["write", "read", "read2"] {
+            assert_eq!(
+                line(console, &format!("L-{boot} rc=")),
+                Some("0"),
+                "{console}"
+            );
+        }
+        assert_eq!(line(console, "L-kill killed"), Some(""), "{console}");
+        assert!(console.contains("G-END"), "{console}");
+
+        // The disks, in order, with their sizes (sectors), read-only flags and serial.
         assert_eq!(
-            line(&console, &format!("L-{boot} rc=")),
-            Some("0"),
+            line(console, "G-DISK vda "),
+            Some("size=32768 ro=0 serial=FERRO-RAW"),
             "{console}"
         );
-    }
-    assert_eq!(line(&console, "L-kill killed"), Some(""), "{console}");
-    assert!(console.contains("G-END"), "{console}");
+        let vdb = line(console, "G-DISK vdb ").unwrap_or_default();
+        assert!(vdb.starts_with("size=65536 ro=0 serial="), "{console}");
+        let vdc = line(console, "G-DISK vdc ").unwrap_or_default();
+        assert!(vdc.starts_with("size=8192 ro=1 "), "{console}");
 
-    // The disks, in order, with their sizes (sectors), read-only flags and serial.
-    assert_eq!(
-        line(&console, "G-DISK vda "),
-        Some("size=32768 ro=0 serial=FERRO-RAW"),
-        "{console}"
-    );
-    let vdb = line(&console, "G-DISK vdb ").unwrap_or_default();
-    assert!(vdb.starts_with("size=65536 ro=0 serial="), "{console}");
-    let vdc = line(&console, "G-DISK vdc ").unwrap_or_default();
-    assert!(vdc.starts_with("size=8192 ro=1 "), "{console}");
+        // Written, synced, powered off: the next boot reads the same bytes from both disks.
+        assert_eq!(line(console, "G-W-VDA rc="), Some("0"), "{console}");
+        assert_eq!(line(console, "G-W-VDB rc="), Some("0"), "{console}");
+        assert_eq!(line(console, "G-SYNC rc="), Some("0"), "{console}");
+        let pat = md5(console, "G-PAT ");
+        assert_eq!(md5(console, "G-R-VDA "), pat, "raw disk: {console}");
+        assert_eq!(md5(console, "G-R-VDB "), pat, "qcow2 disk: {console}");
 
-    // Written, synced, powered off: the next boot reads the same bytes from both disks.
-    assert_eq!(line(&console, "G-W-VDA rc="), Some("0"), "{console}");
-    assert_eq!(line(&console, "G-W-VDB rc="), Some("0"), "{console}");
-    assert_eq!(line(&console, "G-SYNC rc="), Some("0"), "{console}");
-    let pat = md5(&console, "G-PAT ");
-    assert_eq!(md5(&console, "G-R-VDA "), pat, "raw disk: {console}");
-    assert_eq!(md5(&console, "G-R-VDB "), pat, "qcow2 disk: {console}");
+        // kill -9 right after the guest's sync: nothing the guest synced is lost.
+        assert_eq!(line(console, "G-W2-VDB rc="), Some("0"), "{console}");
+        assert_eq!(
+            md5(console, "G-R2-VDB "),
+            md5(console, "G-PAT2 "),
+            "{console}"
+        );
 
-    // kill -9 right after the guest's sync: nothing the guest synced is lost.
-    assert_eq!(line(&console, "G-W2-VDB rc="), Some("0"), "{console}");
-    assert_eq!(
-        md5(&console, "G-R2-VDB "),
-        md5(&console, "G-PAT2 "),
-        "{console}"
-    );
+        // The read-only disk refused the write; its content and file are unchanged.
+        assert_ne!(line(console, "G-W-VDC rc="), Some("0"), "{console}");
+        let ro = md5(console, "L-RO-BEFORE ");
+        assert_eq!(md5(console, "G-R-VDC-ONLINE "), ro, "{console}");
+        assert_eq!(md5(console, "L-RO-AFTER "), ro, "{console}");
 
-    // The read-only disk refused the write; its content and file are unchanged.
-    assert_ne!(line(&console, "G-W-VDC rc="), Some("0"), "{console}");
-    let ro = md5(&console, "L-RO-BEFORE ");
-    assert_eq!(md5(&console, "G-R-VDC-ONLINE "), ro, "{console}");
-    assert_eq!(md5(&console, "L-RO-AFTER "), ro, "{console}");
-
-    // qemu-img check after every boot, including the killed one.
-    for boot in ["write", "read", "kill", "read2"] {
-        let c = line(&console, &format!("L-{boot} qcow2-check:")).unwrap_or_default();
-        assert!(c.contains("No errors were found"), "{boot}: {c}");
-    }
+        // qemu-img check after every boot, including the killed one.
+        for boot in ["write", "read", "kill", "read2"] {
+            let c = line(console, &format!("L-{boot} qcow2-check:")).unwrap_or_default();
+            assert!(c.contains("No errors were found"), "{boot}: {c}");
+        }
+    });
 }

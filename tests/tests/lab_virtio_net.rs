@@ -5,9 +5,7 @@
 //! guest reports. The balloon is there too, inflated at boot (`--balloon target=32`). Driven by
 //! `tests/lab/virtio_net.sh`.
 
-use std::process::Command;
-
-use ferro_tests::{build_linux_guest, lab_available, repo, vmm};
+use ferro_tests::{build_linux_guest, lab_available, lab_check, vmm};
 
 /// The value after `prefix` on the first console line that contains it.
 fn line<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
@@ -28,63 +26,53 @@ fn linux_guest_serves_tcp_over_virtio_net() {
     }
     build_linux_guest();
     let add = format!("{}:/bin/ferro-vmm", vmm().display());
-    let out = Command::new("bash")
-        .arg(repo().join("lab/lab.sh"))
-        .args(["run", "--timeout", "600", "--add", &add])
-        .arg(repo().join("tests/lab/virtio_net.sh"))
-        .output()
-        .expect("run lab/lab.sh");
-    let console = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "lab failed: {console}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(console.contains("lab-virtio-net: done"), "{console}");
-    assert_eq!(line(&console, "L-VMM rc="), Some("0"), "{console}");
-    assert!(
-        line(&console, "L-TAP ").is_some_and(|t| t.starts_with("ferro")),
-        "{console}"
-    );
-    assert_eq!(line(&console, "L-PING "), Some("ok 3"), "{console}");
-    assert_eq!(
-        line(&console, "L-ECHO "),
-        Some("hello-over-tcp"),
-        "{console}"
-    );
-    let sent = line(&console, "L-MD5 ").expect("host md5");
-    let got = line(&console, "G-MD5 ").expect("guest md5");
-    assert_eq!(got, sent, "4 MiB over TCP arrive intact");
+    let adds = [add];
+    lab_check("virtio_net.sh", &adds, 600, |console| {
+        assert!(console.contains("lab-virtio-net: done"), "{console}");
+        assert_eq!(line(console, "L-VMM rc="), Some("0"), "{console}");
+        assert!(
+            line(console, "L-TAP ").is_some_and(|t| t.starts_with("ferro")),
+            "{console}"
+        );
+        assert_eq!(line(console, "L-PING "), Some("ok 3"), "{console}");
+        assert_eq!(
+            line(console, "L-ECHO "),
+            Some("hello-over-tcp"),
+            "{console}"
+        );
+        let sent = line(console, "L-MD5 ").expect("host md5");
+        let got = line(console, "G-MD5 ").expect("guest md5");
+        assert_eq!(got, sent, "4 MiB over TCP arrive intact");
 
-    // Negotiated features: virtio-net (device 1) and virtio-balloon (device 5).
-    let virtio: Vec<&str> = console
-        .lines()
-        .filter_map(|l| l.split_once("G-VIRTIO ").map(|(_, v)| v))
-        .collect();
-    let net = virtio
-        .iter()
-        .find_map(|l| l.strip_prefix("0x0001 "))
-        .unwrap_or_else(|| panic!("no virtio-net: {virtio:?}"));
-    for (b, name) in [
-        (0, "CSUM"),
-        (1, "GUEST_CSUM"),
-        (5, "MAC"),
-        (7, "GUEST_TSO4"),
-        (11, "HOST_TSO4"),
-        (15, "MRG_RXBUF"),
-        (16, "STATUS"),
-        (29, "EVENT_IDX"),
-        (32, "VERSION_1"),
-    ] {
-        assert!(bit(net, b), "virtio-net {name} negotiated: {net}");
-    }
-    let balloon = virtio
-        .iter()
-        .find_map(|l| l.strip_prefix("0x0005 "))
-        .unwrap_or_else(|| panic!("no virtio-balloon: {virtio:?}"));
-    assert!(
-        bit(balloon, 1) && bit(balloon, 2),
-        "STATS_VQ, DEFLATE_ON_OOM: {balloon}"
-    );
+        // Negotiated features: virtio-net (device 1) and virtio-balloon (device 5).
+        let virtio: Vec<&str> = console
+            .lines()
+            .filter_map(|l| l.split_once("G-VIRTIO ").map(|(_, v)| v))
+            .collect();
+        let net = virtio
+            .iter()
+            .find_map(|l| l.strip_prefix("0x0001 "))
+            .unwrap_or_else(|| panic!("no virtio-net: {virtio:?}"));
+        for (b, name) in [
+            (0, "CSUM"),
+            (1, "GUEST_CSUM"),
+            (5, "MAC"),
+            (7, "GUEST_TSO4"),
+            (11, "HOST_TSO4"),
+            (15, "MRG_RXBUF"),
+            (16, "STATUS"),
+            (29, "EVENT_IDX"),
+            (32, "VERSION_1"),
+        ] {
+            assert!(bit(net, b), "virtio-net {name} negotiated: {net}");
+        }
+        let balloon = virtio
+            .iter()
+            .find_map(|l| l.strip_prefix("0x0005 "))
+            .unwrap_or_else(|| panic!("no virtio-balloon: {virtio:?}"));
+        assert!(
+            bit(balloon, 1) && bit(balloon, 2),
+            "STATS_VQ, DEFLATE_ON_OOM: {balloon}"
+        );
+    });
 }

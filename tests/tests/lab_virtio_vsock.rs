@@ -8,7 +8,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use ferro_tests::{build_linux_guest, console_line as line, lab_available, repo, vmm};
+use ferro_tests::{build_linux_guest, console_line as line, lab_available, lab_check, repo, vmm};
 
 /// Builds vsock-tool (static) and a newc archive holding it as /bin/vsock-tool, in `dir`.
 fn build_tool(dir: &Path) -> Result<(), String> {
@@ -54,47 +54,37 @@ fn linux_guest_talks_vsock_both_ways() {
         dir.join("root/bin/vsock-tool").display()
     );
     let add_cpio = format!("{}:/lab/vs.cpio", dir.join("vs.cpio").display());
-    let out = Command::new("bash")
-        .arg(repo().join("lab/lab.sh"))
-        .args(["run", "--timeout", "600"])
-        .args(["--add", &add_vmm, "--add", &add_tool, "--add", &add_cpio])
-        .arg(repo().join("tests/lab/virtio_vsock.sh"))
-        .output()
-        .expect("run lab/lab.sh");
-    let _ = std::fs::remove_dir_all(&dir);
-    let console = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "lab failed: {console}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(console.contains("lab-virtio-vsock: done"), "{console}");
-    assert_eq!(line(&console, "L-VMM rc="), Some("0"), "{console}");
-    assert!(
-        line(&console, "G-VSOCK-DEV ").is_some_and(|l| l.contains("0x0013")),
-        "{console}"
-    );
-    // Host to guest: OK line, then the guest's echo.
-    assert!(
-        line(&console, "L-VS-OK-LINE ").is_some_and(|l| l.starts_with("OK ")),
-        "{console}"
-    );
-    assert_eq!(
-        line(&console, "L-VS-ECHO "),
-        Some("hello-from-the-lab"),
-        "{console}"
-    );
-    assert_eq!(line(&console, "VS-ECHOED "), Some("18"), "{console}");
-    // Guest to host.
-    assert_eq!(
-        line(&console, "L-VS-SERVED "),
-        Some("hello-from-the-guest"),
-        "{console}"
-    );
-    assert_eq!(
-        line(&console, "VS-REPLY "),
-        Some("re:hello-from-the-guest"),
-        "{console}"
-    );
+    let dir_keep = dir.clone();
+    let adds = [add_vmm, add_tool, add_cpio];
+    lab_check("virtio_vsock.sh", &adds, 600, |console| {
+        assert!(console.contains("lab-virtio-vsock: done"), "{console}");
+        assert_eq!(line(console, "L-VMM rc="), Some("0"), "{console}");
+        assert!(
+            line(console, "G-VSOCK-DEV ").is_some_and(|l| l.contains("0x0013")),
+            "{console}"
+        );
+        // Host to guest: OK line, then the guest's echo.
+        assert!(
+            line(console, "L-VS-OK-LINE ").is_some_and(|l| l.starts_with("OK ")),
+            "{console}"
+        );
+        assert_eq!(
+            line(console, "L-VS-ECHO "),
+            Some("hello-from-the-lab"),
+            "{console}"
+        );
+        assert_eq!(line(console, "VS-ECHOED "), Some("18"), "{console}");
+        // Guest to host.
+        assert_eq!(
+            line(console, "L-VS-SERVED "),
+            Some("hello-from-the-guest"),
+            "{console}"
+        );
+        assert_eq!(
+            line(console, "VS-REPLY "),
+            Some("re:hello-from-the-guest"),
+            "{console}"
+        );
+    });
+    let _ = std::fs::remove_dir_all(&dir_keep);
 }
