@@ -127,6 +127,24 @@ struct Active {
     irq: Arc<dyn Interrupt>,
 }
 
+/// A RARP "reverse request" from `mac` to everyone, behind a zeroed virtio-net header: the frame
+/// QEMU's announce-self sends after a migration, so bridges learn the port of `mac`.
+pub fn rarp_announce(mac: [u8; 6]) -> [u8; VNET_HDR_LEN + 60] {
+    let mut f = [0u8; VNET_HDR_LEN + 60];
+    let e = &mut f[VNET_HDR_LEN..];
+    e[0..6].fill(0xff);
+    e[6..12].copy_from_slice(&mac);
+    e[12..14].copy_from_slice(&0x8035u16.to_be_bytes()); // RARP
+    e[14..16].copy_from_slice(&1u16.to_be_bytes()); // hardware: Ethernet
+    e[16..18].copy_from_slice(&0x0800u16.to_be_bytes()); // protocol: IPv4
+    e[18] = 6;
+    e[19] = 4;
+    e[20..22].copy_from_slice(&3u16.to_be_bytes()); // reverse request
+    e[22..28].copy_from_slice(&mac); // sender hardware address; sender IP 0
+    e[32..38].copy_from_slice(&mac); // target hardware address; target IP 0
+    f
+}
+
 /// Epoll tokens of the device's own set.
 const TOKEN_BACKEND: u64 = 0;
 const TOKEN_WAKE: u64 = 1;
@@ -570,6 +588,11 @@ impl VirtioDevice for Net {
         let DeviceState::Net(s) = state else {
             return Err(DeviceError::Restore("not a virtio-net state".into()));
         };
+        // A restored guest may be on another host or another bridge port than where it was
+        // saved: tell the network where its MAC is now, or switches keep sending its frames to
+        // the old port until the guest happens to transmit. Best effort, like QEMU's
+        // announce-self: a backend that refuses the frame changes nothing.
+        let _ = self.backend.send(&rarp_announce(self.mac));
         if let Some(a) = self.active.as_mut() {
             for (q, saved) in [(&mut a.rx, s.rx), (&mut a.tx, s.tx)] {
                 if let Some(saved) = saved {

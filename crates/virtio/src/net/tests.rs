@@ -363,3 +363,20 @@ fn state_round_trips() {
     assert_eq!(back, s);
     t.net.restore(&back).unwrap();
 }
+
+#[test]
+fn a_restored_nic_announces_its_mac() {
+    let mut t = setup();
+    let s = t.net.save();
+    t.net.restore(&s).unwrap();
+    let mut buf = [0u8; 2048];
+    let n = t.host.recv(&mut buf).expect("a frame on the backend");
+    assert_eq!(n, VNET_HDR_LEN + 60);
+    let e = &buf[VNET_HDR_LEN..n];
+    assert_eq!(&e[0..6], &[0xff; 6], "to everyone");
+    assert_eq!(&e[6..12], &MAC, "from the guest's MAC");
+    assert_eq!(&e[12..14], &[0x80, 0x35], "RARP");
+    assert_eq!(&e[20..22], &[0, 3], "reverse request");
+    assert_eq!(&e[22..28], &MAC);
+    assert_eq!(&e[32..38], &MAC);
+}
