@@ -17,6 +17,8 @@ pub enum Sut {
     HostThreads,
     /// Per round, the better of `Host` and `HostThreads` (the disk targets' reference).
     HostBest,
+    /// The host's loopback TCP (the migration rows' bandwidth reference).
+    Loopback,
 }
 
 impl Sut {
@@ -29,6 +31,7 @@ impl Sut {
             Sut::Host => "host, fio io_uring",
             Sut::HostThreads => "host, 16 O_DIRECT threads",
             Sut::HostBest => "host, the better of fio and threads",
+            Sut::Loopback => "host, loopback TCP",
         }
     }
 }
@@ -58,6 +61,34 @@ pub enum Metric {
     NetTxFps60,
     NetRxFps60,
     NetTxSeen,
+    MigTotal,
+    MigGap,
+    MigDowntime,
+    MigBytes,
+    MigCopyRatio,
+    MigRounds,
+    MigDirtyRate,
+    MigFullTotal,
+    MigFullGap,
+    MigFullDowntime,
+    MigFullBytes,
+    MigFullCopyRatio,
+    MigFullRounds,
+    MigFullDirtyRate,
+    MigDirtyTotal,
+    MigDirtyGap,
+    MigDirtyDowntime,
+    MigDirtyBytes,
+    MigDirtyCopyRatio,
+    MigDirtyRounds,
+    MigDirtyDirtyRate,
+    SnapSize,
+    SnapSave,
+    SnapRestore,
+    SnapFullSize,
+    SnapFullSave,
+    SnapFullRestore,
+    LoopbackBw,
 }
 
 impl Metric {
@@ -85,12 +116,67 @@ impl Metric {
             Metric::NetTxFps60 => "net: guest→host frames/s, 60 B",
             Metric::NetRxFps60 => "net: host→guest frames/s, 60 B",
             Metric::NetTxSeen => "net: guest→host frames the host's socket saw, 1514 B",
+            Metric::MigTotal => "migration, idle guest: total time",
+            Metric::MigGap => "migration, idle guest: downtime, guest side (largest gap)",
+            Metric::MigDowntime => "migration, idle guest: downtime the VMM reports",
+            Metric::MigBytes => "migration, idle guest: bytes sent",
+            Metric::MigCopyRatio => {
+                "migration, idle guest: total time / (memory ÷ loopback bandwidth)"
+            }
+            Metric::MigRounds => "migration, idle guest: copy rounds",
+            Metric::MigDirtyRate => "migration, idle guest: guest's dirtying rate",
+            Metric::MigFullTotal => "migration, populated guest: total time",
+            Metric::MigFullGap => "migration, populated guest: downtime, guest side (largest gap)",
+            Metric::MigFullDowntime => "migration, populated guest: downtime the VMM reports",
+            Metric::MigFullBytes => "migration, populated guest: bytes sent",
+            Metric::MigFullCopyRatio => {
+                "migration, populated guest: total time / (memory ÷ loopback bandwidth)"
+            }
+            Metric::MigFullRounds => "migration, populated guest: copy rounds",
+            Metric::MigFullDirtyRate => "migration, populated guest: guest's dirtying rate",
+            Metric::MigDirtyTotal => "migration, dirtying guest: total time",
+            Metric::MigDirtyGap => "migration, dirtying guest: downtime, guest side (largest gap)",
+            Metric::MigDirtyDowntime => "migration, dirtying guest: downtime the VMM reports",
+            Metric::MigDirtyBytes => "migration, dirtying guest: bytes sent",
+            Metric::MigDirtyCopyRatio => {
+                "migration, dirtying guest: total time / (memory ÷ loopback bandwidth)"
+            }
+            Metric::MigDirtyRounds => "migration, dirtying guest: copy rounds",
+            Metric::MigDirtyDirtyRate => "migration, dirtying guest: guest's dirtying rate",
+            Metric::SnapSize => "snapshot, idle guest: size on disk",
+            Metric::SnapSave => "snapshot, idle guest: save time (pause, write, resume)",
+            Metric::SnapRestore => {
+                "snapshot, idle guest: restore, spawn to the guest's next output"
+            }
+            Metric::SnapFullSize => "snapshot, populated guest: size on disk",
+            Metric::SnapFullSave => "snapshot, populated guest: save time (pause, write, resume)",
+            Metric::SnapFullRestore => {
+                "snapshot, populated guest: restore, spawn to the guest's next output"
+            }
+            Metric::LoopbackBw => "loopback TCP bandwidth (one connection)",
         }
     }
 
     pub fn unit(self) -> &'static str {
         match self {
-            Metric::MaxRss | Metric::RssNoGuest | Metric::GuestRss => "MiB",
+            Metric::MaxRss
+            | Metric::RssNoGuest
+            | Metric::GuestRss
+            | Metric::MigBytes
+            | Metric::MigDirtyBytes
+            | Metric::MigFullBytes
+            | Metric::SnapSize
+            | Metric::SnapFullSize => "MiB",
+            Metric::MigDirtyRate
+            | Metric::MigFullDirtyRate
+            | Metric::MigDirtyDirtyRate
+            | Metric::LoopbackBw => "MiB/s",
+            Metric::MigCopyRatio
+            | Metric::MigDirtyCopyRatio
+            | Metric::MigFullCopyRatio
+            | Metric::MigFullRounds
+            | Metric::MigRounds
+            | Metric::MigDirtyRounds => "",
             Metric::Pio
             | Metric::PioKernel
             | Metric::NetTxFps

@@ -10,6 +10,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 mod acpi;
+mod beat;
 mod boot;
 mod count;
 mod cpu;
@@ -257,6 +258,8 @@ extern "sysv64" fn kmain(start_info: u32) -> ! {
             .map(|r| r.0);
         count::run(ticks, region);
     }
+
+    beat::run(si.cmdline, &free_ram(&si));
 
     devices::run(si.cmdline, &si, acpi.ecam, acpi.dsdt.0, &free_ram(&si));
 
