@@ -22,6 +22,9 @@ pub enum VmState {
     Paused,
     /// The VMM died unexpectedly and the restart policy did not (or no longer) restart it.
     Crashed,
+    /// On a migration's destination: a `ferro-vmm --incoming` waits for or receives the VM;
+    /// the source's daemon makes it running when the migration completed (or removes it).
+    Incoming,
 }
 
 impl VmState {
@@ -33,6 +36,9 @@ impl VmState {
     /// | running | stop, power-off | reboot (in place) | pause | VMM died |
     /// | paused | stop | resume | | VMM died |
     /// | crashed | stop (acknowledge) | start, restart policy | | |
+    /// | incoming | | migration completed | migration completed | |
+    ///
+    /// An incoming VM whose migration fails is removed, not moved to another state.
     pub fn can_become(self, next: VmState) -> bool {
         use VmState::*;
         matches!(
@@ -41,12 +47,13 @@ impl VmState {
                 | (Running, Stopped | Running | Paused | Crashed)
                 | (Paused, Stopped | Running | Crashed)
                 | (Crashed, Stopped | Running)
+                | (Incoming, Running | Paused)
         )
     }
 
     /// Whether a VMM process exists in this state.
     pub fn has_vmm(self) -> bool {
-        matches!(self, VmState::Running | VmState::Paused)
+        matches!(self, VmState::Running | VmState::Paused | VmState::Incoming)
     }
 
     /// The lowercase name used on the wire.
@@ -56,14 +63,21 @@ impl VmState {
             VmState::Running => "running",
             VmState::Paused => "paused",
             VmState::Crashed => "crashed",
+            VmState::Incoming => "incoming",
         }
     }
 
     /// Parses [`Self::as_str`]'s output.
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Stopped, Self::Running, Self::Paused, Self::Crashed]
-            .into_iter()
-            .find(|v| v.as_str() == s)
+        [
+            Self::Stopped,
+            Self::Running,
+            Self::Paused,
+            Self::Crashed,
+            Self::Incoming,
+        ]
+        .into_iter()
+        .find(|v| v.as_str() == s)
     }
 }
 
@@ -336,6 +350,74 @@ pub struct Operation {
     pub started_ms: u64,
 }
 
+/// `POST /v1/vms/{name}/migrate`: live-migrate a running VM to another daemon (its disks must
+/// be at the same paths there: shared storage). Answers 202 with an operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateVm {
+    /// The destination daemon's API, `http://HOST:PORT` (it listens on TCP; this daemon sends
+    /// its peer token). The VM's memory goes to HOST too.
+    pub to: String,
+    /// The longest pause of the guest to aim for, ms (default: the VMM's, 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Copy rounds before the guest is paused anyway (default: the VMM's, 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rounds: Option<u32>,
+}
+
+/// `POST /v1/migrations/incoming` (daemon to daemon): define VM `name` in state `incoming`
+/// and start a `ferro-vmm --incoming` for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingVm {
+    /// The VM's name (must be free here).
+    pub name: String,
+    /// Its definition on the source (`ferro-vmm --config`'s fields); kernel, initrd and disks
+    /// must be at the same paths here.
+    #[schema(value_type = Object)]
+    pub config: crate::VmConfig,
+    /// Its restart policy.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// The address the incoming VMM listens on (the host the source reached this daemon at;
+    /// default 0.0.0.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The source daemon, for the event log.
+    #[serde(default)]
+    pub from: String,
+}
+
+/// The answer to [`IncomingVm`]: where the source's VMM sends the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct IncomingMigration {
+    /// The VM.
+    pub vm: String,
+    /// `HOST:PORT` the incoming VMM listens on.
+    pub address: String,
+}
+
+/// What a migration did: the result of a `vm_migrate` operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct MigrationResult {
+    /// The VM (now the destination's).
+    pub vm: String,
+    /// The destination daemon.
+    pub to: String,
+    /// Copy rounds, the stop-and-copy round included.
+    pub rounds: u32,
+    /// Bytes the VMM sent.
+    pub bytes: u64,
+    /// The VMM's migration time, ms.
+    pub total_ms: u64,
+    /// How long the guest was paused (pause to the destination's ACK), ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// The whole operation on the source daemon (the destination's set-up included), ms.
+    pub daemon_ms: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -350,7 +432,9 @@ mod tests {
         assert!(!Paused.can_become(Paused));
         assert!(Crashed.can_become(Running));
         assert!(!Crashed.can_become(Paused));
-        for s in [Stopped, Running, Paused, Crashed] {
+        assert!(Incoming.can_become(Running) && !Incoming.can_become(Stopped));
+        assert!(Incoming.has_vmm());
+        for s in [Stopped, Running, Paused, Crashed, Incoming] {
             assert_eq!(VmState::parse(s.as_str()), Some(s));
         }
     }

@@ -6,6 +6,7 @@
 mod client;
 #[allow(unsafe_code)] // termios raw mode
 mod console;
+mod migrate;
 mod output;
 mod progress;
 mod snapshot;
@@ -60,6 +61,10 @@ enum Cmd {
         /// The bridge's address/prefix; the rest of the subnet is the VMs' address pool.
         #[arg(long, default_value = ferro_daemon::net::DEFAULT_BRIDGE_ADDR)]
         bridge_address: String,
+        /// A file holding the bearer token sent to other daemons (migrations; default: the
+        /// --token-file).
+        #[arg(long)]
+        peer_token_file: Option<PathBuf>,
     },
     /// Virtual machines.
     #[command(subcommand)]
@@ -229,6 +234,8 @@ enum VmCmd {
     Snapshot(snapshot::SnapshotArgs),
     /// Run a stopped VM from a memory snapshot: its guest carries on where it was saved.
     Restore(snapshot::RestoreArgs),
+    /// Live-migrate a running VM to another daemon (disks on shared storage).
+    Migrate(migrate::MigrateArgs),
     /// Clone a stopped VM: a full copy, or with --linked qcow2 overlays (the source's disks
     /// become read-only bases under overlays of its own).
     Clone {
@@ -267,7 +274,7 @@ fn daemon(
     data_dir: PathBuf,
     listen: Option<Listen>,
     vmm: Option<PathBuf>,
-    token_file: Option<PathBuf>,
+    (token_file, peer_token_file): (Option<PathBuf>, Option<PathBuf>),
     net: ferro_daemon::net::NetSettings,
 ) -> Result<()> {
     let vmm = match vmm {
@@ -285,6 +292,7 @@ fn daemon(
         data_dir,
         listen,
         token_file,
+        peer_token_file,
         vmm,
         net,
     }))?;
@@ -425,6 +433,7 @@ async fn vm(cli: &Cli, c: &Client, cmd: &VmCmd) -> Result<()> {
         }
         VmCmd::Snapshot(a) => snapshot::run(c, a, json).await,
         VmCmd::Restore(a) => snapshot::restore(c, a, json).await,
+        VmCmd::Migrate(a) => migrate::run(c, a, json).await,
         VmCmd::Events { name } => output::events(&c.events(name).await?, json),
         VmCmd::Log { name } => {
             print!("{}", c.log(name).await?);
@@ -481,10 +490,17 @@ fn run(cli: Cli) -> Result<()> {
             vmm,
             bridge,
             bridge_address,
+            peer_token_file,
         } => {
             let net = ferro_daemon::net::NetSettings::new(&bridge, &bridge_address)
                 .map_err(|e| anyhow::anyhow!("--bridge/--bridge-address: {e}"))?;
-            daemon(data_dir, listen, vmm, cli.token_file, net)
+            daemon(
+                data_dir,
+                listen,
+                vmm,
+                (cli.token_file, peer_token_file),
+                net,
+            )
         }
         Cmd::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "ferro", &mut std::io::stdout());

@@ -9,6 +9,7 @@ pub mod clone;
 pub mod error;
 pub mod images;
 pub mod memsnap;
+pub mod migrate;
 pub mod net;
 pub mod operations;
 pub mod ops;
@@ -72,6 +73,9 @@ pub struct DaemonConfig {
     pub listen: Option<Listen>,
     /// A file holding the bearer token TCP clients must send.
     pub token_file: Option<PathBuf>,
+    /// A file holding the bearer token this daemon sends to other daemons (migrations);
+    /// default: `token_file`.
+    pub peer_token_file: Option<PathBuf>,
     /// The `ferro-vmm` binary.
     pub vmm: PathBuf,
     /// The bridge of the VMs' NICs and its subnet.
@@ -81,18 +85,17 @@ pub struct DaemonConfig {
 /// Runs the daemon until SIGTERM or SIGINT. The VMMs keep running after it ends.
 pub async fn run(cfg: DaemonConfig) -> Result<(), DaemonError> {
     let sup = Supervisor::open(&cfg.data_dir, cfg.vmm.clone(), cfg.net.clone()).await?;
-    let token = match &cfg.token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .map_err(DaemonError::io(format!(
-                    "cannot read token file {}",
-                    p.display()
-                )))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
+    let read = |p: &Path| {
+        std::fs::read_to_string(p)
+            .map(|t| t.trim().to_string())
+            .map_err(DaemonError::io(format!(
+                "cannot read token file {}",
+                p.display()
+            )))
     };
+    let token = cfg.token_file.as_deref().map(read).transpose()?;
+    let peer = cfg.peer_token_file.as_deref().map(read).transpose()?;
+    sup.set_peer_token(peer.or_else(|| token.clone()));
     let listen = cfg
         .listen
         .clone()

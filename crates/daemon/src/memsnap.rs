@@ -230,7 +230,7 @@ pub async fn create(
 ) -> Result<Snapshot, DaemonError> {
     let _guard = sup.vm_lock(vm).await;
     let rec = sup.store(|s| s.get(vm))?;
-    if !rec.state.has_vmm() || !sup.watches(vm) {
+    if !matches!(rec.state, VmState::Running | VmState::Paused) || !sup.watches(vm) {
         return Err(DaemonError::InvalidState(format!(
             "VM '{vm}' is {}: a memory snapshot needs it running or paused (a stopped VM's disks are snapshotted without --memory)",
             rec.state.as_str()

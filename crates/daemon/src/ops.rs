@@ -74,7 +74,7 @@ fn check_file(what: &str, path: &std::path::Path) -> Result<(), DaemonError> {
 }
 
 /// Checks what a VMM would refuse, before anything is stored.
-fn check_config(cfg: &VmConfig) -> Result<(), DaemonError> {
+pub(crate) fn check_config(cfg: &VmConfig) -> Result<(), DaemonError> {
     cfg.validate().map_err(|e| {
         DaemonError::BadRequest(
             e.to_string()

@@ -90,6 +90,20 @@ pub struct Started {
     pub pid: u32,
     /// Its start time (see [`start_time`]).
     pub start: u64,
+    /// For [`Boot::Incoming`]: the `HOST:PORT` it listens on.
+    pub listening: Option<String>,
+}
+
+/// The line `ferro-vmm --incoming` prints first on stderr.
+const LISTENING: &str = "ferro-vmm: incoming listening on ";
+
+/// The address in the VMM log's `incoming listening on` line written after `from`.
+fn listening(log: &Path, from: u64) -> Option<String> {
+    let text = std::fs::read(log).ok()?;
+    let tail = String::from_utf8_lossy(text.get(usize::try_from(from).ok()?..)?).into_owned();
+    tail.lines()
+        .find_map(|l| l.strip_prefix(LISTENING))
+        .map(|a| a.trim().to_string())
 }
 
 /// How a VMM gets its guest.
@@ -100,6 +114,9 @@ pub enum Boot<'a> {
     /// Runs the VM saved in a snapshot directory (`--restore DIR`). A guest reboot ends the
     /// VMM (exit 0, reason reboot): restarting in place would restore the snapshot again.
     Restore(&'a Path),
+    /// Waits for a migrating VM on `tcp:HOST:0` (`--incoming`); the real address is in
+    /// [`Started::listening`]. A guest reboot ends the VMM, as with `Restore`.
+    Incoming(&'a str),
 }
 
 /// Writes the VMM's config and starts `vmm` on it, detached; returns once it answers on its
@@ -127,6 +144,8 @@ pub async fn spawn(
         .try_clone()
         .map_err(DaemonError::io("cannot open the VMM log"))?;
     let log_len = log.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut serial = std::ffi::OsString::from("socket:");
+    serial.push(dir.console());
     let mut cmd = Command::new(vmm);
     match boot {
         Boot::Fresh => {
@@ -135,9 +154,15 @@ pub async fn spawn(
                 .args(["--on-reboot", "restart"]);
         }
         Boot::Restore(from) => {
-            let mut serial = std::ffi::OsString::from("socket:");
-            serial.push(dir.console());
             cmd.arg("--restore").arg(from).arg("--serial").arg(serial);
+        }
+        Boot::Incoming(host) => {
+            let at = if host.contains(':') {
+                format!("tcp:[{host}]:0")
+            } else {
+                format!("tcp:{host}:0")
+            };
+            cmd.arg("--incoming").arg(at).arg("--serial").arg(serial);
         }
     }
     cmd.arg("--control")
@@ -180,11 +205,22 @@ pub async fn spawn(
                 "the VMM failed to start ({status}): {tail}"
             )));
         }
-        if request(&dir.control(), &ControlRequest::Status)
-            .await
-            .is_ok()
-        {
-            return Ok(Started { child, pid, start });
+        // Raw JSON: an incoming VMM's status has fields and states of its own.
+        let up = request_value(
+            &dir.control(),
+            &serde_json::json!({"cmd": "status"}),
+            Duration::from_secs(10),
+        )
+        .await
+        .is_ok();
+        let listening = listening(&dir.log(), log_len);
+        if up && (listening.is_some() || !matches!(boot, Boot::Incoming(_))) {
+            return Ok(Started {
+                child,
+                pid,
+                start,
+                listening,
+            });
         }
         if t.elapsed() > START_TIMEOUT {
             let _ = child.start_kill();
@@ -194,6 +230,50 @@ pub async fn spawn(
             )));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Sends one control request given as JSON (for requests and answers the daemon does not
+/// type: `migrate`, a migration's status) and returns the `ok` answer as JSON; an `error`
+/// answer is [`DaemonError::InvalidState`] with the VMM's message. Waits up to `limit` for it.
+pub async fn request_value(
+    socket: &Path,
+    req: &serde_json::Value,
+    limit: Duration,
+) -> Result<serde_json::Value, DaemonError> {
+    let fail = |e: std::io::Error| DaemonError::Vmm(format!("control socket: {e}"));
+    let stream = tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(socket))
+        .await
+        .map_err(|_| DaemonError::Vmm("control socket: timed out".into()))?
+        .map_err(fail)?;
+    let mut stream = BufReader::new(stream);
+    let mut line = serde_json::to_vec(req).map_err(|e| DaemonError::Vmm(e.to_string()))?;
+    line.push(b'\n');
+    stream.get_mut().write_all(&line).await.map_err(fail)?;
+    let mut text = String::new();
+    loop {
+        text.clear();
+        let n = tokio::time::timeout(limit, stream.read_line(&mut text))
+            .await
+            .map_err(|_| DaemonError::Vmm("control socket: no answer".into()))?
+            .map_err(fail)?;
+        if n == 0 {
+            return Err(DaemonError::Vmm("the VMM closed its control socket".into()));
+        }
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| DaemonError::Vmm(format!("control socket: {e}")))?;
+        match v["result"].as_str() {
+            Some("ok") => return Ok(v),
+            Some(_) => {
+                return Err(DaemonError::InvalidState(
+                    v["message"]
+                        .as_str()
+                        .unwrap_or("the VMM refused")
+                        .to_string(),
+                ))
+            }
+            None => continue, // an event
+        }
     }
 }
 

@@ -89,6 +89,7 @@ pub struct ApiDoc;
 pub fn openapi_json() -> String {
     let mut doc = ApiDoc::openapi();
     doc.merge(crate::snapshots::SnapshotDoc::openapi());
+    doc.merge(crate::migrate::MigrateDoc::openapi());
     doc.info.version = "1".to_string();
     doc.info.license = None;
     doc.to_pretty_json().unwrap_or_default() + "\n"
@@ -126,6 +127,7 @@ pub fn router(sup: Supervisor) -> Router {
             axum::routing::delete(delete_template),
         )
         .merge(crate::snapshots::router())
+        .merge(crate::migrate::router())
         .fallback(|m: axum::http::Method, uri: axum::http::Uri| async move {
             error_response(
                 StatusCode::NOT_FOUND,

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use ferro_api::control::{ControlEvent, ControlLine, ControlRequest, ExitReason, VmmRunState};
+use ferro_api::control::{ControlEvent, ControlLine, ControlRequest, VmmRunState};
 use ferro_api::rest::{RestartPolicy, VmState};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::net::UnixStream;
@@ -39,8 +39,11 @@ struct Live {
     console: Arc<Mutex<VecDeque<u8>>>,
     /// The daemon's taps of its NICs, checked gone when it ends.
     taps: Vec<String>,
-    /// Why it ended, from the `exit` event on its control socket.
-    reason: Arc<Mutex<Option<ExitReason>>>,
+    /// Being migrated away: an exit with reason `migrated` is the migration's end, not a
+    /// power-off.
+    migrating: bool,
+    /// Why it ended: the `reason` of the `exit` event on its control socket.
+    reason: Arc<Mutex<Option<String>>>,
 }
 
 /// How the watcher learns that a VMM ended.
@@ -64,6 +67,8 @@ pub(crate) struct Inner {
     live: Mutex<HashMap<String, Live>>,
     history: Mutex<HashMap<String, History>>,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The bearer token sent to other daemons.
+    peer_token: Mutex<Option<String>>,
 }
 
 /// The supervisor; cheap to clone.
@@ -95,9 +100,20 @@ impl Supervisor {
             live: Mutex::new(HashMap::new()),
             history: Mutex::new(HashMap::new()),
             locks: Mutex::new(HashMap::new()),
+            peer_token: Mutex::new(None),
         }));
         sup.adopt_all().await?;
         Ok(sup)
+    }
+
+    /// Sets the bearer token sent to other daemons.
+    pub fn set_peer_token(&self, token: Option<String>) {
+        *lock(&self.0.peer_token) = token;
+    }
+
+    /// The bearer token sent to other daemons.
+    pub fn peer_token(&self) -> Option<String> {
+        lock(&self.0.peer_token).clone()
     }
 
     /// Runs `f` on the store.
@@ -234,6 +250,7 @@ impl Supervisor {
                 console: console.clone(),
                 taps,
                 reason: reason.clone(),
+                migrating: false,
             },
         );
         tokio::spawn(follow_console(self.clone(), name.to_string(), pid, console));
@@ -257,32 +274,40 @@ impl Supervisor {
             }
         };
         let stopping = live.as_ref().is_some_and(|l| l.stopping);
+        let why = || live.as_ref().and_then(|l| lock(&l.reason).clone());
+        let mut reason = why();
+        for _ in 0..10 {
+            if live.is_none() || reason.is_some() || outcome != Outcome::Clean {
+                break;
+            }
+            // The exit event may still be on its way to the control follower.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            reason = why();
+        }
         if let Some(l) = &live {
             let text: Vec<u8> = lock(&l.console).iter().copied().collect();
             let _ = std::fs::write(self.dir(name).console_log(), text);
             net::release_taps(&l.taps).await;
-            if l.replacing {
+            let migrated = l.migrating && reason.as_deref() == Some("migrated");
+            if l.replacing || migrated {
                 return;
             }
         }
         let Ok(rec) = self.store(|s| s.get(name)) else {
             return; // deleted
         };
+        if rec.state == VmState::Incoming {
+            // Its incoming VMM ended before the migration completed: the VM never came here.
+            let _ = self.store(|s| s.transaction(|tx| crate::store::delete_vm(tx, name)));
+            let _ = std::fs::remove_dir_all(self.dir(name).0);
+            return;
+        }
         if stopping {
             let _ = self.set_state(name, VmState::Stopped, None);
             self.event(name, "stopped", "VM stopped");
             return;
         }
-        let mut reason = live.as_ref().and_then(|l| *lock(&l.reason));
-        for _ in 0..10 {
-            if reason.is_some() || outcome != Outcome::Clean {
-                break;
-            }
-            // The exit event may still be on its way to the control follower.
-            tokio::time::sleep(Duration::from_millis(10)).await;
-            reason = live.as_ref().and_then(|l| *lock(&l.reason));
-        }
-        if outcome == Outcome::Clean && reason == Some(ExitReason::Reboot) {
+        if outcome == Outcome::Clean && reason.as_deref() == Some("reboot") {
             // A VMM that runs a restored or migrated VM does not restart in place (it would
             // load the old state again): the guest's reboot is a fresh boot.
             let _ = self.set_state(name, VmState::Stopped, None);
@@ -445,6 +470,54 @@ impl Supervisor {
         self.stop_locked(name, Duration::ZERO, true).await
     }
 
+    /// Marks VM `name`'s VMM as being migrated away (or no longer).
+    pub fn set_migrating(&self, name: &str, on: bool) {
+        if let Some(l) = lock(&self.0.live).get_mut(name) {
+            l.migrating = on;
+        }
+    }
+
+    /// Waits up to `limit` for VM `name`'s VMM (the one watched now) to end; false if it
+    /// did not.
+    pub async fn wait_ended(&self, name: &str, limit: Duration) -> bool {
+        let rx = lock(&self.0.live).get(name).map(|l| l.exited.clone());
+        match rx {
+            None => true,
+            Some(mut rx) => tokio::time::timeout(limit, rx.wait_for(|e| *e))
+                .await
+                .is_ok(),
+        }
+    }
+
+    /// Starts a `ferro-vmm --incoming` for `rec` (already stored in state `incoming`; the
+    /// caller holds its lock) on `host`, and watches it; returns the `HOST:PORT` it listens
+    /// on.
+    pub async fn launch_incoming(&self, rec: &VmRecord, host: &str) -> Result<String, DaemonError> {
+        let dir = self.dir(&rec.name);
+        let config = net::runtime_config(&self.0.net, &rec.config, &[]);
+        let rows = self.store(|s| net::rows(s.conn(), &rec.name))?;
+        if rows.iter().any(|r| r.tap.is_some()) {
+            // The VM's taps (the source's names) go on this host's bridge.
+            net::ensure_bridge(&self.0.net).await?;
+        }
+        let started =
+            process::spawn(&self.0.vmm, &dir, &config, process::Boot::Incoming(host)).await?;
+        let Some(addr) = started.listening.clone() else {
+            let mut child = started.child;
+            let _ = child.start_kill();
+            return Err(DaemonError::Vmm("the incoming VMM named no address".into()));
+        };
+        let pid = (started.pid, started.start);
+        self.set_state(&rec.name, VmState::Incoming, Some(pid))?;
+        self.event(
+            &rec.name,
+            "incoming",
+            &format!("VMM pid {} waits for the VM on {addr}", started.pid),
+        );
+        self.watch(&rec.name, Watch::Child(started.child), pid, Vec::new());
+        Ok(addr)
+    }
+
     /// Whether VM `name`'s VMM is one this daemon watches.
     pub fn watches(&self, name: &str) -> bool {
         lock(&self.0.live).contains_key(name)
@@ -474,6 +547,16 @@ impl Supervisor {
     async fn adopt_all(&self) -> Result<(), DaemonError> {
         let recs = self.store(|s| s.list())?;
         for rec in recs.into_iter().filter(|r| r.state.has_vmm()) {
+            if rec.state == VmState::Incoming {
+                // A migration this daemon took part in before its restart: void (the source
+                // sees it fail and keeps the VM).
+                if let Some((pid, start)) = rec.pid {
+                    process::kill(pid, start);
+                }
+                self.store(|s| s.transaction(|tx| crate::store::delete_vm(tx, &rec.name)))?;
+                let _ = std::fs::remove_dir_all(self.dir(&rec.name).0);
+                continue;
+            }
             let control = self.dir(&rec.name).control();
             let adopted = match rec.pid {
                 Some((pid, start)) if is_alive(pid, start) => {
@@ -577,17 +660,17 @@ async fn follow_control(
     sup: Supervisor,
     name: String,
     pid: u32,
-    reason: Arc<Mutex<Option<ExitReason>>>,
+    reason: Arc<Mutex<Option<String>>>,
 ) {
     let socket = sup.dir(&name).control();
     while sup.pid(&name) == Some(pid) {
         if let Ok(stream) = UnixStream::connect(&socket).await {
             let mut lines = BufReader::new(stream).lines();
             while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(ControlLine::Event(ControlEvent::Exit { reason: r, .. })) =
-                    serde_json::from_str(&line)
-                {
-                    *lock(&reason) = Some(r);
+                // Untyped: a newer VMM may name reasons this daemon's types do not know.
+                let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                if v["event"] == "exit" {
+                    *lock(&reason) = v["reason"].as_str().map(str::to_string);
                 }
             }
         }
