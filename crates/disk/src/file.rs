@@ -8,10 +8,45 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{name, DiskError};
+use crate::iovec::{self, IoVec};
 
-/// Alignment of buffer address, length and offset for the O_DIRECT descriptor. 4 KiB covers
-/// both 512-byte and 4K-sector devices; smaller or unaligned requests use the buffered one.
+/// Alignment of buffer address, length and offset for the O_DIRECT descriptor when the
+/// kernel does not say (statx STATX_DIOALIGN, Linux 6.1): 4 KiB covers both 512-byte and
+/// 4K-sector devices. Smaller or unaligned requests use the buffered descriptor.
 const DIRECT_ALIGN: usize = 4096;
+
+/// What O_DIRECT on `f` asks of buffer addresses, lengths and offsets: the larger of the
+/// memory and offset alignments statx reports, else [`DIRECT_ALIGN`].
+#[allow(unsafe_code)]
+fn dio_align(f: &File) -> usize {
+    use std::os::fd::AsRawFd;
+    // SAFETY: statx is plain old data; all zeros is a valid value.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: the descriptor is open for the call, the path is a NUL-terminated empty string
+    // (AT_EMPTY_PATH: the descriptor itself), and `st` is a writable statx the kernel fills.
+    let rc = unsafe {
+        libc::statx(
+            f.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut st,
+        )
+    };
+    let (mem, off) = (
+        st.stx_dio_mem_align as usize,
+        st.stx_dio_offset_align as usize,
+    );
+    if rc != 0 || st.stx_mask & libc::STATX_DIOALIGN == 0 || mem == 0 || off == 0 {
+        return DIRECT_ALIGN;
+    }
+    let a = mem.max(off);
+    if a.is_power_of_two() && a <= DIRECT_ALIGN {
+        a
+    } else {
+        DIRECT_ALIGN
+    }
+}
 
 /// A host file. Reads and writes at an offset, from any thread, without a lock.
 #[derive(Debug)]
@@ -22,6 +57,8 @@ pub(crate) struct DiskFile {
     direct: Option<File>,
     /// Cleared when the kernel refuses an O_DIRECT transfer we thought aligned.
     direct_ok: AtomicBool,
+    /// What O_DIRECT asks of addresses, lengths and offsets (a power of two).
+    align: usize,
     readonly: bool,
     dev: u64,
     ino: u64,
@@ -59,9 +96,11 @@ impl DiskFile {
         } else {
             None
         };
+        let align = direct.as_ref().map_or(DIRECT_ALIGN, dio_align);
         Ok(Self {
             name,
             file,
+            align,
             direct_ok: AtomicBool::new(direct.is_some()),
             direct,
             readonly,
@@ -139,9 +178,9 @@ impl DiskFile {
     }
 
     fn direct_for(&self, ptr: usize, len: usize, offset: u64) -> Option<&File> {
-        let aligned = ptr.is_multiple_of(DIRECT_ALIGN)
-            && len.is_multiple_of(DIRECT_ALIGN)
-            && offset.is_multiple_of(DIRECT_ALIGN as u64);
+        let aligned = ptr.is_multiple_of(self.align)
+            && len.is_multiple_of(self.align)
+            && offset.is_multiple_of(self.align as u64);
         if aligned && self.direct_ok.load(Ordering::Relaxed) {
             self.direct.as_ref()
         } else {
@@ -173,6 +212,63 @@ impl DiskFile {
             }
         }
         Ok(done)
+    }
+
+    /// Whether an O_DIRECT descriptor is in use.
+    fn direct_on(&self) -> bool {
+        self.direct.is_some() && self.direct_ok.load(Ordering::Relaxed)
+    }
+
+    /// The O_DIRECT descriptor when every piece of `iov` and `offset` meet its alignment.
+    fn direct_vectored(&self, iov: &[IoVec], offset: u64) -> Option<&File> {
+        let a = self.align;
+        let aligned = offset.is_multiple_of(a as u64)
+            && iov
+                .iter()
+                .all(|v| v.addr().is_multiple_of(a) && v.len().is_multiple_of(a));
+        if aligned && self.direct_on() {
+            self.direct.as_ref()
+        } else {
+            None
+        }
+    }
+
+    /// Reads into `iov` from `offset` without a copy: `preadv` on the O_DIRECT descriptor
+    /// when `iov` meets its alignment, on the buffered one when there is no O_DIRECT one. The
+    /// part past the end of the file reads as zeros. `Ok(false)`: O_DIRECT is on but `iov`
+    /// cannot take it; the caller bounces through an aligned buffer instead.
+    pub(crate) fn readv_zero_fill(&self, iov: &[IoVec], offset: u64) -> Result<bool, DiskError> {
+        let file = match self.direct_vectored(iov, offset) {
+            Some(d) => d,
+            None if self.direct_on() => return Ok(false),
+            None => &self.file,
+        };
+        match iovec::transfer(file, iov, offset, false) {
+            Ok(n) => {
+                iovec::zero_from(iov, n as usize);
+                Ok(true)
+            }
+            // An alignment the kernel refuses after all: the aligned bounce buffer does it.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(e) => Err(self.io("read", e)),
+        }
+    }
+
+    /// Writes `iov` at `offset` without a copy; see [`DiskFile::readv_zero_fill`].
+    pub(crate) fn writev_all(&self, iov: &[IoVec], offset: u64) -> Result<bool, DiskError> {
+        if self.readonly {
+            return Err(self.readonly_error());
+        }
+        let file = match self.direct_vectored(iov, offset) {
+            Some(d) => d,
+            None if self.direct_on() => return Ok(false),
+            None => &self.file,
+        };
+        match iovec::transfer(file, iov, offset, true) {
+            Ok(_) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+            Err(e) => Err(self.io("write", e)),
+        }
     }
 
     /// Reads `buf.len()` bytes; the part past the end of the file reads as zeros.

@@ -9,6 +9,7 @@
 
 mod error;
 mod file;
+mod iovec;
 mod qcow2;
 mod raw;
 
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use error::name;
 pub use error::DiskError;
 use file::DiskFile;
+pub use iovec::{bounce_read, bounce_write, IoVec, BOUNCE};
 use qcow2::header::{self, Header};
 
 /// Backing files below the top image that [`open`] and [`info`] follow before giving up.
@@ -62,6 +64,18 @@ pub trait BlockBackend: Send + Sync {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> Result<(), DiskError>;
     /// Writes `buf` at `offset`; durable after the next [`BlockBackend::flush`].
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError>;
+    /// Fills the memory `iov` describes, in order, from `offset`: a read straight into the
+    /// caller's memory (a guest's RAM), as [`BlockBackend::read_at`] otherwise behaves. The
+    /// default copies through a per-thread bounce buffer ([`bounce_read`]); raw images do a
+    /// `preadv` into `iov` itself when the file's alignment allows.
+    fn read_vectored(&self, iov: &[IoVec], offset: u64) -> Result<(), DiskError> {
+        bounce_read(self, iov, offset)
+    }
+    /// Writes the memory `iov` describes, in order, at `offset` (see
+    /// [`BlockBackend::read_vectored`]); the default bounces ([`bounce_write`]).
+    fn write_vectored(&self, iov: &[IoVec], offset: u64) -> Result<(), DiskError> {
+        bounce_write(self, iov, offset)
+    }
     /// Makes every completed write durable, data and metadata.
     fn flush(&self) -> Result<(), DiskError>;
     /// Hints that a range is unused; its contents are unspecified afterwards.

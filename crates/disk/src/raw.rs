@@ -2,6 +2,7 @@
 
 use crate::error::DiskError;
 use crate::file::DiskFile;
+use crate::iovec::{bounce_read, bounce_write, total, IoVec};
 use crate::{check_range, BlockBackend};
 
 /// A raw image file or block device.
@@ -39,6 +40,22 @@ impl BlockBackend for Raw {
     fn write_at(&self, buf: &[u8], offset: u64) -> Result<(), DiskError> {
         self.check_write(offset, buf.len() as u64)?;
         self.file.write_all(buf, offset)
+    }
+
+    fn read_vectored(&self, iov: &[IoVec], offset: u64) -> Result<(), DiskError> {
+        check_range(self.file.name(), offset, total(iov), self.size)?;
+        if self.file.readv_zero_fill(iov, offset)? {
+            return Ok(());
+        }
+        bounce_read(self, iov, offset)
+    }
+
+    fn write_vectored(&self, iov: &[IoVec], offset: u64) -> Result<(), DiskError> {
+        self.check_write(offset, total(iov))?;
+        if self.file.writev_all(iov, offset)? {
+            return Ok(());
+        }
+        bounce_write(self, iov, offset)
     }
 
     fn flush(&self) -> Result<(), DiskError> {

@@ -16,8 +16,8 @@
 //! request types and unnegotiated commands (`VIRTIO_BLK_S_UNSUPP`). A chain without a
 //! writable last byte has nowhere to put a status: it is completed with a used length of 0.
 
-use ferro_disk::BlockBackend;
-use vm_memory::{Bytes, GuestAddress};
+use ferro_disk::{BlockBackend, IoVec};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::chain::Segment;
 use crate::GuestMemory;
@@ -295,35 +295,50 @@ pub fn parse(mem: &GuestMemory, segs: &[Segment], lim: &Limits) -> Result<Reques
     })
 }
 
-/// A buffer for disk I/O, 4 KiB-aligned so O_DIRECT can take it, allocated once per worker.
-pub struct IoBuf {
-    raw: Vec<u8>,
-    start: usize,
-}
-
-/// Alignment of [`IoBuf`] (O_DIRECT's).
-const ALIGN: usize = 4096;
-/// Bytes of [`IoBuf`]: the most one disk call moves.
+/// Most bytes one run of merged requests may move with one disk call.
 pub const CHUNK: usize = 512 * 1024;
 
-impl IoBuf {
-    /// A new buffer of [`CHUNK`] bytes.
-    pub fn new() -> Self {
-        let raw = vec![0u8; CHUNK + ALIGN];
-        let start = raw.as_ptr().align_offset(ALIGN).min(ALIGN);
-        Self { raw, start }
+/// Appends to `out` the host memory of `len` bytes of the stream formed by `segs`, from stream
+/// offset `skip`: the iovecs a disk call reads into or writes from, without a copy. False when
+/// the stream is shorter or memory refuses ([`crate::walk_chain`] already checked every
+/// segment is guest memory, so this means an I/O error).
+#[allow(unsafe_code)]
+pub(crate) fn host_iovecs<'a>(
+    mem: &GuestMemory,
+    segs: impl Iterator<Item = &'a Segment>,
+    mut skip: u64,
+    len: u64,
+    out: &mut Vec<IoVec>,
+) -> bool {
+    let mut left = len;
+    for s in segs {
+        if left == 0 {
+            break;
+        }
+        let l = u64::from(s.len);
+        if skip >= l {
+            skip -= l;
+            continue;
+        }
+        let n = (l - skip).min(left);
+        // A buffer may span two regions of guest memory: one iovec per piece.
+        for piece in GuestMemoryBackend::get_slices(mem, GuestAddress(s.addr.0 + skip), n as usize)
+        {
+            let Ok(v) = piece else {
+                return false;
+            };
+            // SAFETY: `v` lies inside one region of `mem`, an mmap that stays mapped (read and
+            // write) for as long as `mem` exists: guest RAM is never unmapped while the VM
+            // runs, and the caller holds `mem` for the whole disk call that uses these iovecs.
+            // The guest may read or write the same memory meanwhile; that only makes the bytes
+            // racy (its own doing), since the disk passes iovecs to the kernel or copies with
+            // raw pointers, and nothing here holds a reference to guest memory during the call.
+            out.push(unsafe { IoVec::new(v.ptr_guard_mut().as_ptr(), v.len()) });
+        }
+        left -= n;
+        skip = 0;
     }
-
-    /// The first `n` bytes (at most [`CHUNK`]).
-    fn get(&mut self, n: usize) -> &mut [u8] {
-        &mut self.raw[self.start..self.start + n.min(CHUNK)]
-    }
-}
-
-impl Default for IoBuf {
-    fn default() -> Self {
-        Self::new()
-    }
+    left == 0
 }
 
 /// What executing a request produced.
@@ -344,9 +359,9 @@ pub fn execute(
     disk: &dyn BlockBackend,
     id: &[u8; ID_BYTES],
     writethrough: bool,
-    buf: &mut IoBuf,
+    iov: &mut Vec<IoVec>,
 ) -> Outcome {
-    let status = run(mem, segs, req, disk, id, writethrough, buf);
+    let status = run(mem, segs, req, disk, id, writethrough, iov);
     let data = match req.op {
         Op::Read | Op::GetId if status == status::OK => req.len,
         _ => 0,
@@ -380,57 +395,52 @@ pub fn runs_together(parts: &[(&[Segment], &Request)]) -> bool {
     total <= CHUNK as u64
 }
 
-/// Runs contiguous requests of one kind (see [`runs_together`]) with one disk call and writes
-/// every status byte; pushes each request's outcome, in order, to `out`. Parts that cannot run
-/// together, or a write whose data cannot all be gathered, run one by one through [`execute`].
+/// Runs contiguous requests of one kind (see [`runs_together`]) with one vectored disk call
+/// straight into (or from) guest memory and writes every status byte; pushes each request's
+/// outcome, in order, to `out`. Parts that cannot run together, or whose buffers cannot all
+/// be mapped, run one by one through [`execute`].
 pub fn execute_run(
     mem: &GuestMemory,
     parts: &[(&[Segment], &Request)],
     disk: &dyn BlockBackend,
     id: &[u8; ID_BYTES],
     writethrough: bool,
-    buf: &mut IoBuf,
+    iov: &mut Vec<IoVec>,
     out: &mut Vec<Outcome>,
 ) {
-    let one_by_one = |buf: &mut IoBuf, out: &mut Vec<Outcome>| {
+    let one_by_one = |iov: &mut Vec<IoVec>, out: &mut Vec<Outcome>| {
         for (segs, req) in parts {
-            out.push(execute(mem, segs, req, disk, id, writethrough, buf));
+            out.push(execute(mem, segs, req, disk, id, writethrough, iov));
         }
     };
     if !runs_together(parts) {
-        return one_by_one(buf, out);
+        return one_by_one(iov, out);
     }
     let (op, base) = (parts[0].1.op, parts[0].1.sector.saturating_mul(SECTOR));
-    let total: usize = parts.iter().map(|(_, r)| r.len as usize).sum();
-    let b = buf.get(total);
-    let ok = if op == Op::Read {
-        disk.read_at(b, base).is_ok()
-    } else {
-        let mut at = 0usize;
-        for (segs, req) in parts {
-            let n = req.len as usize;
-            if !gather(mem, readable(segs), u64::from(HEADER), &mut b[at..at + n]) {
-                return one_by_one(buf, out);
-            }
-            at += n;
-        }
-        disk.write_at(b, base).is_ok() && (!writethrough || disk.flush().is_ok())
-    };
-    let mut at = 0usize;
+    iov.clear();
     for (segs, req) in parts {
-        let n = req.len as usize;
-        let done = ok && (op == Op::Write || scatter(mem, writable(segs), 0, &b[at..at + n]));
-        at += n;
-        let status = if done { status::OK } else { status::IOERR };
+        let len = u64::from(req.len);
+        let mapped = if op == Op::Read {
+            host_iovecs(mem, writable(segs), 0, len, iov)
+        } else {
+            host_iovecs(mem, readable(segs), u64::from(HEADER), len, iov)
+        };
+        if !mapped {
+            return one_by_one(iov, out);
+        }
+    }
+    let ok = if op == Op::Read {
+        disk.read_vectored(iov, base).is_ok()
+    } else {
+        disk.write_vectored(iov, base).is_ok() && (!writethrough || disk.flush().is_ok())
+    };
+    for (_, req) in parts {
+        let status = if ok { status::OK } else { status::IOERR };
         // The status address was checked by walk_chain; a failure here is not reportable.
         let _ = mem.write_obj(status, req.status);
         out.push(Outcome {
             status,
-            written: if done && op == Op::Read {
-                req.len + 1
-            } else {
-                1
-            },
+            written: if ok && op == Op::Read { req.len + 1 } else { 1 },
         });
     }
 }
@@ -463,34 +473,26 @@ fn run(
     disk: &dyn BlockBackend,
     id: &[u8; ID_BYTES],
     writethrough: bool,
-    buf: &mut IoBuf,
+    iov: &mut Vec<IoVec>,
 ) -> u8 {
     let base = req.sector.saturating_mul(SECTOR);
     let len = u64::from(req.len);
     match req.op {
         Op::Read => {
-            let mut done = 0u64;
-            while done < len {
-                let n = (len - done).min(CHUNK as u64) as usize;
-                let b = buf.get(n);
-                if disk.read_at(b, base + done).is_err() || !scatter(mem, writable(segs), done, b) {
-                    return status::IOERR;
-                }
-                done += n as u64;
+            iov.clear();
+            if !host_iovecs(mem, writable(segs), 0, len, iov)
+                || disk.read_vectored(iov, base).is_err()
+            {
+                return status::IOERR;
             }
             status::OK
         }
         Op::Write => {
-            let mut done = 0u64;
-            while done < len {
-                let n = (len - done).min(CHUNK as u64) as usize;
-                let b = buf.get(n);
-                if !gather(mem, readable(segs), u64::from(HEADER) + done, b)
-                    || disk.write_at(b, base + done).is_err()
-                {
-                    return status::IOERR;
-                }
-                done += n as u64;
+            iov.clear();
+            if !host_iovecs(mem, readable(segs), u64::from(HEADER), len, iov)
+                || disk.write_vectored(iov, base).is_err()
+            {
+                return status::IOERR;
             }
             if writethrough && disk.flush().is_err() {
                 return status::IOERR;

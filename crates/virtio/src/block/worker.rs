@@ -16,11 +16,11 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use ferro_disk::BlockBackend;
+use ferro_disk::{BlockBackend, IoVec};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
 
-use super::request::{execute, execute_run, IoBuf, Op, Outcome, Request, CHUNK, ID_BYTES};
+use super::request::{execute, execute_run, Op, Outcome, Request, CHUNK, ID_BYTES};
 use crate::chain::Segment;
 use crate::{GuestMemory, Interrupt};
 
@@ -29,7 +29,7 @@ pub const MAX_BATCH: usize = 16;
 /// A completion is held back only after a request that took less than this (page-cache
 /// speed): holding back after a slow one would delay its interrupt by another slow one.
 pub const HOLD_IF_FASTER: Duration = Duration::from_micros(50);
-/// Stack of a worker thread (the I/O buffer is on the heap).
+/// Stack of a worker thread (a bounce buffer, when a backend needs one, is on the heap).
 const STACK: usize = 128 * 1024;
 /// VRING_AVAIL_F_NO_INTERRUPT.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -291,7 +291,7 @@ fn next(s: &Shared, wait: bool) -> Option<Job> {
 }
 
 fn work(s: &Shared) {
-    let mut buf = IoBuf::new();
+    let mut iov: Vec<IoVec> = Vec::with_capacity(64);
     let mut outs: Vec<Outcome> = Vec::new();
     // Completions whose interrupt decision is still to be made, and their activation.
     let mut held: Option<(Arc<Ctx>, usize)> = None;
@@ -332,7 +332,7 @@ fn work(s: &Shared) {
                 c.disk.as_ref(),
                 &c.id,
                 c.writethrough,
-                &mut buf,
+                &mut iov,
             );
             last = t.elapsed();
             let mut q = lock(&c.queue);
@@ -348,7 +348,7 @@ fn work(s: &Shared) {
                 c.disk.as_ref(),
                 &c.id,
                 c.writethrough,
-                &mut buf,
+                &mut iov,
                 &mut outs,
             );
             last = t.elapsed();
