@@ -22,6 +22,20 @@ pub fn create(vm: &Vm, mib: u64) -> Result<(GuestMemory, RamLayout), VmmError> {
         mib,
         reason: e.to_string(),
     })?;
+    // Transparent huge pages where the host offers them (THP in "madvise" mode), as QEMU asks
+    // for its guest RAM: O_DIRECT disk I/O straight into guest memory pins far fewer pages,
+    // and the guest takes fewer TLB misses. A refusal (THP off) only costs that speed.
+    for region in mem.iter() {
+        // SAFETY: advice on this region's own anonymous mapping, which `mem` owns; it changes
+        // only how the kernel backs the pages, never their contents or the mapping.
+        unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            )
+        };
+    }
     register(vm, &mem, mib)?;
     Ok((mem, layout))
 }
