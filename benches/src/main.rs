@@ -31,6 +31,8 @@ const HALT_CMDLINE: &str = "exit=halt smp=off";
 #[derive(Debug, Clone)]
 pub struct Args {
     pub runs: usize,
+    /// Whether --runs was given (the migrate section has its own default otherwise).
+    pub runs_given: bool,
     pub lab_runs: Option<usize>,
     pub only: Option<String>,
     pub build: bool,
@@ -41,7 +43,7 @@ pub struct Args {
 }
 
 const USAGE: &str =
-    "usage: ferro-bench [--runs N (7)] [--only vmm|lab|virtio|daemon|migrate] [--no-build] [--pio N (200000)]
+    "usage: ferro-bench [--runs N (7; migrate 5)] [--only vmm|lab|virtio|daemon|migrate] [--no-build] [--pio N (200000)]
                    [--timeout SECS (30)] [--lab-runs N (= --runs)] [--out PATH] [--repo DIR]
 Runs ferro-vmm and its comparators alternately, N measured runs each after one warm-up, and
 rewrites docs/benchmarks.md with the medians.";
@@ -49,6 +51,7 @@ rewrites docs/benchmarks.md with the medians.";
 fn parse_args(argv: &[String]) -> Result<Args> {
     let mut a = Args {
         runs: 7,
+        runs_given: false,
         lab_runs: None,
         only: None,
         build: true,
@@ -73,7 +76,10 @@ fn parse_args(argv: &[String]) -> Result<Args> {
             }
         };
         match flag.as_str() {
-            "--runs" => a.runs = val()?.parse().context("--runs: not a number")?,
+            "--runs" => {
+                a.runs = val()?.parse().context("--runs: not a number")?;
+                a.runs_given = true;
+            }
             "--lab-runs" => a.lab_runs = Some(val()?.parse().context("--lab-runs: not a number")?),
             "--only" => {
                 let v = val()?;
@@ -959,7 +965,12 @@ fn real_main() -> Result<()> {
                 env.probe.display()
             );
         }
-        let outcome = migrate::run(&env, args.runs, args.timeout, &mut r);
+        let runs = if args.runs_given {
+            args.runs
+        } else {
+            migrate::DEFAULT_RUNS
+        };
+        let outcome = migrate::run(&env, runs, args.timeout, &mut r);
         Some(report::section(
             "migrate",
             &migrate::section(&r, &outcome, &date, &head),
@@ -1043,9 +1054,11 @@ mod tests {
     fn arguments() {
         let a = args(&[]).unwrap();
         assert_eq!(a.runs, 7);
+        assert!(!a.runs_given);
         assert!(a.build && a.only.is_none());
         let a = args(&["--runs", "3", "--only=lab", "--no-build", "--pio", "1000"]).unwrap();
         assert_eq!(a.runs, 3);
+        assert!(a.runs_given);
         assert_eq!(a.only.as_deref(), Some("lab"));
         assert!(!a.build);
         assert_eq!(a.pio, 1000);

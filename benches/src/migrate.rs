@@ -26,6 +26,8 @@ use crate::report::{self, Metric, Results, Row, Sut};
 use crate::stats::Target;
 use crate::Env;
 
+/// Rounds when --runs is not given (each round starts 20 VMs and moves 448 MiB four times).
+pub const DEFAULT_RUNS: usize = 5;
 /// Guest memory, MiB.
 pub const MEM_MIB: u64 = 512;
 /// The downtime both VMMs are asked to aim for, ms.
@@ -62,7 +64,7 @@ impl Kind {
         }
     }
 
-    fn metrics(self) -> &'static [Metric; 7] {
+    fn metrics(self) -> &'static [Metric; 8] {
         match self {
             Kind::Idle => &IDLE,
             Kind::Full => &FULL,
@@ -275,13 +277,14 @@ fn beats(text: &str) -> Vec<u64> {
         .collect()
 }
 
-/// `dirtied=` of the `hb=` lines in `text`: (seq, pages).
-fn dirtied(text: &str) -> Vec<(u64, u64)> {
+/// `dirtied=` and `clock=` of the `hb=` lines in `text`: (pages, guest ns).
+fn dirtied(text: &str) -> Vec<(f64, f64)> {
     text.lines()
+        .filter(|l| l.starts_with("hb="))
         .filter_map(|l| {
-            let seq = crate::parse::kv_num(l, "hb")?;
             let d = crate::parse::kv_num(l, "dirtied")?;
-            Some((seq as u64, d as u64))
+            let ns = crate::parse::kv_num(l, "clock")?;
+            Some((d, ns))
         })
         .collect()
 }
@@ -469,12 +472,16 @@ fn qemu_args(env: &Env, cmdline: &str, qmp: &Path, incoming: Option<&str>) -> Ve
 struct Migration {
     total_ms: f64,
     guest_gap_ms: f64,
+    /// From the last console byte of the source to the first of the destination.
+    switch_ms: f64,
     vmm_downtime_ms: Option<f64>,
     bytes: f64,
     rounds: Option<f64>,
     /// Guest's dirtying rate around the migration, MiB/s (dirtying guest only).
     dirty_mibs: Option<f64>,
     note: Option<String>,
+    /// More of the VMM's own figures, for the log.
+    detail: String,
 }
 
 /// The guest-side figures of a migration from the two consoles: the largest gap after
@@ -487,17 +494,20 @@ fn guest_side(src: &Vm, dst: &Vm, from: Instant, m: &mut Migration) -> Result<()
         .context("no console output from the destination")?;
     let times: Vec<Instant> = s.iter().chain(d.iter()).map(|c| c.0).collect();
     m.guest_gap_ms = largest_gap(&times, from, until).map(ms).unwrap_or(0.0);
+    if let (Some(last), Some(first)) = (s.last(), d.first()) {
+        m.switch_ms = ms(first.0.saturating_duration_since(last.0));
+    }
     let text = src.stdout() + &dst.stdout();
     let seq = beats(&text);
     if let Some((a, b)) = beat_break(&seq) {
         m.note = Some(format!("the beats jump from {a} to {b}"));
     }
-    // Pages per second of beats (1 ms each) from before the migration to after it.
+    // Pages per second of the guest's clock from before the migration to after it.
     let d = dirtied(&text);
     if let (Some(first), Some(last)) = (d.first(), d.last()) {
-        if last.0 > first.0 {
-            let secs = (last.0 - first.0) as f64 * BEAT_US as f64 / 1e6;
-            m.dirty_mibs = Some((last.1 - first.1) as f64 * 4096.0 / secs / (1 << 20) as f64);
+        if last.1 > first.1 {
+            let secs = (last.1 - first.1) / 1e9;
+            m.dirty_mibs = Some((last.0 - first.0) * 4096.0 / secs / (1 << 20) as f64);
         }
     }
     Ok(())
@@ -526,6 +536,11 @@ fn migrate_ferro(env: &Env, dir: &Path, kind: Kind, limit: Duration) -> Result<M
         rounds: num("rounds"),
         ..Default::default()
     };
+    m.detail = format!(
+        "final dirty pages {:?}, bandwidth {:?} MiB/s",
+        num("final_dirty_pages"),
+        num("bandwidth_bps").map(|b| (b / (1 << 20) as f64).round())
+    );
     match src.wait_exit(Duration::from_secs(10)) {
         Some(0) => {}
         other => bail!(
@@ -540,6 +555,16 @@ fn migrate_ferro(env: &Env, dir: &Path, kind: Kind, limit: Duration) -> Result<M
         Duration::from_secs(20),
     )?;
     guest_side(&src, &dst, from, &mut m)?;
+    if let Some(built) = dst
+        .stderr()
+        .lines()
+        .find_map(|l| l.split("(built in ").nth(1))
+    {
+        m.detail.push_str(&format!(
+            ", destination built in {}",
+            built.trim_end_matches(')')
+        ));
+    }
     Ok(m)
 }
 
@@ -585,6 +610,11 @@ fn migrate_qemu(
             .as_f64()
             .context("no ram.transferred")?,
         rounds: v["ram"]["dirty-sync-count"].as_f64(),
+        detail: format!(
+            "setup {:?} ms, {:?} MB/s",
+            v["setup-time"].as_f64(),
+            v["ram"]["mbps"].as_f64().map(|b| (b / 8.0).round())
+        ),
         ..Default::default()
     };
     let _ = sqmp.cmd("quit", json!({}));
@@ -743,7 +773,7 @@ fn loopback_mibs() -> Result<f64> {
 
 /// Metrics of the idle and dirtying migration rows, in that order:
 /// total, guest gap, VMM downtime, bytes, copy ratio, rounds, guest dirtying rate.
-const IDLE: [Metric; 7] = [
+const IDLE: [Metric; 8] = [
     Metric::MigTotal,
     Metric::MigGap,
     Metric::MigDowntime,
@@ -751,8 +781,9 @@ const IDLE: [Metric; 7] = [
     Metric::MigCopyRatio,
     Metric::MigRounds,
     Metric::MigDirtyRate,
+    Metric::MigSwitch,
 ];
-const FULL: [Metric; 7] = [
+const FULL: [Metric; 8] = [
     Metric::MigFullTotal,
     Metric::MigFullGap,
     Metric::MigFullDowntime,
@@ -760,8 +791,9 @@ const FULL: [Metric; 7] = [
     Metric::MigFullCopyRatio,
     Metric::MigFullRounds,
     Metric::MigFullDirtyRate,
+    Metric::MigFullSwitch,
 ];
-const DIRTY: [Metric; 7] = [
+const DIRTY: [Metric; 8] = [
     Metric::MigDirtyTotal,
     Metric::MigDirtyGap,
     Metric::MigDirtyDowntime,
@@ -769,6 +801,7 @@ const DIRTY: [Metric; 7] = [
     Metric::MigDirtyCopyRatio,
     Metric::MigDirtyRounds,
     Metric::MigDirtyDirtyRate,
+    Metric::MigDirtySwitch,
 ];
 const SNAP: [Metric; 3] = [Metric::SnapSize, Metric::SnapSave, Metric::SnapRestore];
 const SNAP_FULL: [Metric; 3] = [
@@ -795,7 +828,7 @@ fn ferro_has_incoming(env: &Env) -> bool {
 
 fn record_migration(
     r: &mut Results,
-    metrics: &[Metric; 7],
+    metrics: &[Metric; 8],
     sut: Sut,
     round: usize,
     m: &Migration,
@@ -803,6 +836,7 @@ fn record_migration(
 ) {
     r.add(metrics[0], sut, round, m.total_ms);
     r.add(metrics[1], sut, round, m.guest_gap_ms);
+    r.add(metrics[7], sut, round, m.switch_ms);
     if let Some(d) = m.vmm_downtime_ms {
         r.add(metrics[2], sut, round, d);
     }
@@ -890,14 +924,17 @@ pub fn run(env: &Env, runs: usize, timeout: Duration, r: &mut Results) -> Migrat
                     Ok(m) => {
                         log(format!(
                             "{tag} {kind} migration {}: total {:.0} ms, guest gap {:.1} ms, \
-                             VMM downtime {:?} ms, {:.1} MiB, rounds {:?}, dirtying {:?} MiB/s{}",
+                             switch-over {:.1} ms, VMM downtime {:?} ms, {:.1} MiB, rounds {:?}, dirtying {:?} MiB/s, \
+                             {}{}",
                             sut.label(),
                             m.total_ms,
                             m.guest_gap_ms,
+                            m.switch_ms,
                             m.vmm_downtime_ms,
                             m.bytes / (1 << 20) as f64,
                             m.rounds,
                             m.dirty_mibs.map(|d| d.round()),
+                            m.detail,
                             m.note
                                 .as_deref()
                                 .map(|n| format!(" ({n})"))
@@ -979,15 +1016,17 @@ pub fn run(env: &Env, runs: usize, timeout: Duration, r: &mut Results) -> Migrat
     o
 }
 
-const ROWS: [Row; 25] = [
+const ROWS: [Row; 28] = [
     Row::new(Metric::MigTotal, Sut::Microvm, Target::Info),
     Row::new(Metric::MigGap, Sut::Microvm, Target::ValueAtMost(50.0)),
+    Row::new(Metric::MigSwitch, Sut::Microvm, Target::Info),
     Row::new(Metric::MigDowntime, Sut::Microvm, Target::Info),
     Row::new(Metric::MigBytes, Sut::Microvm, Target::Info),
     Row::new(Metric::MigCopyRatio, Sut::Microvm, Target::ValueAtMost(1.5)),
     Row::new(Metric::MigRounds, Sut::Microvm, Target::Info),
     Row::new(Metric::MigFullTotal, Sut::Microvm, Target::Info),
     Row::new(Metric::MigFullGap, Sut::Microvm, Target::Info),
+    Row::new(Metric::MigFullSwitch, Sut::Microvm, Target::Info),
     Row::new(Metric::MigFullDowntime, Sut::Microvm, Target::Info),
     Row::new(Metric::MigFullBytes, Sut::Microvm, Target::Info),
     Row::new(
@@ -998,6 +1037,7 @@ const ROWS: [Row; 25] = [
     Row::new(Metric::MigFullRounds, Sut::Microvm, Target::Info),
     Row::new(Metric::MigDirtyTotal, Sut::Microvm, Target::Info),
     Row::new(Metric::MigDirtyGap, Sut::Microvm, Target::Info),
+    Row::new(Metric::MigDirtySwitch, Sut::Microvm, Target::Info),
     Row::new(Metric::MigDirtyDowntime, Sut::Microvm, Target::Info),
     Row::new(Metric::MigDirtyBytes, Sut::Microvm, Target::Info),
     Row::new(
@@ -1049,13 +1089,21 @@ pub fn section(r: &Results, o: &MigrateOutcome, date: &str, head: &str) -> Strin
          downtime, rounds and bytes are the figures of the answer (`status.migration`). QEMU: \
          destination `-incoming tcp:127.0.0.1:PORT`, source QMP `migrate-set-parameters` \
          (`downtime-limit` {DOWNTIME_MS} ms, `max-bandwidth` 1 TiB/s: QEMU's default cap of \
-         128 MiB/s is lifted) then `migrate`, polled with `query-migrate`; its `total-time`, \
-         `downtime`, `ram.transferred` and `ram.dirty-sync-count` (rounds). **Downtime, guest \
+         128 MiB/s and default downtime limit of 300 ms are changed) then `migrate`, polled \
+         with `query-migrate`; its `total-time`, `downtime`, `ram.transferred` and \
+         `ram.dirty-sync-count` (rounds). The two VMMs' own downtimes end at different points: \
+         ferro-vmm's runs from pausing the vCPUs to the destination's acknowledgement that it \
+         has built the VM, QEMU's ends when the source has sent the last bytes (before the \
+         destination has loaded them and started), so only the guest-side row compares like \
+         with like. **Downtime, guest \
          side**: the largest gap between the arrival of consecutive console bytes the host \
          reads from the source and then from the destination, from the migrate request until \
          the destination has printed {AFTER_BEATS} more beats (so it includes up to one beat \
          period and the console path; every run also checks that the beats go on without a \
-         missing or repeated number). **total time / (memory ÷ loopback bandwidth)**: the \
+         missing or repeated number). It is the larger of the **switch-over gap** (from the \
+         last byte the source printed to the first byte of the destination: the guest's pause \
+         itself) and any stall of the guest while its memory is copied (when dirty logging is \
+         switched on, say, or the copy takes the CPU its vCPU needs: 2 CPUs here). **total time / (memory ÷ loopback bandwidth)**: the \
          total time over the time {MEM_MIB} MiB take through one loopback TCP connection (1 MiB \
          writes, measured by ferro-bench at the start of each round; \"loopback TCP bandwidth\" \
          row); both VMMs skip or compress zero pages, so an idle guest can be well under 1; the \
@@ -1130,8 +1178,8 @@ mod tests {
         assert_eq!(beat_break(&[1, 2, 4]), Some((2, 4)));
         assert_eq!(beat_break(&[1, 2, 2, 3]), Some((2, 2)));
         assert_eq!(
-            dirtied("hb=100 dirtied=3277\nhb=101\nhb=200 dirtied=6554\n"),
-            vec![(100, 3277), (200, 6554)]
+            dirtied("hb=100 dirtied=3277 clock=5\nhb=101\nhb=200 dirtied=6554 clock=9\n"),
+            vec![(3277.0, 5.0), (6554.0, 9.0)]
         );
     }
 

@@ -68,6 +68,9 @@ pub enum Metric {
     MigCopyRatio,
     MigRounds,
     MigDirtyRate,
+    MigSwitch,
+    MigFullSwitch,
+    MigDirtySwitch,
     MigFullTotal,
     MigFullGap,
     MigFullDowntime,
@@ -117,7 +120,10 @@ impl Metric {
             Metric::NetRxFps60 => "net: host→guest frames/s, 60 B",
             Metric::NetTxSeen => "net: guest→host frames the host's socket saw, 1514 B",
             Metric::MigTotal => "migration, idle guest: total time",
-            Metric::MigGap => "migration, idle guest: downtime, guest side (largest gap)",
+            Metric::MigGap => "migration, idle guest: downtime, guest side: largest console gap",
+            Metric::MigSwitch => "migration, idle guest: switch-over gap, guest side",
+            Metric::MigFullSwitch => "migration, populated guest: switch-over gap, guest side",
+            Metric::MigDirtySwitch => "migration, dirtying guest: switch-over gap, guest side",
             Metric::MigDowntime => "migration, idle guest: downtime the VMM reports",
             Metric::MigBytes => "migration, idle guest: bytes sent",
             Metric::MigCopyRatio => {
@@ -126,7 +132,9 @@ impl Metric {
             Metric::MigRounds => "migration, idle guest: copy rounds",
             Metric::MigDirtyRate => "migration, idle guest: guest's dirtying rate",
             Metric::MigFullTotal => "migration, populated guest: total time",
-            Metric::MigFullGap => "migration, populated guest: downtime, guest side (largest gap)",
+            Metric::MigFullGap => {
+                "migration, populated guest: downtime, guest side: largest console gap"
+            }
             Metric::MigFullDowntime => "migration, populated guest: downtime the VMM reports",
             Metric::MigFullBytes => "migration, populated guest: bytes sent",
             Metric::MigFullCopyRatio => {
@@ -135,7 +143,9 @@ impl Metric {
             Metric::MigFullRounds => "migration, populated guest: copy rounds",
             Metric::MigFullDirtyRate => "migration, populated guest: guest's dirtying rate",
             Metric::MigDirtyTotal => "migration, dirtying guest: total time",
-            Metric::MigDirtyGap => "migration, dirtying guest: downtime, guest side (largest gap)",
+            Metric::MigDirtyGap => {
+                "migration, dirtying guest: downtime, guest side: largest console gap"
+            }
             Metric::MigDirtyDowntime => "migration, dirtying guest: downtime the VMM reports",
             Metric::MigDirtyBytes => "migration, dirtying guest: bytes sent",
             Metric::MigDirtyCopyRatio => {

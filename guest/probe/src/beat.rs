@@ -1,6 +1,6 @@
 //! `beat=N`: a heartbeat for live-migration and snapshot benchmarks. At CPL3 it prints `hb=<seq>`
 //! (seq from 1) every `beat_us` microseconds of kvmclock (default 1000), N times (every 100th
-//! line with ` dirtied=<pages so far>` when dirtying), then
+//! line with ` dirtied=<pages so far> clock=<kvmclock ns>` when dirtying), then
 //! `beat_done=<N> dirtied=<pages> beat_ns=<ns>`. A host that timestamps the lines sees the
 //! guest's pauses (a migration's downtime) as gaps in the stream. After a pause the next beat
 //! comes at once and the period starts again from there (no burst of late beats).
@@ -58,7 +58,7 @@ extern "sysv64" fn beat_loop(arg: u64) -> u64 {
             let mut l = Line::new();
             l.s("hb=").dec(seq);
             if seq % 100 == 0 && b.pages_per_sec > 0 {
-                l.s(" dirtied=").dec(dirtied);
+                l.s(" dirtied=").dec(dirtied).s(" clock=").dec(now);
             }
             drop(l);
             seq += 1;
