@@ -1122,7 +1122,10 @@ pub fn section(r: &Results, o: &MigrateOutcome, date: &str, head: &str) -> Strin
          guest's pause, the write, the resume. **size on disk**: blocks of the snapshot \
          directory or file (ferro's memory file is sparse). **restore to the guest's next \
          output**: from just before the spawn of the restoring VMM to the first console byte \
-         it prints (the guest prints a beat at most 1 ms of its own time after it runs again).\n",
+         it prints (the guest prints a beat at most 1 ms of its own time after it runs again). \
+         ferro-vmm maps the snapshot's memory file lazily, so its pages come in from the page \
+         cache as the guest touches them, after this point (the beating guest touches few); \
+         QEMU reads the whole state before the guest runs.\n",
     );
     s.push_str(&format!(
         "\nHost load average (1, 5, 15 min) at the start of this section: {}; at its end: {} \
