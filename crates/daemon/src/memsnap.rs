@@ -567,3 +567,101 @@ fn vmm_refused(e: DaemonError, work: &Path, dir: &Path) -> DaemonError {
         e => e,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d =
+            std::env::temp_dir().join(format!("ferro-memsnap-unit-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn manifest(version: u64) -> serde_json::Value {
+        let mut cfg = VmConfig::new("/k");
+        cfg.disks.push(ferro_api::DiskConfig {
+            path: "/old/disk.qcow2".into(),
+            format: None,
+            readonly: false,
+            serial: None,
+            cache: Default::default(),
+        });
+        json_manifest(version, &cfg)
+    }
+
+    fn json_manifest(version: u64, cfg: &VmConfig) -> serde_json::Value {
+        serde_json::json!({
+            "format_version": version,
+            "config": cfg,
+            "memory": {"file": "memory", "file_size": 0, "data_bytes": 0, "regions": []},
+            "state": {"file": "state.json", "len": 0, "fnv64": "0"},
+        })
+    }
+
+    fn code(e: DaemonError) -> &'static str {
+        match e {
+            DaemonError::BadSnapshot { code, .. } => code,
+            e => panic!("not a snapshot error: {e}"),
+        }
+    }
+
+    #[test]
+    fn directories_are_checked_before_a_vmm_runs() {
+        let d = scratch("check");
+        assert_eq!(
+            code(check_dir(&d.join("none")).unwrap_err()),
+            "bad_snapshot"
+        );
+        std::fs::write(d.join(MANIFEST), b"{not json").unwrap();
+        assert_eq!(code(check_dir(&d).unwrap_err()), "bad_snapshot");
+        std::fs::write(d.join(MANIFEST), manifest(7).to_string()).unwrap();
+        assert_eq!(code(check_dir(&d).unwrap_err()), "unsupported_snapshot");
+        std::fs::write(d.join(MANIFEST), manifest(1).to_string()).unwrap();
+        let e = check_dir(&d).unwrap_err();
+        assert!(e.to_string().contains("state file"), "{e}");
+        std::fs::write(d.join("state.json"), b"{}").unwrap();
+        std::fs::write(d.join("memory"), b"").unwrap();
+        assert!(check_dir(&d).is_ok());
+        let mut m = manifest(1);
+        m["state"]["file"] = "../state.json".into();
+        std::fs::write(d.join(MANIFEST), m.to_string()).unwrap();
+        assert!(check_dir(&d).unwrap_err().to_string().contains("plain"));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_restore_runs_on_the_disks_of_now() {
+        let d = scratch("work");
+        let snap = d.join("snap");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::write(snap.join(MANIFEST), manifest(1).to_string()).unwrap();
+        std::fs::write(snap.join("state.json"), b"{}").unwrap();
+        std::fs::write(snap.join("memory"), b"").unwrap();
+        let vm = VmDir::new(&d, "web");
+        let mut now = VmConfig::new("/k");
+        now.disks.push(ferro_api::DiskConfig {
+            path: "/new/top.qcow2".into(),
+            format: None,
+            readonly: false,
+            serial: None,
+            cache: Default::default(),
+        });
+        let work = restore_dir(&vm, &snap, &now).unwrap();
+        let m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(work.join(MANIFEST)).unwrap()).unwrap();
+        assert_eq!(m["config"]["disks"][0]["path"], "/new/top.qcow2");
+        assert_eq!(m["format_version"], 1);
+        assert_eq!(
+            std::fs::read_link(work.join("state.json")).unwrap(),
+            std::path::absolute(snap.join("state.json")).unwrap()
+        );
+        // The snapshot itself is untouched.
+        let orig: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(snap.join(MANIFEST)).unwrap()).unwrap();
+        assert_eq!(orig["config"]["disks"][0]["path"], "/old/disk.qcow2");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}

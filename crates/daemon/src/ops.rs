@@ -432,8 +432,17 @@ pub async fn delete(sup: &Supervisor, name: &str, force: bool) -> Result<(), Dae
         }
         sup.stop_locked(name, Duration::ZERO, true).await?;
     }
+    // Memory snapshots kept outside the VM's directory (`--to DIR`) go with it too.
+    let dirs: Vec<_> = sup
+        .store(|s| crate::snapshots::rows(s, name))?
+        .into_iter()
+        .filter_map(|r| r.snapshot.dir)
+        .collect();
     sup.store(|s| s.transaction(|tx| store::delete_vm(tx, name)))?;
     let _ = std::fs::remove_dir_all(sup.dir(name).0);
+    for d in &dirs {
+        crate::memsnap::remove_dir(d);
+    }
     Ok(())
 }
 

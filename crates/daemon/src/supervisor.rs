@@ -222,7 +222,7 @@ impl Supervisor {
             self.store(|s| s.count_restart(&rec.name))?;
         }
         let (kind, what) = match (from, restart) {
-            (Some(snap), _) => ("restored", format!(" from {}", snap.display())),
+            (Some(snap), _) => ("started", format!(" from {}", snap.display())),
             (None, true) => ("restarted", String::new()),
             (None, false) => ("started", String::new()),
         };
