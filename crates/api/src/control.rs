@@ -43,11 +43,36 @@ pub enum ControlRequest {
         #[serde(default = "yes")]
         resume: bool,
     },
+    /// Live-migrate the running VM to a `ferro-vmm --incoming tcp:HOST:PORT` at `to`
+    /// (pre-copy: memory is copied while the guest runs, then the vCPUs stop for the last
+    /// dirty pages and the machine state). The answer comes when the migration has ended: on
+    /// success `status.migration` holds the figures and the VMM then exits with status 0
+    /// ([`ExitReason::Migrated`]); on failure an error, and the VM runs on here as before.
+    Migrate {
+        /// The destination, `HOST:PORT` (a `tcp:` prefix is accepted).
+        to: String,
+        /// The longest pause of the guest to aim for, in milliseconds (default 50): copy rounds
+        /// go on until the dirty pages left can be sent in this time at the measured bandwidth.
+        #[serde(default = "default_downtime_ms")]
+        downtime_ms: u64,
+        /// Stop iterating after this many copy rounds and pause anyway (default 30).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_rounds: Option<u32>,
+    },
 }
 
 fn yes() -> bool {
     true
 }
+
+fn default_downtime_ms() -> u64 {
+    DEFAULT_DOWNTIME_MS
+}
+
+/// The downtime a `migrate` request aims for when it names none.
+pub const DEFAULT_DOWNTIME_MS: u64 = 50;
+/// The copy rounds a `migrate` request allows when it names no `max_rounds`.
+pub const DEFAULT_MAX_ROUNDS: u32 = 30;
 
 /// Whether the vCPUs run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +82,65 @@ pub enum VmmRunState {
     Running,
     /// vCPUs are parked.
     Paused,
+    /// `ferro-vmm --incoming`: waiting for or receiving a migrating VM; nothing runs yet.
+    Incoming,
+    /// The VM runs while it is being migrated away (`status.migration` says how far).
+    Migrating,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// Destination: listening, or receiving the stream.
+    Receiving,
+    /// Source: copying memory while the guest runs.
+    Precopy,
+    /// Source: the vCPUs are paused; the last pages and the machine state are on their way.
+    StopAndCopy,
+    /// Done: the destination runs the VM.
+    Completed,
+    /// Failed; the VM runs on here.
+    Failed,
+}
+
+/// Progress and figures of a migration, in [`VmmStatus::migration`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    /// Where it is; `None` only in a default value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<MigrationPhase>,
+    /// The peer: the destination's address on the source, the source's on the destination.
+    #[serde(default)]
+    pub peer: String,
+    /// Copy rounds finished (round 0 sends all memory; each later one the pages dirtied
+    /// meanwhile; the stop-and-copy round is counted too).
+    #[serde(default)]
+    pub rounds: u32,
+    /// Bytes sent (source) or received (destination) so far.
+    #[serde(default)]
+    pub bytes: u64,
+    /// Pages with data sent or received so far (zero pages travel as ranges, not counted).
+    #[serde(default)]
+    pub pages: u64,
+    /// Source: dirty pages left to send, as of the last round.
+    #[serde(default)]
+    pub remaining_dirty_pages: u64,
+    /// Source: bandwidth measured in the last round, bytes per second.
+    #[serde(default)]
+    pub bandwidth_bps: u64,
+    /// Milliseconds since the migration started.
+    #[serde(default)]
+    pub total_ms: u64,
+    /// Source, once paused: milliseconds from pausing the vCPUs to the destination's ACK.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Source, once paused: dirty pages sent in the stop-and-copy round.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub final_dirty_pages: Option<u64>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// What the VMM reports about its VM.
@@ -76,6 +160,9 @@ pub struct VmmStatus {
     pub boots: u32,
     /// [`CONTROL_PROTOCOL_VERSION`] of the VMM.
     pub protocol: u32,
+    /// The migration under way or the last one that ended (absent when there was none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration: Option<MigrationStatus>,
 }
 
 /// Machine-readable reasons a request failed.
@@ -133,6 +220,8 @@ pub enum ExitReason {
     Signal,
     /// A host error.
     Error,
+    /// The VM was migrated away: the destination runs it now.
+    Migrated,
 }
 
 /// Something the VMM announces without being asked.
@@ -189,11 +278,76 @@ mod tests {
         let text = serde_json::to_string(&e).unwrap();
         assert_eq!(text, r#"{"event":"exit","reason":"power_off","code":0}"#);
         assert_eq!(serde_json::from_str::<ControlLine>(&text).unwrap(), e);
+        let r: ControlRequest =
+            serde_json::from_str(r#"{"cmd":"migrate","to":"10.0.0.2:4444"}"#).unwrap();
+        assert_eq!(
+            r,
+            ControlRequest::Migrate {
+                to: "10.0.0.2:4444".into(),
+                downtime_ms: DEFAULT_DOWNTIME_MS,
+                max_rounds: None
+            }
+        );
+        let m = ControlRequest::Migrate {
+            to: "h:1".into(),
+            downtime_ms: 20,
+            max_rounds: Some(5),
+        };
+        let text = serde_json::to_string(&m).unwrap();
+        assert_eq!(
+            text,
+            r#"{"cmd":"migrate","to":"h:1","downtime_ms":20,"max_rounds":5}"#
+        );
+        assert_eq!(serde_json::from_str::<ControlRequest>(&text).unwrap(), m);
+        assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"migrate"}"#).is_err());
+        let e = ControlEvent::Exit {
+            reason: ExitReason::Migrated,
+            code: 0,
+        };
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"event":"exit","reason":"migrated","code":0}"#
+        );
         let err = ControlLine::Response(ControlResponse::Error {
             code: ControlErrorCode::UnknownCommand,
             message: "x".into(),
         });
         let text = serde_json::to_string(&err).unwrap();
         assert_eq!(serde_json::from_str::<ControlLine>(&text).unwrap(), err);
+    }
+
+    #[test]
+    fn status_with_and_without_migration() {
+        let mut s = VmmStatus {
+            state: VmmRunState::Migrating,
+            pid: 7,
+            vcpus: 1,
+            memory_mib: 64,
+            uptime_ms: 3,
+            boots: 1,
+            protocol: CONTROL_PROTOCOL_VERSION,
+            migration: None,
+        };
+        let text = serde_json::to_string(&s).unwrap();
+        assert!(!text.contains("migration"), "{text}");
+        assert!(text.contains(r#""state":"migrating""#), "{text}");
+        assert_eq!(serde_json::from_str::<VmmStatus>(&text).unwrap(), s);
+        s.migration = Some(MigrationStatus {
+            phase: Some(MigrationPhase::StopAndCopy),
+            peer: "h:1".into(),
+            rounds: 3,
+            bytes: 1 << 20,
+            downtime_ms: Some(12),
+            ..Default::default()
+        });
+        let text = serde_json::to_string(&s).unwrap();
+        assert!(text.contains(r#""phase":"stop_and_copy""#), "{text}");
+        assert_eq!(serde_json::from_str::<VmmStatus>(&text).unwrap(), s);
+        // An older VMM's status (no migration field) still parses.
+        let old = r#"{"state":"running","pid":1,"vcpus":1,"memory_mib":8,"uptime_ms":1,"boots":1,"protocol":1}"#;
+        assert_eq!(
+            serde_json::from_str::<VmmStatus>(old).unwrap().migration,
+            None
+        );
     }
 }

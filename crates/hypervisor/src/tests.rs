@@ -180,3 +180,21 @@ fn dirty_log_reports_the_pages_the_guest_wrote() {
     unsafe { vm.set_dirty_logging(0, 0, size, mem as u64, false) }.unwrap();
     assert!(vm.dirty_log(0, size).is_err(), "no log once logging is off");
 }
+
+#[test]
+fn dirty_log_sees_pages_written_before_logging_started() {
+    // mov byte [0x3000], 1; out 0x80, al; mov byte [0x3000], 2; out 0x80, al
+    let code = [
+        0xc6, 0x06, 0x00, 0x30, 0x01, 0xe6, 0x80, 0xc6, 0x06, 0x00, 0x30, 0x02, 0xe6, 0x80,
+    ];
+    let Some((vm, mut vcpu, mem)) = tiny_vm(&code) else {
+        return;
+    };
+    let size = 0x10000u64;
+    // Page 3 is mapped writable for the guest before logging starts.
+    assert!(matches!(vcpu.run().unwrap(), VmExit::IoOut { .. }));
+    // SAFETY: slot 0 is `mem`'s mapping of `size` bytes, made by tiny_vm and never unmapped.
+    unsafe { vm.set_dirty_logging(0, 0, size, mem as u64, true) }.unwrap();
+    assert!(matches!(vcpu.run().unwrap(), VmExit::IoOut { .. }));
+    assert_eq!(vm.dirty_log(0, size).unwrap()[0], 1 << 3);
+}

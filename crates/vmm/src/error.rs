@@ -83,6 +83,9 @@ pub enum VmmError {
     /// A snapshot could not be written or read.
     #[error(transparent)]
     Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// A live migration failed (`--incoming`: one line, exit status 1).
+    #[error("{0}")]
+    Migration(String),
     /// A host I/O resource failed.
     #[error("{what}: {source}")]
     Io {

@@ -22,6 +22,7 @@ pub mod kernel;
 pub mod machine;
 pub mod memfile;
 pub mod memory;
+pub mod migration;
 pub mod mmio;
 pub mod pci;
 pub mod runner;

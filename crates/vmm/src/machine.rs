@@ -135,15 +135,42 @@ fn lock<T: ?Sized>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-impl Machine {
+/// Handles on the legacy devices that have state, to save it from another thread (a
+/// migration).
+#[derive(Clone)]
+pub struct LegacyHandles {
+    serial: Arc<Mutex<SerialDevice>>,
+    cmos: Arc<Mutex<CmosDevice>>,
+    acpi_pm: Arc<Mutex<AcpiPmDevice>>,
+    reset: Arc<Mutex<ResetDevice>>,
+}
+
+impl LegacyHandles {
     /// The legacy devices' state (the vCPUs are paused).
-    pub fn save_legacy(&self) -> LegacyState {
+    pub fn save(&self) -> LegacyState {
         LegacyState {
             serial: lock(&self.serial).save(),
             cmos: lock(&self.cmos).save(),
             acpi_pm: lock(&self.acpi_pm).save(),
             reset: lock(&self.reset).save(),
         }
+    }
+}
+
+impl Machine {
+    /// Handles on the legacy devices with state.
+    pub fn legacy_handles(&self) -> LegacyHandles {
+        LegacyHandles {
+            serial: self.serial.clone(),
+            cmos: self.cmos.clone(),
+            acpi_pm: self.acpi_pm.clone(),
+            reset: self.reset.clone(),
+        }
+    }
+
+    /// The legacy devices' state (the vCPUs are paused).
+    pub fn save_legacy(&self) -> LegacyState {
+        self.legacy_handles().save()
     }
 
     /// Puts back [`Machine::save_legacy`]'s result.

@@ -36,7 +36,7 @@ enum OnReboot {
 #[command(name = "ferro-vmm", version)]
 struct Args {
     /// Kernel: a PVH ELF, a Linux vmlinux or a Linux bzImage.
-    #[arg(long, required_unless_present_any = ["config", "host_info", "restore"])]
+    #[arg(long, required_unless_present_any = ["config", "host_info", "restore", "incoming"])]
     kernel: Option<PathBuf>,
     /// Initial ramdisk.
     #[arg(long)]
@@ -80,7 +80,7 @@ struct Args {
     #[arg(long)]
     host_info: bool,
     /// Listen on this unix socket for control requests (line-delimited JSON: status, pause,
-    /// resume, shutdown, reset, quit, console_log, snapshot).
+    /// resume, shutdown, reset, quit, console_log, snapshot, migrate).
     #[arg(long)]
     control: Option<PathBuf>,
     /// Run the VM saved in this snapshot directory (a `snapshot` control request writes one)
@@ -91,6 +91,15 @@ struct Args {
         "balloon", "config", "linux_boot",
     ])]
     restore: Option<PathBuf>,
+    /// Receive a live-migrating VM: listen on tcp:HOST:PORT (PORT 0 picks one; the first line
+    /// on stderr is `ferro-vmm: incoming listening on HOST:PORT`), accept one connection from
+    /// a VMM sent `{"cmd":"migrate","to":"HOST:PORT"}`, then run the VM as --restore does.
+    /// Only --serial, --control and --on-reboot apply; disks must be at the same paths here.
+    #[arg(long, value_name = "tcp:HOST:PORT", conflicts_with_all = [
+        "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "rng", "vsock",
+        "balloon", "config", "linux_boot", "restore",
+    ])]
+    incoming: Option<String>,
     /// What a guest reboot does: exit (status 0, like a power-off) or restart in place.
     #[arg(long, value_enum, default_value_t = OnReboot::Exit)]
     on_reboot: OnReboot,
@@ -150,8 +159,39 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
         }
         return Ok(ExitStatus::Ok);
     }
-    let (cfg, vm) = match &args.restore {
-        Some(dir) => {
+    let mut control = None;
+    let (cfg, vm) = match (&args.restore, &args.incoming) {
+        (_, Some(spec)) => {
+            let listener = ferro_vmm::migration::recv::listen(spec)?;
+            control = args
+                .control
+                .as_deref()
+                .map(ControlServer::bind)
+                .transpose()?;
+            let got = ferro_vmm::migration::recv::incoming(listener, control.as_mut())?;
+            let started = std::time::Instant::now();
+            let mut cfg = got.config.clone();
+            if let Some(s) = &args.serial {
+                cfg.serial = s.clone();
+            }
+            let mut stream = got.stream;
+            match builder::restore_from(&cfg, &got.state, got.memory) {
+                Ok(vm) => {
+                    ferro_vmm::migration::recv::answer(&mut stream, Ok(()));
+                    eprintln!(
+                        "ferro-vmm: incoming migration from {} runs (built in {:.1} ms)",
+                        got.peer,
+                        started.elapsed().as_secs_f64() * 1000.0
+                    );
+                    (cfg, vm)
+                }
+                Err(e) => {
+                    ferro_vmm::migration::recv::answer(&mut stream, Err(e.to_string()));
+                    return Err(e);
+                }
+            }
+        }
+        (Some(dir), None) => {
             let started = std::time::Instant::now();
             let snap = ferro_vmm::snapshot::load(dir)?;
             let mut cfg = snap.manifest.config.clone();
@@ -166,7 +206,7 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
             );
             (cfg, vm)
         }
-        None => {
+        (None, None) => {
             let cfg = config(args)?;
             let opts = BuildOptions {
                 protocol: if args.linux_boot {
@@ -183,11 +223,14 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
         .ok()
         .and_then(|b| b.parse().ok())
         .unwrap_or(1);
-    let control = args
-        .control
-        .as_deref()
-        .map(ControlServer::bind)
-        .transpose()?;
+    let control = match control {
+        Some(c) => Some(c),
+        None => args
+            .control
+            .as_deref()
+            .map(ControlServer::bind)
+            .transpose()?,
+    };
     let end = runner::run(
         vm,
         RunOptions {

@@ -200,7 +200,7 @@ pub fn write(mem: &GuestMemory, path: &Path) -> Result<Written, MemFileError> {
 
 /// Which of the `pages` pages of this process's memory at `addr` are present or swapped out,
 /// from /proc/self/pagemap (bits 63 and 62 of each 8-byte entry); `None` when it cannot tell.
-fn touched_pages(addr: usize, pages: u64) -> Option<Vec<bool>> {
+pub(crate) fn touched_pages(addr: usize, pages: u64) -> Option<Vec<bool>> {
     let pagemap = File::open("/proc/self/pagemap").ok()?;
     let pages = usize::try_from(pages).ok()?;
     let first = (addr as u64 / PAGE).checked_mul(8)?;

@@ -64,3 +64,31 @@ pub fn register(vm: &Vm, mem: &GuestMemory, mib: u64) -> Result<(), VmmError> {
     }
     Ok(())
 }
+
+/// Turns KVM's dirty-page log on or off for every slot [`register`] made for `mem`.
+pub fn set_dirty_logging(vm: &Vm, mem: &GuestMemory, on: bool) -> Result<(), VmmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        // SAFETY: `register` made slot `slot` for exactly this region of `mem` (same order),
+        // whose mapping the caller keeps for as long as the VM runs, as `register` requires;
+        // only the logging flag changes.
+        unsafe {
+            vm.set_dirty_logging(
+                slot as u32,
+                region.start_addr().0,
+                region.len(),
+                region.as_ptr() as u64,
+                on,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// KVM's dirty log of every slot of `mem` (one bitmap per region, bit = 4 KiB page), read and
+/// cleared.
+pub fn dirty_log(vm: &Vm, mem: &GuestMemory) -> Result<Vec<Vec<u64>>, VmmError> {
+    mem.iter()
+        .enumerate()
+        .map(|(slot, region)| Ok(vm.dirty_log(slot as u32, region.len())?))
+        .collect()
+}

@@ -4,11 +4,13 @@
 
 use std::io::Read;
 use std::os::fd::AsRawFd;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferro_api::control::{
-    ControlErrorCode, ControlRequest, ExitReason, VmmRunState, VmmStatus, CONTROL_PROTOCOL_VERSION,
+    ControlErrorCode, ControlRequest, ControlResponse, ExitReason, MigrationPhase, MigrationStatus,
+    VmmRunState, VmmStatus, CONTROL_PROTOCOL_VERSION, DEFAULT_MAX_ROUNDS,
 };
 use ferro_api::VmConfig;
 use ferro_arch::layout::ports;
@@ -17,9 +19,10 @@ use ferro_hypervisor::{Hypervisor, Vcpu, Vm};
 
 use crate::builder::BuiltVm;
 use crate::console::{socket_console, EscapeFilter, RawTerminal};
-use crate::control::{ControlServer, ControlTarget};
+use crate::control::{Applied, ControlServer, ControlTarget};
 use crate::machine::{ExitLatch, Machine};
 use crate::memory::GuestMemory;
+use crate::migration::{send, MigrationError};
 use crate::snapshot::{self, Capture};
 use crate::vcpu::{install_kick_handler, run_vcpu, VcpuControl};
 use crate::{ExitStatus, VmmError};
@@ -92,10 +95,27 @@ struct SnapshotParts<'a> {
     memory: &'a GuestMemory,
 }
 
+/// A migration started by a `migrate` request: its progress, and where its end is announced.
+struct Migrations {
+    /// Shared VM parts the migration thread takes its own handles on.
+    vm: Arc<Vm>,
+    vcpus: Arc<VcpuControl>,
+    latch: Arc<ExitLatch>,
+    /// The migration under way or the last one.
+    progress: Option<Arc<Mutex<MigrationStatus>>>,
+    started: Instant,
+    active: bool,
+    /// The thread's result, and the eventfd that wakes the main loop for it.
+    done_tx: Sender<Result<(), MigrationError>>,
+    done_rx: Receiver<Result<(), MigrationError>>,
+    wake: vmm_sys_util::eventfd::EventFd,
+}
+
 /// The VM as the control socket sees it.
 struct VmHandle<'a> {
     vcpus: &'a VcpuControl,
     snapshot: SnapshotParts<'a>,
+    migrations: Migrations,
     acpi_pm: &'a Mutex<AcpiPmDevice>,
     latch: &'a ExitLatch,
     vcpu_count: u32,
@@ -108,8 +128,11 @@ struct VmHandle<'a> {
 
 impl ControlTarget for VmHandle<'_> {
     fn status(&self) -> VmmStatus {
+        let m = &self.migrations;
         VmmStatus {
-            state: if self.vcpus.is_paused() {
+            state: if m.active {
+                VmmRunState::Migrating
+            } else if self.vcpus.is_paused() {
                 VmmRunState::Paused
             } else {
                 VmmRunState::Running
@@ -120,16 +143,47 @@ impl ControlTarget for VmHandle<'_> {
             uptime_ms: u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX),
             boots: self.boots,
             protocol: CONTROL_PROTOCOL_VERSION,
+            migration: m.progress.as_ref().map(|p| {
+                let mut s = p.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                if m.active {
+                    s.total_ms = m.started.elapsed().as_millis() as u64;
+                }
+                s
+            }),
         }
     }
 
-    fn apply(
-        &mut self,
-        req: &ControlRequest,
-    ) -> Result<Option<String>, (ControlErrorCode, String)> {
+    fn apply(&mut self, req: &ControlRequest) -> Result<Applied, (ControlErrorCode, String)> {
         let paused = self.vcpus.is_paused();
+        if self.migrations.active
+            && matches!(
+                req,
+                ControlRequest::Pause
+                    | ControlRequest::Resume
+                    | ControlRequest::Snapshot { .. }
+                    | ControlRequest::Migrate { .. }
+            )
+        {
+            return Err((
+                ControlErrorCode::InvalidState,
+                "a migration is under way".into(),
+            ));
+        }
         match req {
             ControlRequest::Status => {}
+            ControlRequest::Migrate {
+                to,
+                downtime_ms,
+                max_rounds,
+            } => {
+                self.start_migration(send::Request {
+                    to: to.clone(),
+                    downtime_ms: *downtime_ms,
+                    max_rounds: max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS).max(1),
+                })
+                .map_err(|e| (ControlErrorCode::Failed, e.to_string()))?;
+                return Ok(Applied::Later);
+            }
             ControlRequest::Pause if paused => {
                 return Err((
                     ControlErrorCode::InvalidState,
@@ -187,14 +241,101 @@ impl ControlTarget for VmHandle<'_> {
                         ControlErrorCode::InvalidState,
                         "the console is not on a socket (--serial socket:PATH)".to_string(),
                     ))?;
-                return Ok(Some(text));
+                return Ok(Applied::Console(text));
             }
         }
-        Ok(None)
+        Ok(Applied::Done)
     }
 }
 
 impl VmHandle<'_> {
+    /// Starts the migration thread; its end arrives through `migrations.done_rx`.
+    fn start_migration(&mut self, req: send::Request) -> Result<(), VmmError> {
+        let p = &self.snapshot;
+        let m = &mut self.migrations;
+        crate::migration::tcp_address(&req.to).map_err(|e| VmmError::Migration(e.to_string()))?;
+        let source = send::Source {
+            config: p.config.clone(),
+            vm: m.vm.clone(),
+            memory: p.memory.clone(),
+            vcpus: p
+                .vcpus
+                .iter()
+                .map(|v| m.vm.vcpu_handle(v))
+                .collect::<Result<_, _>>()?,
+            msrs: p.hypervisor.msr_index_list()?,
+            legacy: p.machine.legacy_handles(),
+            virtio: p.machine.pci.virtio.clone(),
+            control: m.vcpus.clone(),
+            latch: m.latch.clone(),
+        };
+        let progress = Arc::new(Mutex::new(MigrationStatus {
+            phase: Some(MigrationPhase::Precopy),
+            peer: req.to.clone(),
+            ..Default::default()
+        }));
+        let (tx, wake) = (
+            m.done_tx.clone(),
+            m.wake.try_clone().map_err(VmmError::io("eventfd"))?,
+        );
+        let shared = progress.clone();
+        eprintln!("ferro-vmm: migrating to {}", req.to);
+        std::thread::Builder::new()
+            .name("migrate-out".into())
+            .spawn(move || {
+                let r = send::migrate(&source, &req, &shared);
+                let _ = tx.send(r);
+                let _ = wake.write(1);
+            })
+            .map_err(VmmError::io("cannot start the migration thread"))?;
+        m.progress = Some(progress);
+        m.started = Instant::now();
+        m.active = true;
+        Ok(())
+    }
+
+    /// The migration thread's result, once it has ended: the answer to the `migrate` request;
+    /// on success the VM is to end ([`ExitReason::Migrated`]).
+    fn migration_ended(&mut self) -> Option<ControlResponse> {
+        let _ = self.migrations.wake.read();
+        let result = self.migrations.done_rx.try_recv().ok()?;
+        self.migrations.active = false;
+        let progress = self.migrations.progress.clone()?;
+        let mut s = progress.lock().unwrap_or_else(|e| e.into_inner());
+        s.total_ms = self.migrations.started.elapsed().as_millis() as u64;
+        let resp = match result {
+            Ok(()) => {
+                eprintln!(
+                    "ferro-vmm: migrated to {} in {} ms: {} rounds, {} KiB, downtime {} ms, {} pages in the last round",
+                    s.peer,
+                    s.total_ms,
+                    s.rounds,
+                    s.bytes >> 10,
+                    s.downtime_ms.unwrap_or(0),
+                    s.final_dirty_pages.unwrap_or(0)
+                );
+                self.requested = Some(ExitReason::Migrated);
+                self.latch.request(ExitStatus::Ok);
+                None
+            }
+            Err(e) => {
+                let message = format!("migration to {} failed: {e}", s.peer);
+                eprintln!("ferro-vmm: {message}; the VM runs on here");
+                s.phase = Some(MigrationPhase::Failed);
+                s.error = Some(e.to_string());
+                Some(ControlResponse::Error {
+                    code: ControlErrorCode::Failed,
+                    message,
+                })
+            }
+        };
+        drop(s);
+        Some(resp.unwrap_or_else(|| ControlResponse::Ok {
+            status: self.status(),
+            console: None,
+        }))
+    }
+
     /// Saves the paused VM into `dir`.
     fn save_snapshot(&self, dir: &std::path::Path) -> Result<snapshot::Saved, VmmError> {
         let p = &self.snapshot;
@@ -287,8 +428,22 @@ pub fn run(vm: BuiltVm, opts: RunOptions) -> Result<RunEnd, VmmError> {
             .spawn(move || run_vcpu(vcpu, bus, latch, control))
             .map_err(VmmError::io("cannot start a vCPU thread"))?;
     }
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let migrations = Migrations {
+        vm: keep.0.clone(),
+        vcpus: vcpu_control.clone(),
+        latch: latch.clone(),
+        progress: None,
+        started: Instant::now(),
+        active: false,
+        done_tx,
+        done_rx,
+        wake: vmm_sys_util::eventfd::EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK)
+            .map_err(VmmError::io("eventfd"))?,
+    };
     let mut handle = VmHandle {
         vcpus: &vcpu_control,
+        migrations,
         snapshot: SnapshotParts {
             config: &config,
             vm: &keep.0,
@@ -330,6 +485,7 @@ pub fn run(vm: BuiltVm, opts: RunOptions) -> Result<RunEnd, VmmError> {
         fds.clear();
         fds.push(pollfd(latch.event().as_raw_fd()));
         fds.push(pollfd(sigfd.as_raw_fd()));
+        fds.push(pollfd(handle.migrations.wake.as_raw_fd()));
         // Only read more input when the guest has taken what we hold.
         let stdin_at = fds.len();
         if stdin_open && pending.is_empty() {
@@ -381,6 +537,13 @@ pub fn run(vm: BuiltVm, opts: RunOptions) -> Result<RunEnd, VmmError> {
         }
         if let Some(c) = &mut control {
             c.handle(&fds[control_at..console_at], &mut handle);
+        }
+        if fds[2].revents & libc::POLLIN != 0 {
+            if let Some(resp) = handle.migration_ended() {
+                if let Some(c) = &mut control {
+                    c.finish(resp, &mut handle);
+                }
+            }
         }
         if let Some(c) = &console {
             let room = pending.is_empty();

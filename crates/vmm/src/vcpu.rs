@@ -209,6 +209,11 @@ pub fn run_vcpu(mut vcpu: Vcpu, bus: Arc<Buses>, latch: Arc<ExitLatch>, control:
                     return;
                 }
                 control.park_if_paused(&latch);
+                // Woken by the end of the VM (not a resume): never enter the guest again. A
+                // migrated VM must not run on here for even one instruction.
+                if latch.is_set() {
+                    return;
+                }
             }
             Ok(VmExit::Failed(why)) => {
                 eprintln!("ferro-vmm: vCPU {id}: {why}");

@@ -1,0 +1,206 @@
+//! Pre-copy live migration of a running VM over TCP: the source is a VMM asked
+//! `{"cmd":"migrate","to":"HOST:PORT"}` on its control socket ([`send`]), the destination a
+//! `ferro-vmm --incoming tcp:HOST:PORT` ([`recv`]). Disks are not copied: both hosts see them at
+//! the same paths (shared storage).
+//!
+//! # How it goes
+//! 1. The source turns on KVM's dirty-page log on every memory slot, then sends every page
+//!    that is not zero (round 0) while the guest runs.
+//! 2. Each later round sends the pages the guest dirtied during the previous one, until the
+//!    dirty pages left could be sent within `downtime_ms` at the bandwidth measured so far, or
+//!    `max_rounds` rounds were sent.
+//! 3. Stop and copy: the vCPUs are paused and every virtio device is locked (a block device
+//!    first drains its requests in flight), the disks are flushed, and the last dirty pages
+//!    go with the machine state ([`crate::snapshot::MachineState`], the snapshot's serde
+//!    types).
+//! 4. The destination builds the VM from what it received (as `--restore` does from a
+//!    directory), answers ACK and runs it; the source then answers its control client and
+//!    exits with status 0 (exit event reason `migrated`). Downtime is pause to ACK.
+//!
+//! On any failure before the ACK the source unlocks its devices, resumes the vCPUs (unless
+//! they were paused before), turns the dirty log off and runs on; the destination exits with
+//! status 1 and one line. A destination that has sent its ACK runs the VM: if the ACK is lost
+//! on the way, both sides would run it (the classic last-message problem; the daemon that
+//! drives both ends is where that gets fenced).
+//!
+//! # What the dirty log misses
+//! KVM logs what the guest (and KVM on its behalf: kvmclock, steal time) writes. The device
+//! threads (event loop, block workers) write guest memory through the VMM's own mapping, which
+//! KVM never sees. So a VM with virtio devices keeps a 64-bit hash of every page as it was
+//! sent, and the stop-and-copy round re-hashes every page the dirty log does not name (pages
+//! the host has never populated count as zero without being read) and sends the ones that
+//! changed. That catches any host-side write (device DMA, a balloon's `MADV_DONTNEED`) at the
+//! price of hashing the guest's populated memory while it is paused (~1 ms per 40 MiB here).
+//!
+//! # Wire format (version [`wire::VERSION`]; all integers little-endian)
+//! ```text
+//! hello        b"FERROMIG" | version u32 | reserved u32 (0)      each side sends one first;
+//!                                                                 another magic or version is
+//!                                                                 refused with a clear error
+//! record       kind u8 | len u32 (<= 64 MiB) | payload[len]
+//!   source -> destination
+//!   1 Config   JSON {"config": VmConfig, "regions": [[guest_addr, size], ...]}   (first)
+//!   4 Round    round u32                                           (a copy round starts)
+//!   2 Pages    count u32 | count x (guest_addr u64 | 4096 bytes)   (at most 64 per record)
+//!   3 Zeros    count u32 | count x (guest_addr u64 | pages u64)    (pages that are zero now)
+//!   5 State    fnv1a64 u64 | JSON MachineState                     (once, after the last pages)
+//!   6 End      -                                                   (nothing follows)
+//!   7 Abort    UTF-8 reason                                        (the source gave up)
+//!   destination -> source
+//!   0x41 Ack    -                                                  (the VM is built and runs)
+//!   0x42 Refuse UTF-8 reason                                       (it cannot take the VM)
+//! ```
+//! Everything a peer sends is outside input: the destination checks the configuration, that
+//! the regions are exactly the layout of its `memory_mib`, every page address (page-aligned,
+//! the whole page inside one region) and zero run, the record lengths, the state's checksum
+//! and its vCPU and device counts, and refuses the stream with one line otherwise.
+
+pub mod recv;
+pub mod send;
+pub mod wire;
+
+use ferro_api::VmConfig;
+use serde::{Deserialize, Serialize};
+
+/// Why a migration failed (on either side).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrationError {
+    /// The address is not `HOST:PORT`.
+    #[error("bad address {0:?}: expected HOST:PORT")]
+    Address(String),
+    /// The destination could not be reached.
+    #[error("cannot connect to {to}: {source}")]
+    Connect {
+        /// The address.
+        to: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The connection failed.
+    #[error("the connection failed: {0}")]
+    Io(std::io::Error),
+    /// The peer closed the connection mid-stream.
+    #[error("the peer closed the connection mid-stream")]
+    Closed,
+    /// The peer does not speak this protocol.
+    #[error("the peer does not speak the ferro-vmm migration protocol")]
+    Magic,
+    /// The peer speaks another version of it.
+    #[error("the peer speaks migration protocol version {0}, this ferro-vmm speaks {v}", v = wire::VERSION)]
+    Version(u32),
+    /// A record breaks the format.
+    #[error("malformed migration stream: {0}")]
+    Malformed(String),
+    /// The machine state does not match its checksum.
+    #[error("the machine state does not match its checksum")]
+    Checksum,
+    /// The destination would not take the VM.
+    #[error("the destination refused the VM: {0}")]
+    Refused(String),
+    /// The source gave up.
+    #[error("the source aborted the migration: {0}")]
+    Aborted(String),
+    /// The VM ended (guest power-off, a signal) while it was being migrated.
+    #[error("the VM ended during the migration")]
+    Ended,
+    /// The VMM could not do its part (pause, dirty log, state).
+    #[error("{0}")]
+    Vmm(String),
+}
+
+impl From<crate::VmmError> for MigrationError {
+    fn from(e: crate::VmmError) -> Self {
+        Self::Vmm(e.to_string())
+    }
+}
+
+impl From<ferro_hypervisor::HypervisorError> for MigrationError {
+    fn from(e: ferro_hypervisor::HypervisorError) -> Self {
+        Self::Vmm(e.to_string())
+    }
+}
+
+/// The [`wire::Kind::Config`] record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Setup {
+    /// The VM's configuration.
+    pub config: VmConfig,
+    /// Its RAM regions: (guest address, size), in address order.
+    pub regions: Vec<(u64, u64)>,
+}
+
+/// `HOST:PORT` from `HOST:PORT` or `tcp:HOST:PORT`.
+pub fn tcp_address(spec: &str) -> Result<&str, MigrationError> {
+    let addr = spec.strip_prefix("tcp:").unwrap_or(spec);
+    match addr.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(addr),
+        _ => Err(MigrationError::Address(spec.to_string())),
+    }
+}
+
+/// A 64-bit hash of one page, fast enough to run over all populated guest memory while the
+/// guest is paused: four independent multiply-xor lanes over the page's words.
+pub fn page_hash(page: &[u8]) -> u64 {
+    const K: [u64; 4] = [
+        0x9e37_79b9_7f4a_7c15,
+        0xc2b2_ae3d_27d4_eb4f,
+        0x1656_67b1_9e37_79f9,
+        0x85eb_ca77_c2b2_ae63,
+    ];
+    let mut h = [1u64, 2, 3, 4];
+    for block in page.chunks_exact(32) {
+        for (lane, w) in block.chunks_exact(8).enumerate() {
+            let mut a = [0u8; 8];
+            a.copy_from_slice(w);
+            let x = u64::from_le_bytes(a);
+            h[lane] = (h[lane] ^ x).wrapping_mul(K[lane]).rotate_left(29);
+        }
+    }
+    let mut out = 0xcbf2_9ce4_8422_2325u64;
+    for (lane, v) in h.iter().enumerate() {
+        out = (out ^ v).wrapping_mul(K[lane]);
+        out ^= out >> 31;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses() {
+        assert_eq!(tcp_address("tcp:127.0.0.1:0").unwrap(), "127.0.0.1:0");
+        assert_eq!(
+            tcp_address("host.example:4444").unwrap(),
+            "host.example:4444"
+        );
+        assert_eq!(tcp_address("[::1]:4444").unwrap(), "[::1]:4444");
+        for bad in ["", "host", ":1", "tcp:host:x", "host:99999"] {
+            assert!(tcp_address(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn page_hash_sees_every_word() {
+        let zero = [0u8; 4096];
+        let h0 = page_hash(&zero);
+        let mut seen = std::collections::HashSet::new();
+        for at in (0..4096).step_by(8) {
+            let mut p = zero;
+            p[at] = 1;
+            let h = page_hash(&p);
+            assert_ne!(h, h0, "a one at {at}");
+            assert!(seen.insert(h), "two pages with one word set share a hash");
+        }
+        // Swapping two words changes it.
+        let mut a = zero;
+        a[0] = 1;
+        a[8] = 2;
+        let mut b = zero;
+        b[0] = 2;
+        b[8] = 1;
+        assert_ne!(page_hash(&a), page_hash(&b));
+    }
+}

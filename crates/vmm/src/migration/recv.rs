@@ -1,0 +1,397 @@
+//! The destination side: `ferro-vmm --incoming tcp:HOST:PORT` listens, takes one connection,
+//! receives the configuration, memory and machine state on a helper thread while the main
+//! thread answers `status` on the control socket, and hands the result to the builder.
+
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferro_api::control::{
+    ControlErrorCode, ControlRequest, MigrationPhase, MigrationStatus, VmmRunState, VmmStatus,
+    CONTROL_PROTOCOL_VERSION,
+};
+use ferro_api::VmConfig;
+use ferro_arch::memory_map::RamLayout;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::wire::{self, Kind, Record, PAGE};
+use super::{tcp_address, MigrationError, Setup};
+use crate::control::{Applied, ControlServer, ControlTarget};
+use crate::memory::GuestMemory;
+use crate::snapshot::MachineState;
+use crate::VmmError;
+
+/// How long the source may stay silent once connected.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A VM received whole, not built yet.
+pub struct Received {
+    /// Its configuration, as the source ran it.
+    pub config: VmConfig,
+    /// Its machine state.
+    pub state: MachineState,
+    /// Its memory, filled.
+    pub memory: GuestMemory,
+    /// The connection, for the answer ([`answer`]).
+    pub stream: TcpStream,
+    /// The source's address.
+    pub peer: String,
+}
+
+/// Binds `spec` (`tcp:HOST:PORT`, PORT may be 0) and prints the line that names the real
+/// address, always the first thing on stderr.
+pub fn listen(spec: &str) -> Result<TcpListener, VmmError> {
+    let addr = tcp_address(spec).map_err(|e| VmmError::Migration(e.to_string()))?;
+    let l = TcpListener::bind(addr)
+        .map_err(|e| VmmError::Migration(format!("cannot listen on {addr}: {e}")))?;
+    let real = l
+        .local_addr()
+        .map_err(|e| VmmError::Migration(format!("cannot listen on {addr}: {e}")))?;
+    eprintln!("ferro-vmm: incoming listening on {real}");
+    Ok(l)
+}
+
+/// What the control socket says while the VM is incoming.
+struct Waiting {
+    progress: Arc<Mutex<MigrationStatus>>,
+    shape: Arc<Mutex<(u32, u64)>>,
+    started: Instant,
+}
+
+impl ControlTarget for Waiting {
+    fn status(&self) -> VmmStatus {
+        let (vcpus, memory_mib) = *self.shape.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        m.total_ms = self.started.elapsed().as_millis() as u64;
+        VmmStatus {
+            state: VmmRunState::Incoming,
+            pid: std::process::id(),
+            vcpus,
+            memory_mib,
+            uptime_ms: 0,
+            boots: 1,
+            protocol: CONTROL_PROTOCOL_VERSION,
+            migration: Some(m),
+        }
+    }
+
+    fn apply(&mut self, _: &ControlRequest) -> Result<Applied, (ControlErrorCode, String)> {
+        Err((
+            ControlErrorCode::InvalidState,
+            "the VM is still being migrated here: only status is answered".into(),
+        ))
+    }
+}
+
+/// Accepts one connection on `listener` and receives a VM from it, answering `status` on
+/// `control` meanwhile. A broken or bad stream is an error (the caller exits with status 1).
+pub fn incoming(
+    listener: TcpListener,
+    control: Option<&mut ControlServer>,
+) -> Result<Received, VmmError> {
+    let progress = Arc::new(Mutex::new(MigrationStatus {
+        phase: Some(MigrationPhase::Receiving),
+        ..Default::default()
+    }));
+    let shape = Arc::new(Mutex::new((0u32, 0u64)));
+    let done = EventFd::new(EFD_NONBLOCK).map_err(VmmError::io("eventfd"))?;
+    let wake = done.try_clone().map_err(VmmError::io("eventfd"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (p, sh) = (progress.clone(), shape.clone());
+    std::thread::Builder::new()
+        .name("migrate-in".into())
+        .spawn(move || {
+            let r = accept_and_receive(&listener, &p, &sh);
+            let _ = tx.send(r);
+            let _ = wake.write(1);
+        })
+        .map_err(VmmError::io("cannot start the migration thread"))?;
+    let mut target = Waiting {
+        progress,
+        shape,
+        started: Instant::now(),
+    };
+    let mut control = control;
+    let mut fds = Vec::new();
+    loop {
+        if let Ok(r) = rx.try_recv() {
+            return r.map_err(|e| VmmError::Migration(format!("incoming migration: {e}")));
+        }
+        fds.clear();
+        fds.push(libc::pollfd {
+            fd: done.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        if let Some(c) = &control {
+            c.poll_fds(&mut fds);
+        }
+        // SAFETY: `fds` is a live array of `fds.len()` pollfd structures.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(VmmError::io("poll")(e));
+            }
+            continue;
+        }
+        if fds[0].revents != 0 {
+            let _ = done.read();
+        }
+        if let Some(c) = control.as_deref_mut() {
+            c.handle(&fds[1..], &mut target);
+        }
+    }
+}
+
+fn accept_and_receive(
+    listener: &TcpListener,
+    progress: &Mutex<MigrationStatus>,
+    shape: &Mutex<(u32, u64)>,
+) -> Result<Received, MigrationError> {
+    let (stream, peer) = listener.accept().map_err(MigrationError::Io)?;
+    let peer = peer.to_string();
+    progress.lock().unwrap_or_else(|e| e.into_inner()).peer = peer.clone();
+    stream
+        .set_read_timeout(Some(READ_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(READ_TIMEOUT)))
+        .map_err(MigrationError::Io)?;
+    let mut writer = stream.try_clone().map_err(MigrationError::Io)?;
+    let mut reader = std::io::BufReader::with_capacity(1 << 20, &stream);
+    let got = wire::write_hello(&mut writer)
+        .and_then(|()| wire::read_hello(&mut reader))
+        .and_then(|()| receive(&mut reader, progress, shape));
+    match got {
+        Ok((config, state, memory)) => {
+            drop(reader);
+            Ok(Received {
+                config,
+                state,
+                memory,
+                stream,
+                peer,
+            })
+        }
+        Err(e) => {
+            // Tell the source why, when it is still there to read it.
+            if !matches!(e, MigrationError::Aborted(_) | MigrationError::Closed) {
+                let _ = wire::write_record(&mut writer, Kind::Refuse, e.to_string().as_bytes());
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Tells the source the VM runs here (`Ok`) or why it cannot (`Err`).
+pub fn answer(stream: &mut TcpStream, result: Result<(), String>) {
+    let _ = match result {
+        Ok(()) => wire::write_record(stream, Kind::Ack, &[]),
+        Err(why) => wire::write_record(stream, Kind::Refuse, why.as_bytes()),
+    };
+}
+
+fn bad(what: String) -> MigrationError {
+    MigrationError::Malformed(what)
+}
+
+/// The region of `mem` that holds all of `[addr, addr + len)`, with `addr` page-aligned.
+fn check_range(mem: &GuestMemory, addr: u64, len: u64) -> Result<(), MigrationError> {
+    let end = addr.checked_add(len);
+    let inside = addr.is_multiple_of(PAGE)
+        && len > 0
+        && mem.iter().any(|r| {
+            let start = r.start_addr().0;
+            addr >= start && end.is_some_and(|e| e <= start + r.len())
+        });
+    if inside {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "{len} bytes at {addr:#x} are not whole pages of guest RAM"
+        )))
+    }
+}
+
+/// Receives the records after the hellos, up to the end marker.
+fn receive(
+    r: &mut impl std::io::Read,
+    progress: &Mutex<MigrationStatus>,
+    shape: &Mutex<(u32, u64)>,
+) -> Result<(VmConfig, MachineState, GuestMemory), MigrationError> {
+    let mut buf = Vec::new();
+    let setup: Setup = match wire::read_record(r, &mut buf)? {
+        Record::Config(json) => {
+            serde_json::from_slice(json).map_err(|e| bad(format!("the configuration: {e}")))?
+        }
+        Record::Abort(why) => return Err(MigrationError::Aborted(why)),
+        other => return Err(bad(format!("expected the configuration, got {other:?}"))),
+    };
+    let config = setup.config;
+    config
+        .validate()
+        .map_err(|e| bad(format!("the configuration: {e}")))?;
+    let layout = RamLayout::new(config.memory_mib << 20);
+    if layout.ranges().into_iter().collect::<Vec<_>>() != setup.regions {
+        return Err(bad(format!(
+            "the memory regions do not match {} MiB of RAM",
+            config.memory_mib
+        )));
+    }
+    *shape.lock().unwrap_or_else(|e| e.into_inner()) = (config.cpus, config.memory_mib);
+    let ranges: Vec<(GuestAddress, usize)> = setup
+        .regions
+        .iter()
+        .map(|&(a, s)| usize::try_from(s).map(|s| (GuestAddress(a), s)))
+        .collect::<Result<_, _>>()
+        .map_err(|_| bad("a region larger than this host's address space".into()))?;
+    let memory = GuestMemory::from_ranges(&ranges).map_err(|e| {
+        MigrationError::Vmm(format!(
+            "cannot allocate {} MiB of guest memory: {e}",
+            config.memory_mib
+        ))
+    })?;
+    let zeros = [0u8; 64 * 1024];
+    let mut state = None;
+    let (mut bytes, mut pages) = (0u64, 0u64);
+    loop {
+        let rec = wire::read_record(r, &mut buf)?;
+        match rec {
+            Record::Pages(p) => {
+                for (addr, data) in p.iter() {
+                    check_range(&memory, addr, PAGE)?;
+                    memory
+                        .write_slice(data, GuestAddress(addr))
+                        .map_err(|e| bad(format!("page at {addr:#x}: {e}")))?;
+                }
+                pages += p.len() as u64;
+            }
+            Record::Zeros(runs) => {
+                for (addr, n) in runs {
+                    let len = n
+                        .checked_mul(PAGE)
+                        .ok_or_else(|| bad(format!("{n} zero pages")))?;
+                    check_range(&memory, addr, len)?;
+                    let mut at = 0;
+                    while at < len {
+                        let step = (len - at).min(zeros.len() as u64);
+                        memory
+                            .write_slice(&zeros[..step as usize], GuestAddress(addr + at))
+                            .map_err(|e| bad(format!("zero pages at {addr:#x}: {e}")))?;
+                        at += step;
+                    }
+                }
+            }
+            Record::Round(n) => progress.lock().unwrap_or_else(|e| e.into_inner()).rounds = n,
+            Record::State(json) => {
+                if state.is_some() {
+                    return Err(bad("a second machine state".into()));
+                }
+                let s: MachineState = serde_json::from_slice(json)
+                    .map_err(|e| bad(format!("the machine state: {e}")))?;
+                if s.vcpus.len() != config.cpus as usize {
+                    return Err(bad(format!(
+                        "{} vCPU states for {} vCPUs",
+                        s.vcpus.len(),
+                        config.cpus
+                    )));
+                }
+                state = Some(s);
+            }
+            Record::End => {
+                let state = state.ok_or_else(|| bad("the end came before the state".into()))?;
+                return Ok((config, state, memory));
+            }
+            Record::Abort(why) => return Err(MigrationError::Aborted(why)),
+            other @ (Record::Config(_) | Record::Ack | Record::Refuse(_)) => {
+                return Err(bad(format!("unexpected {other:?}")))
+            }
+        }
+        bytes += buf.len() as u64 + 5;
+        let mut s = progress.lock().unwrap_or_else(|e| e.into_inner());
+        s.bytes = bytes;
+        s.pages = pages;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::migration::wire::{write_record, write_zeros, PageBatch};
+
+    fn setup(mib: u64) -> Vec<u8> {
+        let config = VmConfig {
+            memory_mib: mib,
+            ..VmConfig::new("/k")
+        };
+        let regions = RamLayout::new(mib << 20).ranges().into_iter().collect();
+        let mut w = Vec::new();
+        let json = serde_json::to_vec(&Setup { config, regions }).unwrap();
+        write_record(&mut w, Kind::Config, &json).unwrap();
+        w
+    }
+
+    fn run(bytes: &[u8]) -> Result<(VmConfig, MachineState, GuestMemory), MigrationError> {
+        let progress = Mutex::new(MigrationStatus::default());
+        let shape = Mutex::new((0, 0));
+        receive(&mut &bytes[..], &progress, &shape)
+    }
+
+    #[test]
+    fn pages_outside_guest_ram_are_refused() {
+        for addr in [16u64 << 20, (16 << 20) - 4096 + 8, u64::MAX - 4095, 0x123] {
+            let mut w = setup(16);
+            let mut b = PageBatch::default();
+            b.push(addr).fill(1);
+            b.flush(&mut w).unwrap();
+            let e = run(&w).err().unwrap();
+            assert!(matches!(e, MigrationError::Malformed(_)), "{addr:#x}: {e}");
+        }
+        for (addr, n) in [(0u64, 4097u64), (15 << 20, 257), (0, u64::MAX), (0, 0)] {
+            let mut w = setup(16);
+            write_zeros(&mut w, &[(addr, n)]).unwrap();
+            let e = run(&w).err().unwrap();
+            assert!(
+                matches!(e, MigrationError::Malformed(_)),
+                "{addr:#x}+{n}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_setups_and_orders_are_refused() {
+        // Regions that are not the layout of the configuration's memory.
+        let config = VmConfig {
+            memory_mib: 16,
+            ..VmConfig::new("/k")
+        };
+        let mut w = Vec::new();
+        let json = serde_json::to_vec(&Setup {
+            config,
+            regions: vec![(0, 1 << 40)],
+        })
+        .unwrap();
+        write_record(&mut w, Kind::Config, &json).unwrap();
+        assert!(matches!(run(&w), Err(MigrationError::Malformed(_))));
+        // Pages before the configuration.
+        let mut w = Vec::new();
+        PageBatch::default().push(0);
+        write_record(&mut w, Kind::End, &[]).unwrap();
+        assert!(matches!(run(&w), Err(MigrationError::Malformed(_))));
+        // The end before any state; a stream that stops.
+        let mut w = setup(16);
+        write_record(&mut w, Kind::End, &[]).unwrap();
+        assert!(matches!(run(&w), Err(MigrationError::Malformed(_))));
+        assert!(matches!(run(&setup(16)), Err(MigrationError::Closed)));
+        // The source's own reason comes through.
+        let mut w = setup(16);
+        write_record(&mut w, Kind::Abort, b"vCPUs would not pause").unwrap();
+        let e = run(&w).err().unwrap();
+        assert!(e.to_string().contains("vCPUs would not pause"), "{e}");
+    }
+}

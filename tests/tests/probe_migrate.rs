@@ -1,0 +1,640 @@
+//! Live migration on /dev/kvm: the probe's `count=` workload (a counter, and memory it keeps
+//! rewriting) runs under a source `ferro-vmm --control`, a destination `ferro-vmm --incoming
+//! tcp:127.0.0.1:0` waits, and a `migrate` request moves the VM while it runs. The destination
+//! must carry on where the source stopped (counter, clock and the checksum of the memory, which
+//! the host recomputes); the source must exit 0 only after that. Failed migrations (nobody
+//! listening, a peer that hangs up, a destination killed mid-way, another protocol version)
+//! must leave the source running and answering.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferro_tests::{kvm_available, probe, vmm, wait_limited};
+
+/// Words and pages of the probe's count region (guest/probe/README.md, `count=N`).
+const PAGES: u64 = 1024;
+const WORDS: u64 = 512;
+
+fn value(r: u64) -> u64 {
+    let mut x = r.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The checksum the probe prints after `rounds` rounds.
+fn expected_sum(rounds: u64) -> u64 {
+    let slots = PAGES * WORDS;
+    let mut h = 0xcbf2_9ce4_8422_2325u64;
+    for page in 0..PAGES {
+        for word in 0..WORDS {
+            let k = word * PAGES + page;
+            let v = if rounds > k {
+                value(k + 1 + slots * ((rounds - 1 - k) / slots))
+            } else {
+                0
+            };
+            h = (h ^ v).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// One `count=` line.
+#[derive(Debug, Clone, Copy)]
+struct Tick {
+    tick: u64,
+    rounds: u64,
+    clock: u64,
+    sum: u64,
+}
+
+fn parse(line: &str) -> Option<Tick> {
+    let mut t = Tick {
+        tick: 0,
+        rounds: 0,
+        clock: 0,
+        sum: 0,
+    };
+    let mut seen = 0;
+    for field in line.split(' ') {
+        let (k, v) = field.split_once('=')?;
+        let n = match v.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16).ok()?,
+            None => v.parse().ok()?,
+        };
+        match k {
+            "count" => t.tick = n,
+            "rounds" => t.rounds = n,
+            "clock" => t.clock = n,
+            "sum" => t.sum = n,
+            _ => return None,
+        }
+        seen += 1;
+    }
+    (seen == 4).then_some(t)
+}
+
+fn ticks(lines: &[String]) -> Vec<Tick> {
+    lines.iter().filter_map(|l| parse(l)).collect()
+}
+
+fn check_sums(what: &str, ts: &[Tick]) {
+    for t in ts {
+        assert_eq!(
+            t.sum,
+            expected_sum(t.rounds),
+            "{what}: tick {} after {} rounds",
+            t.tick,
+            t.rounds
+        );
+    }
+}
+
+fn scratch(test: &str) -> PathBuf {
+    // Under target/ (CARGO_TARGET_TMPDIR), out of reach of anything that tidies /tmp.
+    let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("probemig-{}-{test}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A VMM whose console lines are collected as they come.
+struct Vmm {
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<String>>>,
+    control: PathBuf,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Vmm {
+    fn spawn(cmd: &mut Command, control: PathBuf) -> Self {
+        let mut child = cmd
+            .arg("--control")
+            .arg(&control)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ferro-vmm");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let out = BufReader::new(child.stdout.take().unwrap());
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(l);
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err = child.stderr.take().unwrap();
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = err.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        });
+        Self {
+            child: Some(child),
+            lines,
+            control,
+            stderr,
+        }
+    }
+
+    /// A source running the probe with `cmdline`.
+    fn source(dir: &Path, cmdline: &str, extra: &[&str]) -> Self {
+        let mut cmd = Command::new(vmm());
+        cmd.args(["--kernel", probe().to_str().unwrap(), "--cmdline", cmdline])
+            .args(extra);
+        Self::spawn(&mut cmd, dir.join("src.sock"))
+    }
+
+    /// A destination listening on a free port of 127.0.0.1, and that port.
+    fn destination(dir: &Path) -> (Self, u16) {
+        let mut cmd = Command::new(vmm());
+        cmd.args(["--incoming", "tcp:127.0.0.1:0"]);
+        let d = Self::spawn(&mut cmd, dir.join("dst.sock"));
+        let t = Instant::now();
+        loop {
+            let err = d.stderr();
+            if let Some(first) = err.lines().next().filter(|_| err.contains('\n')) {
+                let port = first
+                    .strip_prefix("ferro-vmm: incoming listening on 127.0.0.1:")
+                    .unwrap_or_else(|| panic!("first stderr line: {first:?}"))
+                    .parse()
+                    .unwrap();
+                // The control socket is bound right after the line.
+                while UnixStream::connect(&d.control).is_err() {
+                    assert!(t.elapsed() < Duration::from_secs(10), "no control socket");
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                return (d, port);
+            }
+            assert!(t.elapsed() < Duration::from_secs(30), "no listening line");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    fn wait_tick(&self, n: u64) {
+        let t = Instant::now();
+        while ticks(&self.lines()).last().is_none_or(|l| l.tick < n) {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no tick {n}: {:?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends one request and returns the first `n` lines that come back.
+    fn request_lines(&self, json: &str, n: usize) -> Vec<serde_json::Value> {
+        let mut s = UnixStream::connect(&self.control).unwrap_or_else(|e| {
+            panic!(
+                "connect to {}: {e}\n{}\n{:?}",
+                self.control.display(),
+                self.stderr(),
+                self.lines().iter().rev().take(8).collect::<Vec<_>>()
+            )
+        });
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s.write_all(json.as_bytes()).unwrap();
+        s.write_all(b"\n").unwrap();
+        let mut r = BufReader::new(s);
+        (0..n)
+            .map_while(|_| {
+                let mut line = String::new();
+                r.read_line(&mut line).ok().filter(|&n| n > 0)?;
+                Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            })
+            .collect()
+    }
+
+    fn request(&self, json: &str) -> serde_json::Value {
+        let mut got = self.request_lines(json, 1);
+        assert!(
+            !got.is_empty(),
+            "no answer to {json}: {}\n{:?}",
+            self.stderr(),
+            self.lines().iter().rev().take(8).collect::<Vec<_>>()
+        );
+        got.remove(0)
+    }
+
+    /// Waits for the process to end and returns its status.
+    fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let run = wait_limited(self.child.take().unwrap(), limit);
+        // Give the readers a moment to take the last lines.
+        std::thread::sleep(Duration::from_millis(50));
+        run.code
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Sends `migrate` and returns the answer and, when it succeeded, the exit event after it.
+fn migrate(src: &Vmm, port: u16, extra: &str) -> Vec<serde_json::Value> {
+    let mut s = UnixStream::connect(&src.control).expect("connect to the control socket");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    writeln!(s, r#"{{"cmd":"migrate","to":"127.0.0.1:{port}"{extra}}}"#).unwrap();
+    let mut r = BufReader::new(s);
+    let mut out = Vec::new();
+    let mut line = String::new();
+    while r.read_line(&mut line).is_ok_and(|n| n > 0) {
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        let last = v["result"] == "error" || v["event"].is_string();
+        out.push(v);
+        line.clear();
+        if last {
+            break;
+        }
+    }
+    assert!(!out.is_empty(), "no answer to migrate: {}", src.stderr());
+    out
+}
+
+#[test]
+fn migrate_a_dirtying_guest_to_a_new_process() {
+    if !kvm_available("migrate_a_dirtying_guest_to_a_new_process") {
+        return;
+    }
+    let dir = scratch("dirtying");
+    let (mut dst, port) = Vmm::destination(&dir);
+    let waiting = dst.request(r#"{"cmd":"status"}"#);
+    assert_eq!(waiting["status"]["state"], "incoming", "{waiting}");
+    assert_eq!(
+        dst.request(r#"{"cmd":"pause"}"#)["code"],
+        "invalid_state",
+        "an incoming VMM answers only status"
+    );
+    let mut src = Vmm::source(&dir, "count=1000", &["--memory", "512", "--cpus", "2"]);
+    src.wait_tick(20);
+    let started = Instant::now();
+    let answer = migrate(&src, port, "");
+    let took = started.elapsed();
+    let r = &answer[0];
+    assert_eq!(r["result"], "ok", "{r}\n{}", src.stderr());
+    let m = &r["status"]["migration"];
+    assert_eq!(m["phase"], "completed", "{r}");
+    let rounds = m["rounds"].as_u64().unwrap();
+    let bytes = m["bytes"].as_u64().unwrap();
+    let downtime = m["downtime_ms"].as_u64().unwrap();
+    // At least round 0 and the stop-and-copy round; at least the 4 MiB the guest writes; far
+    // less than its 512 MiB (untouched memory is not sent).
+    assert!((2..=31).contains(&rounds), "{r}");
+    assert!(bytes > 4 << 20 && bytes < 64 << 20, "{r}");
+    assert!(downtime <= took.as_millis() as u64, "{r}");
+    assert!(m["final_dirty_pages"].is_u64(), "{r}");
+    let exit = answer.get(1).expect("the exit event follows the answer");
+    assert_eq!(
+        (&exit["event"], &exit["reason"], &exit["code"]),
+        (&"exit".into(), &"migrated".into(), &0.into()),
+        "{exit}"
+    );
+    assert_eq!(
+        src.wait(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        src.stderr()
+    );
+    assert!(
+        src.stderr().contains("migrated to 127.0.0.1"),
+        "{}",
+        src.stderr()
+    );
+
+    assert_eq!(
+        dst.wait(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        dst.stderr()
+    );
+    // The source's last line may be cut where the vCPU stopped (the destination prints the
+    // rest of it): only whole lines count.
+    let mut src_lines = src.lines();
+    src_lines.pop();
+    let before = ticks(&src_lines);
+    let after = ticks(&dst.lines());
+    let last = *before.last().unwrap();
+    let first = *after.first().expect("the destination printed no tick");
+    // The destination goes on from where the source stopped: the tick after the last whole
+    // line (or the one after, when the pause fell inside a line), never back; its clock too.
+    assert!(
+        (last.tick + 1..=last.tick + 2).contains(&first.tick),
+        "{first:?} after {last:?}"
+    );
+    assert!(first.rounds > last.rounds && first.clock > last.clock);
+    for w in after.windows(2) {
+        assert_eq!(w[1].tick, w[0].tick + 1, "{w:?}");
+        assert!(
+            w[1].rounds > w[0].rounds && w[1].clock > w[0].clock,
+            "{w:?}"
+        );
+    }
+    assert_eq!(after.last().unwrap().tick, 1000);
+    check_sums("source", &before[before.len().saturating_sub(3)..]);
+    check_sums("destination", &after[..3.min(after.len())]);
+    check_sums("destination", &after[after.len() - 2..]);
+    let lines = dst.lines();
+    assert!(lines.iter().any(|l| l == "count_done=1000"));
+    assert!(lines.iter().any(|l| l == "probe=exit:poweroff"));
+    println!(
+        "dirtying guest (512 MiB, 2 vCPUs, 4 MiB rewritten): total {} ms, downtime {downtime} ms, {} KiB, {rounds} rounds, {} pages in the last round",
+        m["total_ms"], bytes >> 10, m["final_dirty_pages"]
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn migrate_an_idle_guest_with_a_device() {
+    if !kvm_available("migrate_an_idle_guest_with_a_device") {
+        return;
+    }
+    let dir = scratch("idle");
+    let (mut dst, port) = Vmm::destination(&dir);
+    // The probe reads the rng, then halts: an idle guest with a virtio device, whose state and
+    // the pages the device wrote must arrive too.
+    let mut src = Vmm::source(
+        &dir,
+        "smp=off rng=4096 exit=halt",
+        &["--memory", "256", "--rng"],
+    );
+    let t = Instant::now();
+    while !src.lines().iter().any(|l| l.starts_with("rng_bytes=")) {
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", src.lines());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let answer = migrate(&src, port, r#","downtime_ms":20"#);
+    let r = &answer[0];
+    assert_eq!(r["result"], "ok", "{r}\n{}", src.stderr());
+    let m = &r["status"]["migration"];
+    assert_eq!(
+        src.wait(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        src.stderr()
+    );
+    let s = dst.request(r#"{"cmd":"status"}"#);
+    assert_eq!(s["status"]["state"], "running", "{s}");
+    assert_eq!(s["status"]["vcpus"], 1, "{s}");
+    // The halted guest is woken by nothing; the destination runs it until it is told to quit.
+    let q = dst.request_lines(r#"{"cmd":"quit"}"#, 2);
+    assert_eq!(q[1]["reason"], "quit", "{q:?}");
+    assert_eq!(
+        dst.wait(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        dst.stderr()
+    );
+    println!(
+        "idle guest (256 MiB, rng): total {} ms, downtime {} ms, {} KiB, {} rounds, {} pages in the last round",
+        m["total_ms"],
+        m["downtime_ms"],
+        m["bytes"].as_u64().unwrap() >> 10,
+        m["rounds"],
+        m["final_dirty_pages"]
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// The source answered `answer` with an error containing `want`, and still runs the guest.
+fn still_running(src: &Vmm, answer: &serde_json::Value, want: &str) {
+    assert_eq!(answer["result"], "error", "{answer}");
+    let message = answer["message"].as_str().unwrap();
+    assert!(message.contains(want), "want {want:?}: {message}");
+    assert!(!message.contains('\n'), "{message}");
+    let s = src.request(r#"{"cmd":"status"}"#);
+    assert_eq!(s["status"]["state"], "running", "{s}");
+    assert_eq!(s["status"]["migration"]["phase"], "failed", "{s}");
+    let at = ticks(&src.lines()).last().unwrap().tick;
+    src.wait_tick(at + 3);
+}
+
+#[test]
+fn failed_migrations_leave_the_source_running() {
+    if !kvm_available("failed_migrations_leave_the_source_running") {
+        return;
+    }
+    let dir = scratch("failed");
+    let mut src = Vmm::source(&dir, "count=100000", &["--memory", "128"]);
+    src.wait_tick(5);
+
+    // Nobody listens.
+    let free = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = free.local_addr().unwrap().port();
+    drop(free);
+    let a = migrate(&src, port, "");
+    still_running(&src, &a[0], "cannot connect");
+
+    // A listener that hangs up at once.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || drop(l.accept()));
+    let a = migrate(&src, port, "");
+    t.join().unwrap();
+    still_running(&src, &a[0], "migration to 127.0.0.1");
+
+    // A peer of another protocol version.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let t = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut hello = b"FERROMIG".to_vec();
+        hello.extend_from_slice(&99u32.to_le_bytes());
+        hello.extend_from_slice(&0u32.to_le_bytes());
+        s.write_all(&hello).unwrap();
+        let mut sink = Vec::new();
+        let _ = s.read_to_end(&mut sink);
+    });
+    let a = migrate(&src, port, "");
+    t.join().unwrap();
+    still_running(&src, &a[0], "version 99");
+
+    // A real destination killed mid-way: the stream goes through a proxy that stops after
+    // 2 MiB (round 0 is under way), so the source is seen migrating; then the destination is
+    // killed and the proxy hangs up on the source.
+    let (mut dst, port) = Vmm::destination(&dir);
+    let proxy = Proxy::start(port, 2 << 20);
+    let mut conn = UnixStream::connect(&src.control).unwrap();
+    conn.write_all(
+        format!(
+            "{{\"cmd\":\"migrate\",\"to\":\"127.0.0.1:{}\"}}\n",
+            proxy.port
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    proxy.stalled();
+    let progress = src.request(r#"{"cmd":"status"}"#);
+    assert_eq!(progress["status"]["state"], "migrating", "{progress}");
+    let m = &progress["status"]["migration"];
+    // Round 0 may have fitted in the socket buffers: then the vCPUs are paused already.
+    assert!(
+        m["phase"] == "precopy" || m["phase"] == "stop_and_copy",
+        "{progress}"
+    );
+    assert!(m["bytes"].as_u64() > Some(1 << 20), "{progress}");
+    let t = Instant::now();
+    loop {
+        let d = dst.request(r#"{"cmd":"status"}"#);
+        assert_eq!(d["status"]["state"], "incoming", "{d}");
+        if d["status"]["migration"]["pages"].as_u64() > Some(0) {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(10), "{d}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    dst.kill();
+    drop(proxy);
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line).unwrap();
+    let a: serde_json::Value = serde_json::from_str(&line).unwrap();
+    still_running(&src, &a, "migration to 127.0.0.1");
+
+    // After all that the guest finishes on the source as if nothing happened.
+    src.request(r#"{"cmd":"quit"}"#);
+    assert_eq!(src.wait(Duration::from_secs(10)), Some(0));
+    let ts = ticks(&src.lines());
+    for w in ts.windows(2) {
+        assert_eq!(w[1].tick, w[0].tick + 1, "{w:?}");
+    }
+    check_sums("source", &ts[ts.len() - 2..]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_destination_fed_a_broken_stream_exits_1_with_one_line() {
+    if !kvm_available("a_destination_fed_a_broken_stream_exits_1_with_one_line") {
+        return;
+    }
+    let dir = scratch("broken");
+    for (what, bytes, want) in [
+        (
+            "not our protocol",
+            b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+            "does not speak",
+        ),
+        ("cut after the hello", hello(1), "closed the connection"),
+        ("another version", hello(7), "version 7"),
+        (
+            "garbage after the hello",
+            [hello(1), vec![0x99, 0, 0, 0, 0]].concat(),
+            "unknown record kind",
+        ),
+    ] {
+        let (mut dst, port) = Vmm::destination(&dir);
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(&bytes).unwrap();
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        assert_eq!(dst.wait(Duration::from_secs(10)), Some(1), "{what}");
+        let err = dst.stderr();
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 2, "{what}: {err}");
+        assert!(lines[1].contains(want), "{what}: want {want:?}: {err}");
+    }
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+fn hello(version: u32) -> Vec<u8> {
+    let mut h = b"FERROMIG".to_vec();
+    h.extend_from_slice(&version.to_le_bytes());
+    h.extend_from_slice(&0u32.to_le_bytes());
+    h
+}
+
+/// A TCP proxy to 127.0.0.1:`to` that forwards at most `limit` bytes towards it, then holds
+/// the connection until dropped.
+struct Proxy {
+    port: u16,
+    stalled: std::sync::mpsc::Receiver<()>,
+    streams: Arc<Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    fn start(to: u16, limit: usize) -> Self {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, stalled) = std::sync::mpsc::channel();
+        let streams = Arc::new(Mutex::new(Vec::new()));
+        let keep = streams.clone();
+        std::thread::spawn(move || {
+            let (mut from, _) = l.accept().unwrap();
+            let mut dst = std::net::TcpStream::connect(("127.0.0.1", to)).unwrap();
+            keep.lock()
+                .unwrap()
+                .extend([from.try_clone().unwrap(), dst.try_clone().unwrap()]);
+            let (mut back_from, mut back_to) =
+                (dst.try_clone().unwrap(), from.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut back_from, &mut back_to));
+            let mut left = limit;
+            let mut buf = vec![0u8; 64 * 1024];
+            while left > 0 {
+                let n = match from.read(&mut buf[..left.min(64 * 1024)]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => n,
+                };
+                if dst.write_all(&buf[..n]).is_err() {
+                    break;
+                }
+                left -= n;
+            }
+            let _ = tx.send(());
+        });
+        Self {
+            port,
+            stalled,
+            streams,
+        }
+    }
+
+    /// Waits until the limit is reached.
+    fn stalled(&self) {
+        self.stalled
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the proxy never reached its limit");
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for s in self.streams.lock().unwrap().iter() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
