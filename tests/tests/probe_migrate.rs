@@ -159,7 +159,10 @@ impl Vmm {
     fn source(dir: &Path, cmdline: &str, extra: &[&str]) -> Self {
         let mut cmd = Command::new(vmm());
         cmd.args(["--kernel", probe().to_str().unwrap(), "--cmdline", cmdline])
-            .args(extra);
+            .args(extra)
+            // The destination compares its copy of the memory with the source's, page by
+            // page hashes per 2 MiB, and refuses the VM if anything differs.
+            .env("FERRO_MIGRATE_VERIFY", "1");
         Self::spawn(&mut cmd, dir.join("src.sock"))
     }
 

@@ -44,6 +44,7 @@
 //!   2 Pages    count u32 | count x (guest_addr u64 | 4096 bytes)   (at most 64 per record)
 //!   3 Zeros    count u32 | count x (guest_addr u64 | pages u64)    (pages that are zero now)
 //!   5 State    fnv1a64 u64 | JSON MachineState                     (once, after the last pages)
+//!   8 Verify   count u32 | count x u64                             (optional, before State)
 //!   6 End      -                                                   (nothing follows)
 //!   7 Abort    UTF-8 reason                                        (the source gave up)
 //!   destination -> source
@@ -54,6 +55,13 @@
 //! the regions are exactly the layout of its `memory_mib`, every page address (page-aligned,
 //! the whole page inside one region) and zero run, the record lengths, the state's checksum
 //! and its vCPU and device counts, and refuses the stream with one line otherwise.
+//!
+//! # Checking the copy
+//! With `FERRO_MIGRATE_VERIFY=1` in the source VMM's environment, the stop-and-copy round
+//! also sends [`chunk_hashes`] of the paused guest's memory (one per 2 MiB), and the destination
+//! refuses the VM unless its own memory hashes the same, naming the first chunk that differs.
+//! It costs a pass over the populated memory on both sides inside the downtime, so it is for
+//! tests (`tests/tests/probe_migrate.rs` sets it), not for production.
 
 pub mod recv;
 pub mod send;
@@ -137,6 +145,41 @@ pub fn tcp_address(spec: &str) -> Result<&str, MigrationError> {
         Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(addr),
         _ => Err(MigrationError::Address(spec.to_string())),
     }
+}
+
+/// The environment variable that turns the end-to-end check of the copy on (source side).
+pub const VERIFY_ENV: &str = "FERRO_MIGRATE_VERIFY";
+/// Bytes of guest memory per [`chunk_hashes`] entry.
+pub const VERIFY_CHUNK: u64 = 2 << 20;
+
+/// One hash per [`VERIFY_CHUNK`] of `mem`'s regions in order (a region's last chunk may be
+/// shorter), folded from [`page_hash`] of each page; pages this process never populated are
+/// zero and hash as such without being read.
+pub fn chunk_hashes(mem: &crate::memory::GuestMemory) -> Vec<u64> {
+    use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+    let zero = page_hash(&[0u8; wire::PAGE as usize]);
+    let per_chunk = (VERIFY_CHUNK / wire::PAGE) as usize;
+    let mut out = Vec::new();
+    let mut buf = [0u8; wire::PAGE as usize];
+    for r in mem.iter() {
+        let pages = (r.len() / wire::PAGE) as usize;
+        let touched = crate::memfile::touched_pages(r.as_ptr() as usize, pages as u64);
+        for first in (0..pages).step_by(per_chunk) {
+            let mut h = 0xcbf2_9ce4_8422_2325u64;
+            for p in first..(first + per_chunk).min(pages) {
+                let absent = touched.as_ref().is_some_and(|t| t.get(p) == Some(&false));
+                let addr = GuestAddress(r.start_addr().0 + p as u64 * wire::PAGE);
+                let v = if absent || mem.read_slice(&mut buf, addr).is_err() {
+                    zero
+                } else {
+                    page_hash(&buf)
+                };
+                h = (h ^ v).wrapping_mul(0x0000_0100_0000_01b3);
+            }
+            out.push(h);
+        }
+    }
+    out
 }
 
 /// A 64-bit hash of one page, fast enough to run over all populated guest memory while the

@@ -17,7 +17,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::wire::{self, Kind, Record, PAGE};
-use super::{tcp_address, MigrationError, Setup};
+use super::{chunk_hashes, tcp_address, MigrationError, Setup, VERIFY_CHUNK};
 use crate::control::{Applied, ControlServer, ControlTarget};
 use crate::memory::GuestMemory;
 use crate::snapshot::MachineState;
@@ -258,6 +258,7 @@ fn receive(
     })?;
     let zeros = [0u8; 64 * 1024];
     let mut state = None;
+    let mut verify = None;
     let (mut bytes, mut pages) = (0u64, 0u64);
     loop {
         let rec = wire::read_record(r, &mut buf)?;
@@ -303,8 +304,12 @@ fn receive(
                 }
                 state = Some(s);
             }
+            Record::Verify(hashes) => verify = Some(hashes),
             Record::End => {
                 let state = state.ok_or_else(|| bad("the end came before the state".into()))?;
+                if let Some(want) = verify {
+                    check_copy(&memory, &want)?;
+                }
                 return Ok((config, state, memory));
             }
             Record::Abort(why) => return Err(MigrationError::Aborted(why)),
@@ -316,6 +321,25 @@ fn receive(
         let mut s = progress.lock().unwrap_or_else(|e| e.into_inner());
         s.bytes = bytes;
         s.pages = pages;
+    }
+}
+
+/// Compares this side's memory with the source's [`chunk_hashes`].
+fn check_copy(memory: &GuestMemory, want: &[u64]) -> Result<(), MigrationError> {
+    let have = chunk_hashes(memory);
+    if have.len() != want.len() {
+        return Err(bad(format!(
+            "{} memory hashes for {} chunks",
+            want.len(),
+            have.len()
+        )));
+    }
+    match have.iter().zip(want).position(|(a, b)| a != b) {
+        None => Ok(()),
+        Some(i) => Err(MigrationError::Vmm(format!(
+            "the copy differs from the source's memory in chunk {i} ({} MiB into RAM)",
+            i as u64 * VERIFY_CHUNK >> 20
+        ))),
     }
 }
 
@@ -393,5 +417,18 @@ mod tests {
         write_record(&mut w, Kind::Abort, b"vCPUs would not pause").unwrap();
         let e = run(&w).err().unwrap();
         assert!(e.to_string().contains("vCPUs would not pause"), "{e}");
+    }
+
+    #[test]
+    fn a_copy_that_differs_is_found() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        mem.write_slice(&[5; 4096], GuestAddress(0x1000)).unwrap();
+        let want = chunk_hashes(&mem);
+        assert_eq!(want.len(), 4);
+        check_copy(&mem, &want).unwrap();
+        mem.write_slice(&[1], GuestAddress((4 << 20) + 17)).unwrap();
+        let e = check_copy(&mem, &want).unwrap_err().to_string();
+        assert!(e.contains("chunk 2 (4 MiB into RAM)"), "{e}");
+        assert!(check_copy(&mem, &want[..3]).is_err());
     }
 }

@@ -436,6 +436,9 @@ pub fn migrate(
         let final_pages = count(&pending);
         s.round(round)?;
         s.dirty(&pending)?;
+        if std::env::var_os(super::VERIFY_ENV).is_some_and(|v| v == "1") {
+            wire::write_verify(&mut s.out, &super::chunk_hashes(&src.memory))?;
+        }
         let json = serde_json::to_vec(&state).map_err(|e| MigrationError::Vmm(e.to_string()))?;
         wire::write_state(&mut s.out, &json)?;
         wire::write_record(&mut s.out, Kind::End, &[])?;

@@ -38,6 +38,9 @@ pub enum Kind {
     End = 6,
     /// Source: it gave up; UTF-8 reason.
     Abort = 7,
+    /// Source, optional: `u32` count, then per 2 MiB of guest memory a `u64` hash
+    /// ([`super::chunk_hashes`]) the destination checks its copy against.
+    Verify = 8,
     /// Destination: the VM is built and runs.
     Ack = 0x41,
     /// Destination: it cannot take the VM; UTF-8 reason.
@@ -54,6 +57,7 @@ impl Kind {
             5 => Self::State,
             6 => Self::End,
             7 => Self::Abort,
+            8 => Self::Verify,
             0x41 => Self::Ack,
             0x42 => Self::Refuse,
             _ => return None,
@@ -78,6 +82,8 @@ pub enum Record<'a> {
     End,
     /// [`Kind::Abort`].
     Abort(String),
+    /// [`Kind::Verify`].
+    Verify(Vec<u64>),
     /// [`Kind::Ack`].
     Ack,
     /// [`Kind::Refuse`].
@@ -196,6 +202,16 @@ pub fn write_zeros(w: &mut impl Write, runs: &[(u64, u64)]) -> Result<(), Migrat
     write_record(w, Kind::Zeros, &payload)
 }
 
+/// Writes a [`Kind::Verify`] record.
+pub fn write_verify(w: &mut impl Write, hashes: &[u64]) -> Result<(), MigrationError> {
+    let mut payload = Vec::with_capacity(4 + hashes.len() * 8);
+    payload.extend_from_slice(&(hashes.len() as u32).to_le_bytes());
+    for h in hashes {
+        payload.extend_from_slice(&h.to_le_bytes());
+    }
+    write_record(w, Kind::Verify, &payload)
+}
+
 /// Collects pages into one [`Kind::Pages`] record.
 pub struct PageBatch {
     buf: Vec<u8>,
@@ -303,6 +319,7 @@ pub fn read_record<'a>(
                 .map(|e| (u64_at(e), u64_at(&e[8..])))
                 .collect(),
         ),
+        Kind::Verify => Record::Verify(counted(8)?.chunks_exact(8).map(u64_at).collect()),
         Kind::Round if p.len() == 4 => Record::Round(u32_at(p)),
         Kind::Round => return Err(malformed(format!("Round record of {} bytes", p.len()))),
         Kind::State => {
@@ -340,6 +357,7 @@ mod tests {
         assert_eq!(b.flush(&mut w).unwrap(), 2);
         assert_eq!(b.flush(&mut w).unwrap(), 0, "an empty batch writes nothing");
         write_zeros(&mut w, &[(0x2000, 3), (0x10_0000, 1)]).unwrap();
+        write_verify(&mut w, &[1, u64::MAX]).unwrap();
         write_state(&mut w, b"{\"state\":true}").unwrap();
         write_record(&mut w, Kind::End, &[]).unwrap();
         w
@@ -369,6 +387,10 @@ mod tests {
         assert_eq!(
             read_record(&mut r, &mut buf).unwrap(),
             Record::Zeros(vec![(0x2000, 3), (0x10_0000, 1)])
+        );
+        assert_eq!(
+            read_record(&mut r, &mut buf).unwrap(),
+            Record::Verify(vec![1, u64::MAX])
         );
         assert_eq!(
             read_record(&mut r, &mut buf).unwrap(),
