@@ -338,7 +338,7 @@ fn check_copy(memory: &GuestMemory, want: &[u64]) -> Result<(), MigrationError> 
         None => Ok(()),
         Some(i) => Err(MigrationError::Vmm(format!(
             "the copy differs from the source's memory in chunk {i} ({} MiB into RAM)",
-            i as u64 * VERIFY_CHUNK >> 20
+            (i as u64 * VERIFY_CHUNK) >> 20
         ))),
     }
 }
