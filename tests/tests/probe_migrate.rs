@@ -170,7 +170,12 @@ impl Vmm {
     fn destination(dir: &Path) -> (Self, u16) {
         let mut cmd = Command::new(vmm());
         cmd.args(["--incoming", "tcp:127.0.0.1:0"]);
-        let d = Self::spawn(&mut cmd, dir.join("dst.sock"));
+        Self::destination_from(&mut cmd, dir)
+    }
+
+    /// The destination `cmd` starts, and the port it listens on.
+    fn destination_from(cmd: &mut Command, dir: &Path) -> (Self, u16) {
+        let d = Self::spawn(cmd, dir.join("dst.sock"));
         let t = Instant::now();
         loop {
             let err = d.stderr();
@@ -430,6 +435,63 @@ fn migrate_an_idle_guest_with_a_device() {
         m["bytes"].as_u64().unwrap() >> 10,
         m["rounds"],
         m["final_dirty_pages"]
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_migrated_vm_that_reboots_starts_again_from_its_configuration() {
+    if !kvm_available("a_migrated_vm_that_reboots_starts_again_from_its_configuration") {
+        return;
+    }
+    let dir = scratch("reboot");
+    let mut cmd = Command::new(vmm());
+    cmd.args(["--incoming", "tcp:127.0.0.1:0", "--on-reboot", "restart"]);
+    let (mut dst, port) = Vmm::destination_from(&mut cmd, &dir);
+    let mut src = Vmm::source(&dir, "count=150 exit=reboot smp=off", &["--memory", "64"]);
+    src.wait_tick(5);
+    assert_eq!(
+        migrate(&src, port, "")[0]["result"],
+        "ok",
+        "{}",
+        src.stderr()
+    );
+    assert_eq!(src.wait(Duration::from_secs(10)), Some(0));
+    // The guest reboots on the destination, which boots it afresh in place (same pid):
+    // a second probe=start, and boots = 2.
+    let t = Instant::now();
+    while dst.lines().iter().filter(|l| *l == "probe=start").count() < 1 {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "{}\n{:?}",
+            dst.stderr(),
+            dst.lines()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = Instant::now();
+    let s = loop {
+        if let Ok(mut c) = UnixStream::connect(&dst.control) {
+            let _ = writeln!(c, r#"{{"cmd":"status"}}"#);
+            let mut line = String::new();
+            let _ = BufReader::new(c).read_line(&mut line);
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                if v["status"]["boots"] == 2 {
+                    break v;
+                }
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(30), "{}", dst.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(s["status"]["state"], "running", "{s}");
+    let q = dst.request_lines(r#"{"cmd":"quit"}"#, 2);
+    assert_eq!(q[1]["reason"], "quit", "{q:?}");
+    assert_eq!(
+        dst.wait(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        dst.stderr()
     );
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -251,7 +251,10 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
         if let Some(c) = socket_console() {
             c.hand_over();
         }
-        return Err(restart_in_place(boots + 1));
+        // A VM that came in by migration boots again from its configuration, not by waiting
+        // for another migration.
+        let migrated = args.incoming.is_some().then_some(&cfg);
+        return Err(restart_in_place(boots + 1, migrated));
     }
     if let Some(c) = &mut control {
         c.announce(ControlEvent::Exit {
@@ -266,14 +269,42 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
     Ok(end.status)
 }
 
-/// Executes this program again with the same arguments; returns only on failure.
-fn restart_in_place(boot: u32) -> VmmError {
+/// Executes this program again with the same arguments; returns only on failure. With
+/// `config` (a VM that came in by migration), `--incoming` gives way to `--config FILE`, a
+/// JSON copy of `config` written for the purpose.
+fn restart_in_place(boot: u32, config: Option<&VmConfig>) -> VmmError {
     use std::os::unix::process::CommandExt;
     let mut argv = std::env::args_os();
     let arg0 = argv.next().unwrap_or_else(|| "ferro-vmm".into());
+    let mut args: Vec<std::ffi::OsString> = argv.collect();
+    if let Some(cfg) = config {
+        let path = std::env::temp_dir().join(format!("ferro-vmm-{}.json", std::process::id()));
+        let json = match serde_json::to_vec_pretty(cfg) {
+            Ok(j) => j,
+            Err(e) => return VmmError::Migration(format!("cannot save the configuration: {e}")),
+        };
+        if let Err(e) = std::fs::write(&path, json) {
+            return VmmError::io("cannot save the configuration for the restart")(e);
+        }
+        let mut kept = Vec::with_capacity(args.len());
+        let mut skip = false;
+        for a in args {
+            if std::mem::take(&mut skip) {
+                continue;
+            }
+            if a == "--incoming" {
+                skip = true;
+            } else if !a.to_string_lossy().starts_with("--incoming=") {
+                kept.push(a);
+            }
+        }
+        kept.push("--config".into());
+        kept.push(path.into());
+        args = kept;
+    }
     let err = std::process::Command::new("/proc/self/exe")
         .arg0(arg0)
-        .args(argv)
+        .args(args)
         .env(BOOT_ENV, boot.to_string())
         .exec();
     VmmError::io("cannot restart the VMM in place")(err)
