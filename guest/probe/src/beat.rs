@@ -57,7 +57,7 @@ extern "sysv64" fn beat_loop(arg: u64) -> u64 {
         if now >= next {
             let mut l = Line::new();
             l.s("hb=").dec(seq);
-            if seq % 100 == 0 && b.pages_per_sec > 0 {
+            if seq.is_multiple_of(100) && b.pages_per_sec > 0 {
                 l.s(" dirtied=").dec(dirtied).s(" clock=").dec(now);
             }
             drop(l);
@@ -111,9 +111,7 @@ pub fn run(cmd: &[u8], free: &crate::user::MemTest) {
     }
     let period_ns = num(cmd, b"beat_us").unwrap_or(1000).max(1) * 1000;
     let rate = num(cmd, b"dirty_mibs").unwrap_or(0);
-    let fill = cmd
-        .split(|&c| c == b' ')
-        .any(|t| t == b"beat_fill=on");
+    let fill = cmd.split(|&c| c == b' ').any(|t| t == b"beat_fill=on");
     let bytes = num(cmd, b"dirty_mib").unwrap_or(128).max(1) << 20;
     let region = free.ranges[..free.n].iter().find_map(|r| {
         let s = (r.0 + PAGE - 1) & !(PAGE - 1);
