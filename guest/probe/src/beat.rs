@@ -7,8 +7,9 @@
 //!
 //! With `dirty_mibs=R` it also dirties R MiB of 4 KiB pages per second of kvmclock (one 64-bit
 //! word per page, the pages of a `dirty_mib=M` MiB region of free RAM in turn, default 128),
-//! spread over each period; a period's quota that could not be written before the next beat
-//! is dropped, not caught up later. With `beat_fill=on` it first writes a non-zero word into
+//! spread over each period (a late beat's period counts for its real length, up to two
+//! periods); a period's quota that could not be written before the next beat is dropped, not
+//! caught up later. With `beat_fill=on` it first writes a non-zero word into
 //! every page of that region (so a migration has that much memory that is not zero to send).
 
 use crate::kvmclock;
@@ -52,6 +53,7 @@ extern "sysv64" fn beat_loop(arg: u64) -> u64 {
     // Pages still to write in this period, and the remainder (in page-nanoseconds) carried.
     let mut quota = 0u64;
     let mut carry = 0u64;
+    let mut last = start;
     while seq <= b.beats {
         let now = kvmclock::now_ns();
         if now >= next {
@@ -67,9 +69,13 @@ extern "sysv64" fn beat_loop(arg: u64) -> u64 {
                 next = now + b.period_ns;
             }
             if b.pages_per_sec > 0 {
-                let owed = b.pages_per_sec * b.period_ns + carry;
+                // The time since the last beat (late beats owe more), at most two periods (a
+                // pause of the guest is not caught up).
+                let since = (now - last).min(2 * b.period_ns);
+                let owed = b.pages_per_sec * since + carry;
                 quota = owed / 1_000_000_000;
                 carry = owed % 1_000_000_000;
+                last = now;
             }
             continue;
         }
