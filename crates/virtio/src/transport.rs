@@ -379,6 +379,22 @@ impl VirtioPciDevice {
         (bar == 0 && matches!(len, 1 | 2 | 4) && off % len as u64 == 0).then_some((off, len))
     }
 
+    /// Raises every ready queue's interrupt once, for a device restored from a saved state.
+    /// A notification the device sent just before the save may be missing from the saved
+    /// interrupt controller state (KVM injects irqfd MSIs asynchronously); with EVENT_IDX the
+    /// driver would then wait for it forever while the device believes it was sent. A driver
+    /// that had nothing to wait for just finds no new used buffers.
+    pub fn signal_all_queues(&self) {
+        if !self.active {
+            return;
+        }
+        for (i, q) in self.regs.queues.iter().enumerate() {
+            if q.ready {
+                self.signals.signal_queue(i as u16);
+            }
+        }
+    }
+
     /// Saves the transport and its device.
     pub fn save(&self) -> VirtioPciState {
         VirtioPciState {
