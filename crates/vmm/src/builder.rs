@@ -17,7 +17,7 @@ use crate::kernel::{self, BootProtocol, KernelEntry};
 use crate::machine::{self, ExitLatch, Machine};
 use crate::memory::{self, GuestMemory};
 use crate::pci::PciDevices;
-use crate::snapshot::Loaded;
+use crate::snapshot::{Loaded, MachineState};
 use crate::{console, VmmError};
 use ferro_arch::memory_map::RamLayout;
 
@@ -80,7 +80,18 @@ fn host_side(cfg: &VmConfig) -> Result<HostSide, VmmError> {
 /// snapshot's memory file, devices, vCPUs and KVM's in-kernel state restored.
 pub fn restore(cfg: &VmConfig, snap: &Loaded) -> Result<BuiltVm, VmmError> {
     cfg.validate()?;
-    let state = &snap.state;
+    restore_from(cfg, &snap.state, snap.map_memory()?)
+}
+
+/// Builds the VM whose machine state is `state` and whose guest memory `mem` holds (a
+/// snapshot's memory mapped from its file, or the memory a migration filled), ready to
+/// continue: devices, vCPUs and KVM's in-kernel state restored.
+pub fn restore_from(
+    cfg: &VmConfig,
+    state: &MachineState,
+    mem: GuestMemory,
+) -> Result<BuiltVm, VmmError> {
+    cfg.validate()?;
     let HostSide {
         disks,
         serial_out,
@@ -89,7 +100,6 @@ pub fn restore(cfg: &VmConfig, snap: &Loaded) -> Result<BuiltVm, VmmError> {
     } = host_side(cfg)?;
     let hypervisor = Hypervisor::new()?;
     let vm = Arc::new(hypervisor.create_vm()?);
-    let mem = snap.map_memory()?;
     memory::register(&vm, &mem, cfg.memory_mib)?;
     let layout = RamLayout::new(cfg.memory_mib << 20);
     vm.setup_platform()?;
