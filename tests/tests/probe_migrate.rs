@@ -700,6 +700,10 @@ fn a_destination_fed_a_broken_stream_exits_1_with_one_line() {
         let lines: Vec<&str> = err.lines().collect();
         assert_eq!(lines.len(), 2, "{what}: {err}");
         assert!(lines[1].contains(want), "{what}: want {want:?}: {err}");
+        assert!(
+            !dir.join("dst.sock").exists(),
+            "{what}: the control socket stayed"
+        );
     }
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -168,7 +168,19 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
                 .as_deref()
                 .map(ControlServer::bind)
                 .transpose()?;
-            let got = ferro_vmm::migration::recv::incoming(listener, control.as_mut())?;
+            // Nothing is left behind when the VM does not come: no control socket file.
+            let gone = |control: &Option<ControlServer>| {
+                if let Some(c) = control {
+                    let _ = std::fs::remove_file(c.path());
+                }
+            };
+            let got = match ferro_vmm::migration::recv::incoming(listener, control.as_mut()) {
+                Ok(g) => g,
+                Err(e) => {
+                    gone(&control);
+                    return Err(e);
+                }
+            };
             let started = std::time::Instant::now();
             let mut cfg = got.config.clone();
             if let Some(s) = &args.serial {
@@ -187,6 +199,7 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
                 }
                 Err(e) => {
                     ferro_vmm::migration::recv::answer(&mut stream, Err(e.to_string()));
+                    gone(&control);
                     return Err(e);
                 }
             }

@@ -109,6 +109,7 @@ struct Sender<'a> {
     zero_hash: u64,
     pages: u64,
     progress: &'a Mutex<MigrationStatus>,
+    started: Instant,
 }
 
 impl Sender<'_> {
@@ -125,6 +126,7 @@ impl Sender<'_> {
         let mut s = self.status();
         s.bytes = bytes;
         s.pages = pages;
+        s.total_ms = self.started.elapsed().as_millis() as u64;
     }
 
     /// Sends page `page` of region `region`; in round 0 a zero page needs no record (the
@@ -275,6 +277,50 @@ impl Sender<'_> {
     }
 }
 
+impl Sender<'_> {
+    /// Pre-copy: round 0 sends everything, each later round what the guest dirtied during the
+    /// one before, until what is left fits the downtime at the bandwidth measured so far (or
+    /// the rounds run out). Returns the rounds sent and the pages dirty since the last one.
+    fn precopy(&mut self, req: &Request) -> Result<(u32, Bitmaps), MigrationError> {
+        let (vm, mem) = (&self.src.vm, &self.src.memory);
+        let mut sending = Duration::ZERO;
+        let mut round = 0u32;
+        let t = Instant::now();
+        self.round(0)?;
+        self.everything()?;
+        sending += t.elapsed();
+        let mut pending = memory::dirty_log(vm, mem)?;
+        loop {
+            round += 1;
+            let bw = (self.bytes() as f64 / sending.as_secs_f64().max(1e-6)).max(1.0);
+            let dirty = count(&pending);
+            let est_ms = dirty as f64 * PAGE_ENTRY as f64 / bw * 1000.0;
+            {
+                let mut st = self.status();
+                st.rounds = round;
+                st.remaining_dirty_pages = dirty;
+                st.bandwidth_bps = bw as u64;
+            }
+            if est_ms <= req.downtime_ms as f64 || round >= req.max_rounds {
+                return Ok((round, pending));
+            }
+            let t = Instant::now();
+            self.round(round)?;
+            self.dirty(&pending)?;
+            sending += t.elapsed();
+            pending = memory::dirty_log(vm, mem)?;
+        }
+    }
+
+    /// Tells the destination why the migration ends here (best effort: it may be gone), so
+    /// it exits with this reason; returns `e`.
+    fn abort(&mut self, e: MigrationError) -> MigrationError {
+        let _ = wire::write_record(&mut self.out, Kind::Abort, e.to_string().as_bytes());
+        let _ = self.out.flush();
+        e
+    }
+}
+
 /// Turns the dirty log off again unless disarmed.
 struct LogGuard<'a> {
     src: &'a Source,
@@ -367,39 +413,17 @@ pub fn migrate(
         zero_hash: page_hash(&[0u8; PAGE as usize]),
         pages: 0,
         progress,
+        started: t0,
     };
     if let Some(h) = s.hashes.as_mut() {
         let zh = s.zero_hash;
         h.iter_mut().for_each(|r| r.fill(zh));
     }
 
-    // Pre-copy: round 0 sends everything, each later round what the guest dirtied meanwhile.
-    let mut sending = Duration::ZERO;
-    let mut round = 0u32;
-    let t = Instant::now();
-    s.round(0)?;
-    s.everything()?;
-    sending += t.elapsed();
-    let mut pending = memory::dirty_log(&src.vm, &src.memory)?;
-    loop {
-        round += 1;
-        let bw = (s.bytes() as f64 / sending.as_secs_f64().max(1e-6)).max(1.0);
-        let dirty = count(&pending);
-        let est_ms = dirty as f64 * PAGE_ENTRY as f64 / bw * 1000.0;
-        set(&|st| {
-            st.rounds = round;
-            st.remaining_dirty_pages = dirty;
-            st.bandwidth_bps = bw as u64;
-        });
-        if est_ms <= req.downtime_ms as f64 || round >= req.max_rounds {
-            break;
-        }
-        let t = Instant::now();
-        s.round(round)?;
-        s.dirty(&pending)?;
-        sending += t.elapsed();
-        pending = memory::dirty_log(&src.vm, &src.memory)?;
-    }
+    let (round, mut pending) = match s.precopy(req) {
+        Ok(r) => r,
+        Err(e) => return Err(s.abort(e)),
+    };
 
     // Stop and copy.
     set(&|st| st.phase = Some(MigrationPhase::StopAndCopy));
@@ -408,7 +432,7 @@ pub fn migrate(
     if !was_paused {
         if let Err(e) = src.control.pause(PAUSE_TIMEOUT) {
             src.control.resume();
-            return Err(e.into());
+            return Err(s.abort(e.into()));
         }
     }
     let guards: Vec<_> = src
@@ -477,10 +501,7 @@ pub fn migrate(
             if !was_paused {
                 src.control.resume();
             }
-            // Best effort: tell the destination why, so it ends with this reason.
-            let _ = wire::write_record(&mut s.out, Kind::Abort, e.to_string().as_bytes());
-            let _ = s.out.flush();
-            Err(e)
+            Err(s.abort(e))
         }
     }
 }
