@@ -321,6 +321,29 @@ impl Sender<'_> {
     }
 }
 
+/// Where the downtime goes, for the log line.
+struct Marks {
+    last: Instant,
+    text: String,
+}
+
+impl Marks {
+    fn new(start: Instant) -> Self {
+        Self {
+            last: start,
+            text: String::new(),
+        }
+    }
+
+    fn mark(&mut self, what: &str) {
+        let now = Instant::now();
+        let sep = if self.text.is_empty() { "" } else { ", " };
+        let ms = (now - self.last).as_secs_f64() * 1000.0;
+        self.text.push_str(&format!("{sep}{what} {ms:.1} ms"));
+        self.last = now;
+    }
+}
+
 /// Turns the dirty log off again unless disarmed.
 struct LogGuard<'a> {
     src: &'a Source,
@@ -435,6 +458,8 @@ pub fn migrate(
             return Err(s.abort(e.into()));
         }
     }
+    let mut marks = Marks::new(paused_at);
+    marks.mark("pause");
     let guards: Vec<_> = src
         .virtio
         .iter()
@@ -453,11 +478,14 @@ pub fn migrate(
             legacy: src.legacy.save(),
             virtio,
         };
+        marks.mark("device and vCPU state");
         // What the destination opens must be on disk before it runs.
         crate::devices_block::flush_all();
+        marks.mark("disk flush");
         or_into(&mut pending, &memory::dirty_log(&src.vm, &src.memory)?);
         let host = s.host_writes(&mut pending);
         let final_pages = count(&pending);
+        marks.mark("dirty log and device-write check");
         s.round(round)?;
         s.dirty(&pending)?;
         if std::env::var_os(super::VERIFY_ENV).is_some_and(|v| v == "1") {
@@ -467,8 +495,11 @@ pub fn migrate(
         wire::write_state(&mut s.out, &json)?;
         wire::write_record(&mut s.out, Kind::End, &[])?;
         s.out.flush().map_err(MigrationError::Io)?;
+        marks.mark("last pages and state sent");
         let mut buf = Vec::new();
-        match wire::read_record(&mut reader, &mut buf)? {
+        let answer = wire::read_record(&mut reader, &mut buf)?;
+        marks.mark("destination built and answered");
+        match answer {
             Record::Ack => Ok((final_pages, host)),
             Record::Refuse(why) => Err(MigrationError::Refused(why)),
             other => Err(MigrationError::Malformed(format!(
@@ -491,9 +522,10 @@ pub fn migrate(
                 st.final_dirty_pages = Some(final_pages);
                 st.downtime_ms = Some(downtime);
             });
-            if host > 0 {
-                eprintln!("ferro-vmm: migration: {host} pages written by devices re-sent");
-            }
+            eprintln!(
+                "ferro-vmm: migration: stop-and-copy of {final_pages} pages ({host} written by devices): {}",
+                marks.text
+            );
             Ok(())
         }
         Err(e) => {
