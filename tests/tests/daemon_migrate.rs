@@ -464,3 +464,78 @@ fn migrate_a_guest_with_a_nic_between_two_network_namespaces() {
     drop(hosts);
     let _ = std::fs::remove_dir_all(&w);
 }
+
+#[test]
+fn destination_vmm_dying_mid_migration_leaves_the_vm_on_the_source() {
+    if !ready("destination_vmm_dying_mid_migration_leaves_the_vm_on_the_source") {
+        return;
+    }
+    let (w, token, disk) = setup("midway");
+    let a = Peer::start(w.join("a"), &token);
+    let b = Peer::start(w.join("b"), &token);
+    // A guest that dirties memory faster than a 1 ms downtime allows: pre-copy goes on.
+    create(
+        &a,
+        "m",
+        &disk,
+        "beat=10000000 beat_us=1000 dirty_mibs=400 dirty_mib=128 beat_fill=on",
+    );
+    a.json(&["vm", "edit", "m", "--memory", "512"]);
+    let pid = a.json(&["vm", "start", "m"])["pid"].as_u64();
+    std::thread::sleep(Duration::from_millis(500));
+    let cli = command(None, ferro())
+        .args(["vm", "migrate", "m", "--to", &b.url()])
+        .args(["--downtime-ms", "1", "--max-rounds", "100000"])
+        .env("FERRO_HOST", a.url())
+        .env("FERRO_TOKEN_FILE", &token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The destination's VMM is killed while it receives.
+    let t = Instant::now();
+    let incoming = loop {
+        let r = b.ferro(&["vm", "show", "m", "--json"]);
+        if r.code == Some(0) {
+            let v: Value = serde_json::from_str(&r.stdout).unwrap();
+            if v["state"] == "incoming" && v["pid"].is_u64() {
+                break v["pid"].as_u64().unwrap();
+            }
+        }
+        assert!(t.elapsed() < Duration::from_secs(20), "B never had it");
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let killed = Command::new("kill")
+        .args(["-9", &incoming.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let out: Run = cli.wait_with_output().unwrap().into();
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(out.stderr.contains("runs on here"), "{}", out.stderr);
+    // A still runs it, in the same VMM; B forgot it.
+    let v = a.json(&["vm", "show", "m"]);
+    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v["pid"].as_u64(), pid);
+    let seen = a.ferro(&["vm", "log", "m"]).stdout.matches("hb=").count();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(a.ferro(&["vm", "log", "m"]).stdout.matches("hb=").count() > seen || seen > 900);
+    let t = Instant::now();
+    while !b.names().is_empty() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{:?}", b.names());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let kinds: Vec<String> = a
+        .json(&["vm", "events", "m"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert!(kinds.iter().any(|k| k == "migration_failed"), "{kinds:?}");
+    drop(b);
+    drop(a);
+    let _ = std::fs::remove_dir_all(&w);
+}
