@@ -565,6 +565,56 @@ fn migrate_during_disk_io() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+#[test]
+fn migrate_a_vm_restored_from_a_snapshot() {
+    if !kvm_available("migrate_a_vm_restored_from_a_snapshot") {
+        return;
+    }
+    // A restored VM's memory is mapped from the snapshot's file: pages it has not touched
+    // since hold the file's bytes, not zeros, and must be sent all the same.
+    let dir = scratch("restored");
+    let snap = dir.join("snap");
+    let first = Vmm::source(&dir, "count=1000 smp=off", &["--memory", "128"]);
+    first.wait_tick(5);
+    let r = first.request(&format!(
+        r#"{{"cmd":"snapshot","dir":"{}","resume":false}}"#,
+        snap.display()
+    ));
+    assert_eq!(r["result"], "ok", "{r}");
+    drop(first);
+    let mut cmd = Command::new(vmm());
+    cmd.arg("--restore")
+        .arg(&snap)
+        .env("FERRO_MIGRATE_VERIFY", "1");
+    let mut src = Vmm::spawn(&mut cmd, dir.join("src.sock"));
+    let t = Instant::now();
+    while UnixStream::connect(&src.control).is_err() {
+        assert!(t.elapsed() < Duration::from_secs(10), "{}", src.stderr());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let (mut dst, port) = Vmm::destination(&dir);
+    let at = ticks(&src.lines()).first().map_or(6, |t| t.tick);
+    src.wait_tick(at + 3);
+    let answer = migrate(&src, port, "");
+    assert_eq!(answer[0]["result"], "ok", "{}\n{}", answer[0], src.stderr());
+    assert_eq!(
+        src.wait(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        src.stderr()
+    );
+    assert_eq!(
+        dst.wait(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        dst.stderr()
+    );
+    let after = ticks(&dst.lines());
+    assert_eq!(after.last().unwrap().tick, 1000);
+    check_sums("destination", &after[..3.min(after.len())]);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// The source answered `answer` with an error containing `want`, and still runs the guest.
 fn still_running(src: &Vmm, answer: &serde_json::Value, want: &str) {
     assert_eq!(answer["result"], "error", "{answer}");

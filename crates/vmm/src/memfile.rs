@@ -198,6 +198,16 @@ pub fn write(mem: &GuestMemory, path: &Path) -> Result<Written, MemFileError> {
     })
 }
 
+/// Which pages of guest RAM region `r` may hold data: for anonymous memory, the pages the
+/// host populated ([`touched_pages`]; the others read as zero); `None` (all of them) for a
+/// region mapped from a file, whose absent pages hold the file's bytes, or when it cannot tell.
+pub(crate) fn populated(r: &vm_memory::GuestRegionMmap) -> Option<Vec<bool>> {
+    if r.file_offset().is_some() {
+        return None;
+    }
+    touched_pages(r.as_ptr() as usize, r.len() / PAGE)
+}
+
 /// Which of the `pages` pages of this process's memory at `addr` are present or swapped out,
 /// from /proc/self/pagemap (bits 63 and 62 of each 8-byte entry); `None` when it cannot tell.
 pub(crate) fn touched_pages(addr: usize, pages: u64) -> Option<Vec<bool>> {

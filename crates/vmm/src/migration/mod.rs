@@ -153,8 +153,8 @@ pub const VERIFY_ENV: &str = "FERRO_MIGRATE_VERIFY";
 pub const VERIFY_CHUNK: u64 = 2 << 20;
 
 /// One hash per [`VERIFY_CHUNK`] of `mem`'s regions in order (a region's last chunk may be
-/// shorter), folded from [`page_hash`] of each page; pages this process never populated are
-/// zero and hash as such without being read.
+/// shorter), folded from [`page_hash`] of each page; anonymous pages this process never
+/// populated are zero and hash as such without being read.
 pub fn chunk_hashes(mem: &crate::memory::GuestMemory) -> Vec<u64> {
     use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
     let zero = page_hash(&[0u8; wire::PAGE as usize]);
@@ -163,7 +163,7 @@ pub fn chunk_hashes(mem: &crate::memory::GuestMemory) -> Vec<u64> {
     let mut buf = [0u8; wire::PAGE as usize];
     for r in mem.iter() {
         let pages = (r.len() / wire::PAGE) as usize;
-        let touched = crate::memfile::touched_pages(r.as_ptr() as usize, pages as u64);
+        let touched = crate::memfile::populated(r);
         for first in (0..pages).step_by(per_chunk) {
             let mut h = 0xcbf2_9ce4_8422_2325u64;
             for p in first..(first + per_chunk).min(pages) {

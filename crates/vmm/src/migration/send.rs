@@ -193,16 +193,16 @@ impl Sender<'_> {
         wire::write_record(&mut self.out, Kind::Round, &n.to_le_bytes())
     }
 
-    /// Round 0: every page that may hold data (pages the host never populated are zero).
+    /// Round 0: every page that may hold data (anonymous pages the host never populated are
+    /// zero; a VM restored from a snapshot has file-backed memory, all of which is read).
     fn everything(&mut self) -> Result<(), MigrationError> {
-        let regions: Vec<(usize, u64)> = self
+        let regions: Vec<(Option<Vec<bool>>, u64)> = self
             .src
             .memory
             .iter()
-            .map(|r| (r.as_ptr() as usize, r.len() / PAGE))
+            .map(|r| (crate::memfile::populated(r), r.len() / PAGE))
             .collect();
-        for (i, (ptr, pages)) in regions.into_iter().enumerate() {
-            let touched = crate::memfile::touched_pages(ptr, pages);
+        for (i, (touched, pages)) in regions.into_iter().enumerate() {
             for p in 0..pages as usize {
                 if touched.as_ref().is_some_and(|t| t.get(p) == Some(&false)) {
                     continue;
@@ -243,7 +243,7 @@ impl Sender<'_> {
         };
         let mut found = 0;
         for ((r, sent), bits) in self.src.memory.iter().zip(hashes).zip(dirty.iter_mut()) {
-            let touched = crate::memfile::touched_pages(r.as_ptr() as usize, r.len() / PAGE);
+            let touched = crate::memfile::populated(r);
             let mut buf = [0u8; PAGE as usize];
             for (p, &want) in sent.iter().enumerate() {
                 let Some(word) = bits.get_mut(p / 64) else {
