@@ -30,7 +30,7 @@
 //! sent, and the stop-and-copy round re-hashes every page the dirty log does not name (pages
 //! the host has never populated count as zero without being read) and sends the ones that
 //! changed. That catches any host-side write (device DMA, a balloon's `MADV_DONTNEED`) at the
-//! price of hashing the guest's populated memory while it is paused (~1 ms per 40 MiB here).
+//! price of hashing the guest's populated memory while it is paused.
 //!
 //! # Wire format (version [`wire::VERSION`]; all integers little-endian)
 //! ```text
