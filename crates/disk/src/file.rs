@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -19,7 +20,6 @@ const DIRECT_ALIGN: usize = 4096;
 /// memory and offset alignments statx reports, else [`DIRECT_ALIGN`].
 #[allow(unsafe_code)]
 fn dio_align(f: &File) -> usize {
-    use std::os::fd::AsRawFd;
     // SAFETY: statx is plain old data; all zeros is a valid value.
     let mut st: libc::statx = unsafe { std::mem::zeroed() };
     // SAFETY: the descriptor is open for the call, the path is a NUL-terminated empty string
@@ -233,6 +233,16 @@ impl DiskFile {
         }
     }
 
+    /// The descriptor [`DiskFile::readv_zero_fill`] / [`DiskFile::writev_all`] would use for
+    /// `iov` at `offset`; `None` when they would bounce.
+    pub(crate) fn vectored_fd(&self, iov: &[IoVec], offset: u64) -> Option<RawFd> {
+        match self.direct_vectored(iov, offset) {
+            Some(d) => Some(d.as_raw_fd()),
+            None if self.direct_on() => None,
+            None => Some(self.file.as_raw_fd()),
+        }
+    }
+
     /// Reads into `iov` from `offset` without a copy: `preadv` on the O_DIRECT descriptor
     /// when `iov` meets its alignment, on the buffered one when there is no O_DIRECT one. The
     /// part past the end of the file reads as zeros. `Ok(false)`: O_DIRECT is on but `iov`
@@ -356,7 +366,6 @@ impl DiskFile {
             return Ok(false);
         };
         loop {
-            use std::os::fd::AsRawFd;
             // SAFETY: fallocate takes only integers: a descriptor that `self.file` owns and keeps
             // open for the duration of the call, a mode, and an in-range offset and length. It
             // touches no memory of this process.

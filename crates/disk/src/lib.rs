@@ -13,6 +13,7 @@ mod iovec;
 mod qcow2;
 mod raw;
 
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use error::name;
@@ -75,6 +76,17 @@ pub trait BlockBackend: Send + Sync {
     /// [`BlockBackend::read_vectored`]); the default bounces ([`bounce_write`]).
     fn write_vectored(&self, iov: &[IoVec], offset: u64) -> Result<(), DiskError> {
         bounce_write(self, iov, offset)
+    }
+    /// The host file a transfer of `iov` at `offset` (a write when `write`) can go to without
+    /// a copy, for callers that run it themselves (io_uring): `Some(fd)` exactly when
+    /// [`BlockBackend::read_vectored`] / [`BlockBackend::write_vectored`] would do one
+    /// `preadv` / `pwritev` of `iov` at `offset` on `fd`, range and read-only checks passed.
+    /// A read that comes back short met the end of a file shorter than the disk: redo it with
+    /// `read_vectored`, which zero-fills. The descriptor stays open as long as the backend.
+    /// Default: `None` (images with metadata, like qcow2).
+    fn vectored_fd(&self, iov: &[IoVec], offset: u64, write: bool) -> Option<RawFd> {
+        let _ = (iov, offset, write);
+        None
     }
     /// Makes every completed write durable, data and metadata.
     fn flush(&self) -> Result<(), DiskError>;

@@ -1,5 +1,7 @@
 //! Raw images: the file is the disk. Positioned I/O straight to the file, no lock.
 
+use std::os::fd::RawFd;
+
 use crate::error::DiskError;
 use crate::file::DiskFile;
 use crate::iovec::{bounce_read, bounce_write, total, IoVec};
@@ -56,6 +58,17 @@ impl BlockBackend for Raw {
             return Ok(());
         }
         bounce_write(self, iov, offset)
+    }
+
+    fn vectored_fd(&self, iov: &[IoVec], offset: u64, write: bool) -> Option<RawFd> {
+        let len = total(iov);
+        let checked = if write {
+            self.check_write(offset, len)
+        } else {
+            check_range(self.file.name(), offset, len, self.size)
+        };
+        checked.ok()?;
+        self.file.vectored_fd(iov, offset)
     }
 
     fn flush(&self) -> Result<(), DiskError> {

@@ -6,9 +6,13 @@
 //! device ask for a reset, as every device does), parses the request ([`request::parse`]) and
 //! hands it to this disk's worker threads ([`worker::Pool`], [`WORKERS`] of them, started at
 //! the first activation so they inherit the vCPU thread's signal mask). Requests refused while
-//! parsing, and GET_ID, are completed on the event loop at once. The workers do the disk I/O,
-//! write the status, put the chain in the used ring and raise the queue's MSI-X vector, one
-//! interrupt per batch (see [`worker`]). The event loop never waits for the disk.
+//! parsing, and GET_ID, are completed on the event loop at once. Single reads of a raw image
+//! go to an io_uring the event loop submits and reaps itself (its descriptor is the device's
+//! host fd; see [`uring`]); everything else goes to the workers. Either does the disk I/O
+//! straight between the image and guest memory (a bounce buffer only where O_DIRECT or qcow2
+//! needs one), writes the status, puts the chain in the used ring and raises the queue's
+//! MSI-X vector, one interrupt per batch (see [`worker`]). The event loop never waits for the
+//! disk, except to finish the ring's requests at a reset, a save or a device error.
 //!
 //! Features: SEG_MAX, SIZE_MAX, BLK_SIZE (512), FLUSH, DISCARD and WRITE_ZEROES (writable
 //! disks), RO (read-only disks); the transport adds VERSION_1, EVENT_IDX and INDIRECT_DESC. A
@@ -21,10 +25,12 @@
 //! restore only puts the indices back.
 
 pub mod request;
+pub mod uring;
 pub mod worker;
 
+use std::os::fd::RawFd;
 use std::sync::atomic::{fence, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferro_disk::BlockBackend;
 use serde::{Deserialize, Serialize};
@@ -37,6 +43,7 @@ use crate::{
     VirtioDevice,
 };
 use request::{Limits, Op, Rejected, ID_BYTES, SECTOR};
+use uring::Uring;
 use worker::{Ctx, Job, Part, Pool};
 
 /// Size of the request queue.
@@ -100,6 +107,14 @@ pub struct Block {
     negotiated: u64,
     active: Option<Active>,
     pool: Option<Pool>,
+    /// Reads and writes of a plain file, submitted and reaped on the event loop (None: the
+    /// image has metadata (qcow2), or the host has no io_uring).
+    uring: Option<Mutex<Uring>>,
+}
+
+/// Whether `disk` is one plain file that vectored I/O can reach directly (a raw image).
+fn plain_file(disk: &dyn BlockBackend) -> bool {
+    disk.vectored_fd(&[], 0, false).is_some()
 }
 
 /// The GET_ID answer: `serial`, or the backend's id, NUL-padded to 20 bytes.
@@ -129,6 +144,9 @@ impl Block {
         put(48, &request::MAX_RANGE_SECTORS.to_le_bytes());
         put(52, &request::MAX_RANGES.to_le_bytes());
         put(56, &[1]);
+        let uring = plain_file(cfg.disk.as_ref())
+            .then(|| Uring::new().ok().map(Mutex::new))
+            .flatten();
         Self {
             cfg,
             id,
@@ -136,6 +154,7 @@ impl Block {
             negotiated: 0,
             active: None,
             pool: None,
+            uring,
         }
     }
 
@@ -146,6 +165,123 @@ impl Block {
             discard: self.negotiated & feature::DISCARD != 0,
             write_zeroes: self.negotiated & feature::WRITE_ZEROES != 0,
         }
+    }
+
+    fn ring(&self) -> Option<MutexGuard<'_, Uring>> {
+        self.uring
+            .as_ref()
+            .map(|u| u.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Waits until no request of the current activation is in flight: the ring's are reaped
+    /// here (the event loop may be waiting for the device), the workers' are waited for.
+    fn drain(&self) {
+        let Some(a) = &self.active else {
+            return;
+        };
+        if let Some(mut u) = self.ring() {
+            u.wait_all();
+        }
+        a.ctx.drain();
+    }
+
+    /// Takes every available request: parses it, answers what needs no disk, and hands the
+    /// rest to the ring or the workers.
+    fn serve(&mut self, queue: u16) -> Result<(), DeviceError> {
+        let indirect = self.negotiated & features::RING_INDIRECT_DESC != 0;
+        let lim = self.limits();
+        let Some(a) = self.active.as_mut() else {
+            return Ok(());
+        };
+        if a.ctx.broken.load(Ordering::Acquire) {
+            return Err(DeviceError::Ring {
+                queue: 0,
+                what: "used ring is outside guest memory".into(),
+            });
+        }
+        let (ready, table, size) = {
+            let q = a.ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
+            (q.ready(), q.desc_table(), q.size())
+        };
+        if queue != 0 || !ready {
+            return Ok(());
+        }
+        a.heads.clear();
+        a.pop_all()?;
+        let ctx = a.ctx.clone();
+        let mut result = Ok(());
+        for &head in &a.heads {
+            let segs = match walk_chain(&ctx.mem, GuestAddress(table), size, head, indirect) {
+                Ok(s) => s,
+                Err(source) => {
+                    // Requests parsed before the bad one still run; nothing after it does.
+                    result = Err(DeviceError::Chain { queue: 0, source });
+                    break;
+                }
+            };
+            match request::parse(&ctx.mem, &segs, &lim) {
+                Ok(req) if req.op == Op::GetId => {
+                    let out = request::answer_id(&ctx.mem, &segs, &req, &ctx.id);
+                    a.done.push((head, out.written));
+                }
+                Ok(req) => {
+                    let p = Part { head, segs, req };
+                    // A request that continues the previous one on the disk joins it.
+                    let p = match a.jobs.last_mut() {
+                        Some(j) => j.merge(p),
+                        None => Err(p),
+                    };
+                    if let Err(p) = p {
+                        a.jobs.push(Job::new(ctx.clone(), p));
+                    }
+                }
+                Err(Rejected { at, status }) => {
+                    let written = match at {
+                        Some(addr) => {
+                            // walk_chain checked the address is guest memory.
+                            let _ = vm_memory::Bytes::write_obj(&ctx.mem, status, addr);
+                            1
+                        }
+                        None => 0,
+                    };
+                    a.done.push((head, written));
+                }
+            }
+        }
+        let n: usize = a.jobs.iter().map(Job::requests).sum();
+        if n > 0 {
+            ctx.begin(n);
+            if let Some(u) = self.uring.as_ref() {
+                // Reads and writes of a plain file go to io_uring; what it cannot take stays
+                // in `jobs` for the workers.
+                let mut u = u.lock().unwrap_or_else(|e| e.into_inner());
+                let mut rest = Vec::new();
+                for j in a.jobs.drain(..) {
+                    if let Err(j) = u.push(j) {
+                        rest.push(j);
+                    }
+                }
+                u.submit();
+                // Whatever finished meanwhile, in the same interrupt decision round.
+                u.reap();
+                a.jobs.extend(rest);
+            }
+            if let Some(pool) = &self.pool {
+                pool.submit(a.jobs.drain(..));
+            }
+        }
+        if !a.done.is_empty() {
+            fence(Ordering::Release);
+            {
+                let mut q = ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
+                for &(head, len) in &a.done {
+                    ctx.complete(&mut q, head, len);
+                }
+            }
+            a.done.clear();
+            ctx.notify(0);
+        }
+        result
     }
 
     /// Requests in flight now (0 when not active).
@@ -244,6 +380,7 @@ impl VirtioDevice for Block {
                 .map_err(|e| DeviceError::Activate(format!("cannot start I/O threads: {e}")))?;
             self.pool = Some(pool);
         }
+
         let ctx = Ctx::new(
             mem,
             queue,
@@ -263,99 +400,41 @@ impl VirtioDevice for Block {
     }
 
     fn queue_notified(&mut self, queue: u16) -> Result<(), DeviceError> {
-        let indirect = self.negotiated & features::RING_INDIRECT_DESC != 0;
-        let lim = self.limits();
-        let Some(a) = self.active.as_mut() else {
-            return Ok(());
-        };
-        if a.ctx.broken.load(Ordering::Acquire) {
-            return Err(DeviceError::Ring {
-                queue: 0,
-                what: "used ring is outside guest memory".into(),
-            });
-        }
-        let (ready, table, size) = {
-            let q = a.ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
-            (q.ready(), q.desc_table(), q.size())
-        };
-        if queue != 0 || !ready {
-            return Ok(());
-        }
-        a.heads.clear();
-        a.pop_all()?;
-        let ctx = a.ctx.clone();
-        let mut result = Ok(());
-        for &head in &a.heads {
-            let segs = match walk_chain(&ctx.mem, GuestAddress(table), size, head, indirect) {
-                Ok(s) => s,
-                Err(source) => {
-                    // Requests parsed before the bad one still run; nothing after it does.
-                    result = Err(DeviceError::Chain { queue: 0, source });
-                    break;
-                }
-            };
-            match request::parse(&ctx.mem, &segs, &lim) {
-                Ok(req) if req.op == Op::GetId => {
-                    let out = request::answer_id(&ctx.mem, &segs, &req, &ctx.id);
-                    a.done.push((head, out.written));
-                }
-                Ok(req) => {
-                    let p = Part { head, segs, req };
-                    // A request that continues the previous one on the disk joins it.
-                    let p = match a.jobs.last_mut() {
-                        Some(j) => j.merge(p),
-                        None => Err(p),
-                    };
-                    if let Err(p) = p {
-                        a.jobs.push(Job::new(ctx.clone(), p));
-                    }
-                }
-                Err(Rejected { at, status }) => {
-                    let written = match at {
-                        Some(addr) => {
-                            // walk_chain checked the address is guest memory.
-                            let _ = vm_memory::Bytes::write_obj(&ctx.mem, status, addr);
-                            1
-                        }
-                        None => 0,
-                    };
-                    a.done.push((head, written));
-                }
+        let r = self.serve(queue);
+        if r.is_err() {
+            // The transport stops serving the device until a reset: finish the ring's
+            // requests now, so its descriptor does not stay readable for an event loop that
+            // will no longer reap it.
+            if let Some(mut u) = self.ring() {
+                u.wait_all();
             }
         }
-        let n: usize = a.jobs.iter().map(Job::requests).sum();
-        if n > 0 {
-            ctx.begin(n);
-            if let Some(pool) = &self.pool {
-                pool.submit(a.jobs.drain(..));
-            }
+        r
+    }
+
+    fn host_fd(&self) -> Option<RawFd> {
+        self.uring
+            .as_ref()
+            .map(|u| u.lock().unwrap_or_else(|e| e.into_inner()).fd())
+    }
+
+    fn host_ready(&mut self) -> Result<(), DeviceError> {
+        if let Some(mut u) = self.ring() {
+            u.reap();
         }
-        if !a.done.is_empty() {
-            fence(Ordering::Release);
-            {
-                let mut q = ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
-                for &(head, len) in &a.done {
-                    ctx.complete(&mut q, head, len);
-                }
-            }
-            a.done.clear();
-            ctx.notify(0);
-        }
-        result
+        Ok(())
     }
 
     fn reset(&mut self) {
-        if let Some(a) = self.active.take() {
-            // The workers finish what they hold: no write into guest memory after this.
-            a.ctx.drain();
-        }
+        // The ring and the workers finish what they hold: no write into guest memory after
+        // this.
+        self.drain();
+        self.active = None;
         self.negotiated = 0;
     }
 
     fn save(&self) -> DeviceState {
-        if let Some(a) = &self.active {
-            a.ctx.drain();
-        }
+        self.drain();
         DeviceState::Block(BlockState {
             queue: self.active.as_ref().map(|a| {
                 let q = a.ctx.queue.lock().unwrap_or_else(|e| e.into_inner());

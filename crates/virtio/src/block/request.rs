@@ -395,6 +395,55 @@ pub fn runs_together(parts: &[(&[Segment], &Request)]) -> bool {
     total <= CHUNK as u64
 }
 
+/// Fills `iov` with the guest memory of a run of requests (see [`runs_together`]), in
+/// order: the data of every part as one stream. `Some((op, disk offset, bytes))`, or `None`
+/// when the parts cannot run as one vectored call (not together, or memory refuses).
+pub fn run_iovecs(
+    mem: &GuestMemory,
+    parts: &[(&[Segment], &Request)],
+    iov: &mut Vec<IoVec>,
+) -> Option<(Op, u64, u64)> {
+    if !runs_together(parts) {
+        return None;
+    }
+    let (op, base) = (parts[0].1.op, parts[0].1.sector.saturating_mul(SECTOR));
+    iov.clear();
+    let mut total = 0u64;
+    for (segs, req) in parts {
+        let len = u64::from(req.len);
+        let mapped = if op == Op::Read {
+            host_iovecs(mem, writable(segs), 0, len, iov)
+        } else {
+            host_iovecs(mem, readable(segs), u64::from(HEADER), len, iov)
+        };
+        if !mapped {
+            return None;
+        }
+        total += len;
+    }
+    Some((op, base, total))
+}
+
+/// Writes the status byte of every part of a run of `op` that succeeded or not (`ok`) and
+/// pushes each part's outcome, in order, to `out`.
+pub fn finish_run(
+    mem: &GuestMemory,
+    parts: &[(&[Segment], &Request)],
+    op: Op,
+    ok: bool,
+    out: &mut Vec<Outcome>,
+) {
+    for (_, req) in parts {
+        let status = if ok { status::OK } else { status::IOERR };
+        // The status address was checked by walk_chain; a failure here is not reportable.
+        let _ = mem.write_obj(status, req.status);
+        out.push(Outcome {
+            status,
+            written: if ok && op == Op::Read { req.len + 1 } else { 1 },
+        });
+    }
+}
+
 /// Runs contiguous requests of one kind (see [`runs_together`]) with one vectored disk call
 /// straight into (or from) guest memory and writes every status byte; pushes each request's
 /// outcome, in order, to `out`. Parts that cannot run together, or whose buffers cannot all
@@ -408,41 +457,18 @@ pub fn execute_run(
     iov: &mut Vec<IoVec>,
     out: &mut Vec<Outcome>,
 ) {
-    let one_by_one = |iov: &mut Vec<IoVec>, out: &mut Vec<Outcome>| {
+    let Some((op, base, _)) = run_iovecs(mem, parts, iov) else {
         for (segs, req) in parts {
             out.push(execute(mem, segs, req, disk, id, writethrough, iov));
         }
+        return;
     };
-    if !runs_together(parts) {
-        return one_by_one(iov, out);
-    }
-    let (op, base) = (parts[0].1.op, parts[0].1.sector.saturating_mul(SECTOR));
-    iov.clear();
-    for (segs, req) in parts {
-        let len = u64::from(req.len);
-        let mapped = if op == Op::Read {
-            host_iovecs(mem, writable(segs), 0, len, iov)
-        } else {
-            host_iovecs(mem, readable(segs), u64::from(HEADER), len, iov)
-        };
-        if !mapped {
-            return one_by_one(iov, out);
-        }
-    }
     let ok = if op == Op::Read {
         disk.read_vectored(iov, base).is_ok()
     } else {
         disk.write_vectored(iov, base).is_ok() && (!writethrough || disk.flush().is_ok())
     };
-    for (_, req) in parts {
-        let status = if ok { status::OK } else { status::IOERR };
-        // The status address was checked by walk_chain; a failure here is not reportable.
-        let _ = mem.write_obj(status, req.status);
-        out.push(Outcome {
-            status,
-            written: if ok && op == Op::Read { req.len + 1 } else { 1 },
-        });
-    }
+    finish_run(mem, parts, op, ok, out);
 }
 
 /// Answers GET_ID (no disk I/O: the event loop does it at once).
