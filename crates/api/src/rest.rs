@@ -387,6 +387,10 @@ pub struct IncomingVm {
     /// The source daemon, for the event log.
     #[serde(default)]
     pub from: String,
+    /// The NICs as the source placed them (MAC, tap, address): the running guest keeps
+    /// them, so the destination records the same where they are free here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<Nic>,
 }
 
 /// The answer to [`IncomingVm`]: where the source's VMM sends the VM.

@@ -222,6 +222,7 @@ pub async fn migrate(
         restart: rec.restart,
         host: Some(host.clone()),
         from: sup.0.data_dir.display().to_string(),
+        nics: ops::view(sup, &rec).nics,
     };
     let body = serde_json::to_value(&incoming).map_err(|e| DaemonError::Vmm(e.to_string()))?;
     let answer = peer_ok(
@@ -369,6 +370,15 @@ pub async fn incoming(sup: &Supervisor, req: IncomingVm) -> Result<IncomingMigra
     };
     sup.store(|s| {
         s.transaction(|tx| {
+            // The source's taps and addresses where nobody here has them: `sync` keeps a
+            // NIC's row by MAC.
+            for n in &req.nics {
+                let ip = n.address.as_deref().and_then(|a| a.split('/').next());
+                tx.execute(
+                    "INSERT OR IGNORE INTO nics (vm, idx, mac, tap, ip) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    rusqlite::params![rec.name, i64::from(n.index), n.mac, n.tap, ip],
+                )?;
+            }
             crate::net::sync(tx, &sup.0.net, &rec.name, &mut rec.config.nets)?;
             store::insert_vm(tx, &rec)?;
             store::insert_event(

@@ -514,7 +514,12 @@ impl Supervisor {
             "incoming",
             &format!("VMM pid {} waits for the VM on {addr}", started.pid),
         );
-        self.watch(&rec.name, Watch::Child(started.child), pid, Vec::new());
+        self.watch(
+            &rec.name,
+            Watch::Child(started.child),
+            pid,
+            net::taps(&rows),
+        );
         Ok(addr)
     }
 
