@@ -236,39 +236,76 @@ impl Sender<'_> {
 
     /// Adds to `dirty` every page whose content differs from what was sent, by hash: the
     /// writes of host threads, which KVM's log does not see. The VM must be paused and its
-    /// devices locked.
+    /// devices locked. Runs on every CPU: this is inside the downtime.
     fn host_writes(&self, dirty: &mut Bitmaps) -> u64 {
         let Some(hashes) = &self.hashes else {
             return 0;
         };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
         let mut found = 0;
         for ((r, sent), bits) in self.src.memory.iter().zip(hashes).zip(dirty.iter_mut()) {
             let touched = crate::memfile::populated(r);
-            let mut buf = [0u8; PAGE as usize];
-            for (p, &want) in sent.iter().enumerate() {
-                let Some(word) = bits.get_mut(p / 64) else {
-                    break;
+            let ctx = Check {
+                mem: &self.src.memory,
+                base: r.start_addr().0,
+                sent,
+                touched: touched.as_deref(),
+                zero_hash: self.zero_hash,
+            };
+            // Whole bitmap words per thread, so each owns its part of `bits`.
+            let per = bits.len().div_ceil(threads).max(1);
+            found += std::thread::scope(|scope| {
+                let ctx = &ctx;
+                let parts: Vec<_> = bits
+                    .chunks_mut(per)
+                    .enumerate()
+                    .map(|(i, words)| scope.spawn(move || ctx.run(i * per, words)))
+                    .collect();
+                parts
+                    .into_iter()
+                    .map(|p| p.join().unwrap_or(0))
+                    .sum::<u64>()
+            });
+        }
+        found
+    }
+}
+
+/// One region's pages to compare with their hashes as sent.
+struct Check<'a> {
+    mem: &'a GuestMemory,
+    base: u64,
+    sent: &'a [u64],
+    touched: Option<&'a [bool]>,
+    zero_hash: u64,
+}
+
+impl Check<'_> {
+    /// Checks the pages of bitmap words `first_word..` (`words`), setting the bits of pages
+    /// that changed; returns how many did.
+    fn run(&self, first_word: usize, words: &mut [u64]) -> u64 {
+        let mut buf = [0u8; PAGE as usize];
+        let mut found = 0;
+        for (w, word) in words.iter_mut().enumerate() {
+            for bit in 0..64 {
+                let p = (first_word + w) * 64 + bit;
+                let Some(&want) = self.sent.get(p) else {
+                    return found;
                 };
-                if *word & (1 << (p % 64)) != 0 {
+                if *word & (1 << bit) != 0 {
                     continue;
                 }
-                let now = if touched.as_ref().is_some_and(|t| t.get(p) == Some(&false)) {
+                let now = if self.touched.is_some_and(|t| t.get(p) == Some(&false)) {
                     self.zero_hash
                 } else {
-                    let addr = r.start_addr().0 + p as u64 * PAGE;
-                    if self
-                        .src
-                        .memory
-                        .read_slice(&mut buf, GuestAddress(addr))
-                        .is_err()
-                    {
-                        !want
-                    } else {
-                        page_hash(&buf)
+                    let addr = GuestAddress(self.base + p as u64 * PAGE);
+                    match self.mem.read_slice(&mut buf, addr) {
+                        Ok(()) => page_hash(&buf),
+                        Err(_) => !want,
                     }
                 };
                 if now != want {
-                    *word |= 1 << (p % 64);
+                    *word |= 1 << bit;
                     found += 1;
                 }
             }
@@ -447,6 +484,10 @@ pub fn migrate(
         Ok(r) => r,
         Err(e) => return Err(s.abort(e)),
     };
+
+    // Write back what the disks hold now while the guest still runs, so the flush inside the
+    // downtime has only the last moments' writes left.
+    crate::devices_block::flush_all();
 
     // Stop and copy.
     set(&|st| st.phase = Some(MigrationPhase::StopAndCopy));
