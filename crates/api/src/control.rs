@@ -48,6 +48,9 @@ pub enum ControlRequest {
     /// dirty pages and the machine state). The answer comes when the migration has ended: on
     /// success `status.migration` holds the figures and the VMM then exits with status 0
     /// ([`ExitReason::Migrated`]); on failure an error, and the VM runs on here as before.
+    /// While it runs, `status` says [`VmmRunState::Migrating`] with [`VmmStatus::migration`],
+    /// and `pause`, `resume`, `snapshot` and another `migrate` are refused. A paused VM is
+    /// migrated as it is and runs on the destination (the machine state carries no pause).
     Migrate {
         /// The destination, `HOST:PORT` (a `tcp:` prefix is accepted).
         to: String,
