@@ -615,6 +615,38 @@ fn migrate_a_vm_restored_from_a_snapshot() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
+#[test]
+fn a_migrated_vm_sets_up_and_uses_its_device_on_the_destination() {
+    if !kvm_available("a_device_set_up_on_the_source_works_on_the_destination") {
+        return;
+    }
+    // The probe counts, then enumerates PCI, sets the rng up (BAR, MSI-X, queue) and reads
+    // it: all of that on the destination, on the device state that came from the source.
+    // (migrate_during_disk_io moves a device in the middle of its work.)
+    let dir = scratch("device");
+    let (mut dst, port) = Vmm::destination(&dir);
+    let mut src = Vmm::source(&dir, "count=60 smp=off rng=4096", &["--rng"]);
+    src.wait_tick(10);
+    assert_eq!(
+        migrate(&src, port, "")[0]["result"],
+        "ok",
+        "{}",
+        src.stderr()
+    );
+    assert_eq!(src.wait(Duration::from_secs(10)), Some(0));
+    assert_eq!(
+        dst.wait(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        dst.stderr()
+    );
+    let out = dst.lines().join("\n");
+    assert!(out.contains("rng_bytes=4096"), "{out}");
+    assert!(!out.contains("rng_irqs=0"), "{out}");
+    assert!(!src.lines().iter().any(|l| l.starts_with("rng_bytes=")));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// The source answered `answer` with an error containing `want`, and still runs the guest.
 fn still_running(src: &Vmm, answer: &serde_json::Value, want: &str) {
     assert_eq!(answer["result"], "error", "{answer}");
