@@ -617,7 +617,7 @@ fn migrate_a_vm_restored_from_a_snapshot() {
 
 #[test]
 fn a_migrated_vm_sets_up_and_uses_its_device_on_the_destination() {
-    if !kvm_available("a_device_set_up_on_the_source_works_on_the_destination") {
+    if !kvm_available("a_migrated_vm_sets_up_and_uses_its_device_on_the_destination") {
         return;
     }
     // The probe counts, then enumerates PCI, sets the rng up (BAR, MSI-X, queue) and reads
