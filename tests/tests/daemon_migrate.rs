@@ -549,3 +549,88 @@ fn destination_vmm_dying_mid_migration_leaves_the_vm_on_the_source() {
     drop(a);
     let _ = std::fs::remove_dir_all(&w);
 }
+
+#[test]
+fn source_daemon_killed_mid_migration_does_not_start_the_vm_twice() {
+    if !ready("source_daemon_killed_mid_migration_does_not_start_the_vm_twice") {
+        return;
+    }
+    let (w, token, disk) = setup("srckill");
+    let mut a = Peer::start(w.join("a"), &token);
+    let b = Peer::start(w.join("b"), &token);
+    create(
+        &a,
+        "m",
+        &disk,
+        "beat=10000000 beat_us=1000 dirty_mibs=400 dirty_mib=128 beat_fill=on",
+    );
+    a.json(&["vm", "edit", "m", "--memory", "512", "--restart", "always"]);
+    a.json(&["vm", "start", "m"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut cli = command(None, ferro())
+        .args(["vm", "migrate", "m", "--to", &b.url()])
+        .args(["--downtime-ms", "1", "--max-rounds", "30"])
+        .env("FERRO_HOST", a.url())
+        .env("FERRO_TOKEN_FILE", &token)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while b.ferro(&["vm", "show", "m"]).code != Some(0) {
+        assert!(t.elapsed() < Duration::from_secs(20), "B never had it");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The source daemon dies while its VMM migrates; a new one comes up on the same data.
+    let port = a.port;
+    a.kill();
+    let _ = cli.kill();
+    let _ = cli.wait();
+    let dir = a.dir.clone();
+    let t = Instant::now();
+    while Command::new("pgrep")
+        .args(["-f", &format!("{}/vms/m/control.sock", dir.display())])
+        .status()
+        .is_ok_and(|s| s.success())
+    {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the source VMM runs on"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let a = Peer::start_in(dir, &token, None, "127.0.0.1", &[]);
+    assert_ne!(a.port, port);
+    // Whether its VMM ended before or after the restart, A does not run the VM again.
+    std::thread::sleep(Duration::from_millis(500));
+    let v = a.json(&["vm", "show", "m"]);
+    assert_eq!(v["state"], "stopped", "{v}");
+    let kinds: Vec<String> = a
+        .json(&["vm", "events", "m"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        kinds
+            .last()
+            .is_some_and(|k| k == "lost" || k == "migrated_away"),
+        "{kinds:?}"
+    );
+    // B takes it over once it has waited for a confirmation that cannot come.
+    let t = Instant::now();
+    loop {
+        let v = b.json(&["vm", "show", "m"]);
+        if v["state"] == "running" {
+            break;
+        }
+        assert!(t.elapsed() < Duration::from_secs(90), "{v}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    a.ferro(&["vm", "delete", "m"]);
+    drop(b);
+    drop(a);
+    let _ = std::fs::remove_dir_all(&w);
+}

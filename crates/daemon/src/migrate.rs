@@ -263,6 +263,8 @@ pub async fn migrate(
         }
     };
     sup.set_migrating(name, true);
+    // Also tells a restarted daemon not to restart a VMM that ended meanwhile.
+    sup.store(|s| s.event(name, "migrating", &format!("migrating to {}", req.to)))?;
     let mut cmd = json!({"cmd": "migrate", "to": vmm_to});
     if let Some(d) = req.downtime_ms {
         cmd["downtime_ms"] = json!(d);

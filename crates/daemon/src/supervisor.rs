@@ -296,6 +296,16 @@ impl Supervisor {
         let Ok(rec) = self.store(|s| s.get(name)) else {
             return; // deleted
         };
+        if reason.as_deref() == Some("migrated") {
+            // Migrated away while this daemon did not drive it (it restarted meanwhile).
+            let _ = self.set_state(name, VmState::Stopped, None);
+            self.event(
+                name,
+                "migrated_away",
+                "the VMM handed the VM to a migration's destination: it runs there; not restarted here",
+            );
+            return;
+        }
         if rec.state == VmState::Incoming {
             // Its incoming VMM ended before the migration completed: the VM never came here.
             let _ = self.store(|s| s.transaction(|tx| crate::store::delete_vm(tx, name)));
@@ -470,6 +480,14 @@ impl Supervisor {
         self.stop_locked(name, Duration::ZERO, true).await
     }
 
+    /// Whether VM `name`'s last event says a migration of it was under way.
+    fn was_migrating(&self, name: &str) -> bool {
+        self.store(|s| s.events(name))
+            .ok()
+            .and_then(|e| e.last().map(|e| e.kind == "migrating"))
+            .unwrap_or(false)
+    }
+
     /// Marks VM `name`'s VMM as being migrated away (or no longer).
     pub fn set_migrating(&self, name: &str, on: bool) {
         if let Some(l) = lock(&self.0.live).get_mut(name) {
@@ -598,6 +616,16 @@ impl Supervisor {
                         },
                         (pid, start),
                         taps,
+                    );
+                }
+                None if self.was_migrating(&rec.name) => {
+                    // It may run at the destination now: starting it here too would run the
+                    // guest twice on the same disks.
+                    self.set_state(&rec.name, VmState::Stopped, None)?;
+                    self.event(
+                        &rec.name,
+                        "lost",
+                        "the VMM ended during a migration while the daemon was down: it may run at the destination; not restarted here",
                     );
                 }
                 None => {
