@@ -11,9 +11,8 @@
 //!    `max_rounds` rounds were sent.
 //! 3. Stop and copy: the vCPUs are paused and every virtio device is locked (a block device
 //!    first drains its requests in flight), the disks are flushed (once before the pause too,
-//!    so this one has little left), and the last dirty pages
-//!    go with the machine state ([`crate::snapshot::MachineState`], the snapshot's serde
-//!    types).
+//!    so this one has little left), and the last dirty pages go with the machine state
+//!    ([`crate::snapshot::MachineState`], the snapshot's serde types).
 //! 4. The destination builds the VM from what it received (as `--restore` does from a
 //!    directory), answers ACK and runs it; the source then answers its control client and
 //!    exits with status 0 (exit event reason `migrated`). Downtime is pause to ACK.
@@ -26,10 +25,11 @@
 //!
 //! # What the dirty log misses
 //! KVM logs what the guest (and KVM on its behalf: kvmclock, steal time) writes. The device
-//! threads (event loop, block workers) write guest memory through the VMM's own mapping, which
-//! KVM never sees. So a VM with virtio devices keeps a 64-bit hash of every page as it was
-//! sent, and the stop-and-copy round re-hashes every page the dirty log does not name (pages
-//! the host has never populated count as zero without being read) and sends the ones that
+//! threads (event loop, block workers) write guest memory through the VMM's own mapping, and
+//! the host kernel does for a disk read straight into guest RAM; KVM sees neither. So a VM
+//! with virtio devices keeps a 64-bit hash of every page as it was sent, and the
+//! stop-and-copy round re-hashes every page the dirty log does not name (anonymous pages the
+//! host has never populated count as zero without being read) and sends the ones that
 //! changed. That catches any host-side write (device DMA, a balloon's `MADV_DONTNEED`) at the
 //! price of hashing the guest's populated memory while it is paused (on every CPU; one CPU
 //! hashes a GiB in ~155 ms here, `page_hash_speed`).
