@@ -47,6 +47,8 @@ pub const VMM_FORMAT_VERSION: u64 = 1;
 const MANIFEST: &str = "snapshot.json";
 /// The working copy of a snapshot directory a restore runs, under the VM's directory.
 const WORK: &str = ".restore";
+/// The longest a VMM may take to save a VM.
+const SAVE_LIMIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
 /// Largest manifest read.
 const MAX_MANIFEST: u64 = 16 << 20;
 
@@ -250,14 +252,14 @@ pub async fn create(
     let paused = rec.state == VmState::Paused;
     let control = sup.dir(vm).control();
     let t0 = Instant::now();
-    let saved = process::request(
-        &control,
-        &ControlRequest::Snapshot {
-            dir: dir.clone(),
-            resume: false,
-        },
-    )
-    .await;
+    // Writing a large guest's memory takes a while: wait for the answer as long as it takes
+    // (within reason), never resume under a save still going on.
+    let save = serde_json::to_value(ControlRequest::Snapshot {
+        dir: dir.clone(),
+        resume: false,
+    })
+    .map_err(|e| DaemonError::Vmm(e.to_string()))?;
+    let saved = process::request_value(&control, &save, SAVE_LIMIT).await;
     if let Err(e) = saved {
         if !paused {
             let _ = process::request(&control, &ControlRequest::Resume).await;
@@ -270,7 +272,7 @@ pub async fn create(
     // The guest is still from here on. Its VMM's exit writes every disk back.
     if let Err(e) = sup.retire_locked(vm).await {
         drop_dir(&dir);
-        return Err(e);
+        return Err(lost(sup, vm, None, &e));
     }
     let mut layers = Vec::new();
     for d in &rec.config.disks {

@@ -23,6 +23,8 @@ use crate::process::{self, is_alive, VmDir};
 use crate::restart::{Decision, History, Outcome};
 use crate::store::{Store, VmRecord};
 
+/// How long a VMM handing its VM over (a memory snapshot) may take to end after `quit`.
+const RETIRE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Console bytes the daemon keeps per VM.
 const CONSOLE_KEEP: usize = 64 * 1024;
 
@@ -474,10 +476,30 @@ impl Supervisor {
     /// over: a `quit` (which flushes its disks), then SIGKILL; the VM's state and event log
     /// stay as they are.
     pub async fn retire_locked(&self, name: &str) -> Result<(), DaemonError> {
-        if let Some(l) = lock(&self.0.live).get_mut(name) {
-            l.replacing = true;
+        let Some(start) = ({
+            let mut map = lock(&self.0.live);
+            map.get_mut(name).map(|l| {
+                l.replacing = true;
+                l.stopping = true;
+                (l.pid, l.start)
+            })
+        }) else {
+            return Ok(());
+        };
+        let _ = process::request(&self.dir(name).control(), &ControlRequest::Quit).await;
+        // Its exit writes the disks back and syncs them: give that time (a kill would lose
+        // qcow2 metadata the next VMM needs).
+        if self.wait_ended(name, RETIRE_TIMEOUT).await {
+            return Ok(());
         }
-        self.stop_locked(name, Duration::ZERO, true).await
+        process::kill(start.0, start.1);
+        if self.wait_ended(name, Duration::from_secs(5)).await {
+            Err(DaemonError::Vmm(format!(
+                "the VMM of '{name}' did not end within {RETIRE_TIMEOUT:?} of a quit and was killed: its disks may miss writes"
+            )))
+        } else {
+            Err(DaemonError::Vmm(format!("VM '{name}' did not stop")))
+        }
     }
 
     /// Whether VM `name`'s last event says a migration of it was under way.
