@@ -205,7 +205,9 @@ impl Uring {
                     std::thread::yield_now();
                 }
                 Err(e) => {
-                    // Not expected: fail everything still queued rather than leave it hanging.
+                    // Not expected. The entries stay in the submission queue: the next submit
+                    // (or a wait at reset) hands them over; a bad entry would have come back
+                    // as a failed completion instead.
                     eprintln!("ferro-vmm: virtio-blk: io_uring submit: {e}");
                     self.queued = 0;
                     return;
