@@ -490,11 +490,12 @@ fn a_destination_fed_a_broken_stream_exits_1_with_one_line() {
             b"GET / HTTP/1.1\r\n\r\n".to_vec(),
             "does not speak",
         ),
-        ("cut after the hello", hello(1), "closed the connection"),
+        ("cut after the hello", hello(WIRE), "closed the connection"),
+        ("the version before", hello(WIRE - 1), "version 1"),
         ("another version", hello(7), "version 7"),
         (
             "garbage after the hello",
-            [hello(1), vec![0x99, 0, 0, 0, 0]].concat(),
+            [hello(WIRE), vec![0x99, 0, 0, 0, 0]].concat(),
             "unknown record kind",
         ),
     ] {
@@ -514,6 +515,9 @@ fn a_destination_fed_a_broken_stream_exits_1_with_one_line() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The migration stream's version (`ferro_vmm::migration::wire::VERSION`).
+const WIRE: u32 = 2;
 
 fn hello(version: u32) -> Vec<u8> {
     let mut h = b"FERROMIG".to_vec();

@@ -43,7 +43,8 @@
 //!   source -> destination
 //!   1 Config   JSON {"config": VmConfig, "regions": [[guest_addr, size], ...]}   (first)
 //!   4 Round    round u32                                           (a copy round starts)
-//!   2 Pages    count u32 | count x (guest_addr u64 | 4096 bytes)   (at most 64 per record)
+//!   2 Pages    count u32 | count x (guest_addr u64 | pages u32) | the runs' bytes
+//!                                                   (1..=1000 runs of whole pages, <= 64 MiB)
 //!   3 Zeros    count u32 | count x (guest_addr u64 | pages u64)    (pages that are zero now)
 //!   5 State    fnv1a64 u64 | JSON MachineState                     (once, after the last pages)
 //!   8 Verify   count u32 | count x u64                             (optional, before State)
@@ -54,9 +55,19 @@
 //!   0x42 Refuse UTF-8 reason                                       (it cannot take the VM)
 //! ```
 //! Everything a peer sends is outside input: the destination checks the configuration, that
-//! the regions are exactly the layout of its `memory_mib`, every page address (page-aligned,
-//! the whole page inside one region) and zero run, the record lengths, the state's checksum
-//! and its vCPU and device counts, and refuses the stream with one line otherwise.
+//! the regions are exactly the layout of its `memory_mib`, every page run and zero run
+//! (page-aligned, all of it inside one region) before a byte of it lands in guest RAM, the
+//! record lengths against their runs, the state's checksum and its vCPU and device counts,
+//! and refuses the stream with one line otherwise.
+//!
+//! # The copy path
+//! No page is staged in a buffer: the source gathers runs of contiguous non-zero pages (up
+//! to 1 MiB a record) and `writev`s the record head and the runs straight from guest RAM
+//! (the guest may write a page while the kernel copies it; the dirty log, or the hash check
+//! for host writes, sends it again); the destination reads each run straight into its guest
+//! RAM (THP-backed like a booted VM's, so filling it faults once per 2 MiB). Both ends ask
+//! for 4 MiB socket buffers. The zero test and, for VMs with devices, the page hash are one
+//! pass over each page ([`hash_and_zero`]).
 //!
 //! # Checking the copy
 //! With `FERRO_MIGRATE_VERIFY=1` in the source VMM's environment, the stop-and-copy round
@@ -184,9 +195,43 @@ pub fn chunk_hashes(mem: &crate::memory::GuestMemory) -> Vec<u64> {
     out
 }
 
+/// Asks for 4 MiB send and receive buffers on a migration socket (capped by the host's
+/// `net.core.{w,r}mem_max`): the default 16 KiB send buffer makes the sender wait on the
+/// receiver for every few pages. Best effort: a refusal only costs speed.
+pub(crate) fn socket_buffers(stream: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 4 << 20;
+    for opt in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: setsockopt on a socket this process owns, with a pointer to a live c_int and
+        // its size; it changes only the socket's buffer sizes.
+        unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+    }
+}
+
+/// [`page_hash`] of `page` and whether it is all zero, in one pass over it.
+pub fn hash_and_zero(page: &[u8]) -> (u64, bool) {
+    let mut any = 0u64;
+    let h = page_hash_with(page, |x| any |= x);
+    (h, any == 0)
+}
+
 /// A 64-bit hash of one page, fast enough to run over all populated guest memory while the
 /// guest is paused: four independent multiply-xor lanes over the page's words.
 pub fn page_hash(page: &[u8]) -> u64 {
+    page_hash_with(page, |_| {})
+}
+
+/// [`page_hash`], showing every word to `word` on the way.
+#[inline(always)]
+fn page_hash_with(page: &[u8], mut word: impl FnMut(u64)) -> u64 {
     const K: [u64; 4] = [
         0x9e37_79b9_7f4a_7c15,
         0xc2b2_ae3d_27d4_eb4f,
@@ -199,6 +244,7 @@ pub fn page_hash(page: &[u8]) -> u64 {
             let mut a = [0u8; 8];
             a.copy_from_slice(w);
             let x = u64::from_le_bytes(a);
+            word(x);
             h[lane] = (h[lane] ^ x).wrapping_mul(K[lane]).rotate_left(29);
         }
     }
@@ -231,6 +277,7 @@ mod tests {
     fn page_hash_sees_every_word() {
         let zero = [0u8; 4096];
         let h0 = page_hash(&zero);
+        assert_eq!(hash_and_zero(&zero), (h0, true));
         let mut seen = std::collections::HashSet::new();
         for at in (0..4096).step_by(8) {
             let mut p = zero;
@@ -238,6 +285,7 @@ mod tests {
             let h = page_hash(&p);
             assert_ne!(h, h0, "a one at {at}");
             assert!(seen.insert(h), "two pages with one word set share a hash");
+            assert_eq!(hash_and_zero(&p), (h, false), "a one at {at}");
         }
         // Swapping two words changes it.
         let mut a = zero;

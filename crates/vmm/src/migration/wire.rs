@@ -1,6 +1,12 @@
 //! The migration stream's framing: the hello both peers send first, and the records after it
 //! (layout in the [`super`] module docs). Pure byte handling over `Read`/`Write`, no KVM, so
 //! every rule a hostile or broken peer could break is unit-tested here.
+//!
+//! Page data is the one part that does not go through a buffer here: a [`Kind::Pages`] record
+//! is a list of page runs (guest address, page count) followed by their bytes, which the
+//! sender writes with `writev` straight from guest RAM ([`pages_head`]) and the receiver reads
+//! straight into guest RAM after checking each run ([`read_record`] returns the runs and
+//! leaves their bytes in the stream).
 
 use std::io::{ErrorKind, Read, Write};
 
@@ -8,16 +14,18 @@ use super::MigrationError;
 
 /// First bytes of every hello.
 pub const MAGIC: [u8; 8] = *b"FERROMIG";
-/// Version of the stream this code writes and reads.
-pub const VERSION: u32 = 1;
+/// Version of the stream this code writes and reads (2: page records are runs of pages with
+/// their bytes after the list, rather than one address per 4 KiB page).
+pub const VERSION: u32 = 2;
 /// Guest page size; every page record carries whole pages of it.
 pub const PAGE: u64 = 4096;
-/// Bytes of one page entry in a [`Kind::Pages`] record: its address and its data.
-pub const PAGE_ENTRY: usize = 8 + PAGE as usize;
+/// Bytes of one run in a [`Kind::Pages`] record's list: its address and its page count.
+pub const RUN_ENTRY: usize = 12;
 /// Largest record payload accepted (the machine state of 32 vCPUs is well under this).
 pub const MAX_RECORD: u32 = 64 << 20;
-/// Pages a sender puts in one record.
-pub const BATCH_PAGES: usize = 64;
+/// Most runs one [`Kind::Pages`] record may list (with the head, one `writev` of at most
+/// `IOV_MAX` = 1024 pieces).
+pub const MAX_RUNS: usize = 1000;
 
 /// What a record is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,7 +33,8 @@ pub const BATCH_PAGES: usize = 64;
 pub enum Kind {
     /// Source: the VM's configuration and RAM layout (JSON).
     Config = 1,
-    /// Source: `u32` count, then per page its guest address (`u64`) and 4096 bytes.
+    /// Source: `u32` count, then per run its first page's guest address (`u64`) and its page
+    /// count (`u32`), then the bytes of every run, in list order.
     Pages = 2,
     /// Source: `u32` count, then per run its first page's address and its page count (`u64`s):
     /// pages that are zero now.
@@ -70,8 +79,10 @@ impl Kind {
 pub enum Record<'a> {
     /// [`Kind::Config`].
     Config(&'a [u8]),
-    /// [`Kind::Pages`], length already checked.
-    Pages(Pages<'a>),
+    /// [`Kind::Pages`]: (first page address, page count) runs whose lengths add up to the
+    /// record's. Their bytes (`pages x 4096` each, in this order) are still in the stream: the
+    /// caller reads them before the next record.
+    Pages(Vec<(u64, u32)>),
     /// [`Kind::Zeros`]: (first page address, page count) runs.
     Zeros(Vec<(u64, u64)>),
     /// [`Kind::Round`].
@@ -88,30 +99,6 @@ pub enum Record<'a> {
     Ack,
     /// [`Kind::Refuse`].
     Refuse(String),
-}
-
-/// The entries of a [`Kind::Pages`] record.
-#[derive(Debug, PartialEq, Eq)]
-pub struct Pages<'a>(&'a [u8]);
-
-impl<'a> Pages<'a> {
-    /// Each page's guest address and its 4096 bytes.
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &'a [u8])> + 'a {
-        self.0.chunks_exact(PAGE_ENTRY).map(|e| {
-            let (addr, data) = e.split_at(8);
-            (u64_at(addr), data)
-        })
-    }
-
-    /// How many pages.
-    pub fn len(&self) -> usize {
-        self.0.len() / PAGE_ENTRY
-    }
-
-    /// Whether there are none.
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
 }
 
 fn u64_at(b: &[u8]) -> u64 {
@@ -212,64 +199,43 @@ pub fn write_verify(w: &mut impl Write, hashes: &[u64]) -> Result<(), MigrationE
     write_record(w, Kind::Verify, &payload)
 }
 
-/// Collects pages into one [`Kind::Pages`] record.
-pub struct PageBatch {
-    buf: Vec<u8>,
+/// The head of a [`Kind::Pages`] record for `runs` (first page address, page count): kind,
+/// length, run list; the pages' bytes are to follow it on the stream, run after run. Appended
+/// to `out`.
+pub fn pages_head(out: &mut Vec<u8>, runs: &[(u64, u32)]) -> Result<(), MigrationError> {
+    let pages: u64 = runs.iter().map(|&(_, n)| u64::from(n)).sum();
+    let len = (4 + runs.len() * RUN_ENTRY) as u64 + pages * PAGE;
+    let len = u32::try_from(len)
+        .ok()
+        .filter(|&l| l <= MAX_RECORD && runs.len() <= MAX_RUNS)
+        .ok_or_else(|| malformed(format!("a page record of {len} bytes, {} runs", runs.len())))?;
+    out.push(Kind::Pages as u8);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+    for (addr, n) in runs {
+        out.extend_from_slice(&addr.to_le_bytes());
+        out.extend_from_slice(&n.to_le_bytes());
+    }
+    Ok(())
 }
 
-impl Default for PageBatch {
-    fn default() -> Self {
-        let mut buf = Vec::with_capacity(4 + BATCH_PAGES * PAGE_ENTRY);
-        buf.extend_from_slice(&0u32.to_le_bytes());
-        Self { buf }
-    }
-}
-
-impl PageBatch {
-    /// Room for `page`'s 4096 bytes at `addr`, to be filled by the caller.
-    pub fn push(&mut self, addr: u64) -> &mut [u8] {
-        self.buf.extend_from_slice(&addr.to_le_bytes());
-        let at = self.buf.len();
-        self.buf.resize(at + PAGE as usize, 0);
-        &mut self.buf[at..]
-    }
-
-    /// Drops the page pushed last (it turned out to be zero).
-    pub fn pop(&mut self) {
-        let len = self.buf.len().saturating_sub(PAGE_ENTRY).max(4);
-        self.buf.truncate(len);
-    }
-
-    /// Pages held.
-    pub fn len(&self) -> usize {
-        (self.buf.len() - 4) / PAGE_ENTRY
-    }
-
-    /// Whether it holds none.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether it is full.
-    pub fn is_full(&self) -> bool {
-        self.len() >= BATCH_PAGES
-    }
-
-    /// Writes the record (if it holds any page) and empties the batch; returns the pages sent.
-    pub fn flush(&mut self, w: &mut impl Write) -> Result<usize, MigrationError> {
-        let n = self.len();
-        if n == 0 {
-            return Ok(0);
-        }
-        self.buf[..4].copy_from_slice(&(n as u32).to_le_bytes());
-        write_record(w, Kind::Pages, &self.buf)?;
-        self.buf.truncate(4);
-        Ok(n)
-    }
+/// Writes a whole [`Kind::Pages`] record from `runs` and their `data` (tests and tools; the
+/// migration sends the data from guest RAM).
+pub fn write_pages(
+    w: &mut impl Write,
+    runs: &[(u64, u32)],
+    data: &[u8],
+) -> Result<(), MigrationError> {
+    let mut head = Vec::new();
+    pages_head(&mut head, runs)?;
+    w.write_all(&head).map_err(io)?;
+    w.write_all(data).map_err(io)
 }
 
 /// Reads one record into `buf` (reused between calls) and checks its framing: known kind,
-/// length within [`MAX_RECORD`], payload that fits its kind, state checksum.
+/// length within [`MAX_RECORD`], payload that fits its kind, state checksum. Of a
+/// [`Kind::Pages`] record it reads only the run list (checked against the length): the pages'
+/// bytes stay in the stream for the caller to read where they belong.
 pub fn read_record<'a>(
     r: &mut impl Read,
     buf: &'a mut Vec<u8>,
@@ -283,6 +249,9 @@ pub fn read_record<'a>(
         return Err(malformed(format!("a record of {len} bytes")));
     }
     buf.clear();
+    if kind == Kind::Pages {
+        return read_runs(r, len);
+    }
     // Read through `take`, so a lying length costs no more memory than the bytes that came.
     let got = r.take(u64::from(len)).read_to_end(buf).map_err(io)?;
     if got != len as usize {
@@ -312,7 +281,8 @@ pub fn read_record<'a>(
     let text = || String::from_utf8_lossy(p).into_owned();
     Ok(match kind {
         Kind::Config => Record::Config(p),
-        Kind::Pages => Record::Pages(Pages(counted(PAGE_ENTRY)?)),
+        // Returned by `read_runs` above, before the payload is read.
+        Kind::Pages => return Err(malformed("a page record read whole".into())),
         Kind::Zeros => Record::Zeros(
             counted(16)?
                 .chunks_exact(16)
@@ -339,6 +309,36 @@ pub fn read_record<'a>(
     })
 }
 
+/// The run list of a [`Kind::Pages`] record of `len` bytes, after its head: at least one run
+/// and at most [`MAX_RUNS`], none empty, and the pages' bytes exactly what the length leaves.
+fn read_runs<'a>(r: &mut impl Read, len: u32) -> Result<Record<'a>, MigrationError> {
+    let mut n = [0u8; 4];
+    if len < 4 {
+        return Err(malformed(format!("Pages record of {len} bytes")));
+    }
+    r.read_exact(&mut n).map_err(io)?;
+    let n = u32_at(&n) as usize;
+    if n == 0 || n > MAX_RUNS || 4 + n * RUN_ENTRY > len as usize {
+        return Err(malformed(format!(
+            "Pages record says {n} runs in {len} bytes"
+        )));
+    }
+    let mut list = vec![0u8; n * RUN_ENTRY];
+    r.read_exact(&mut list).map_err(io)?;
+    let runs: Vec<(u64, u32)> = list
+        .chunks_exact(RUN_ENTRY)
+        .map(|e| (u64_at(e), u32_at(&e[8..])))
+        .collect();
+    let pages: u64 = runs.iter().map(|&(_, p)| u64::from(p)).sum();
+    let data = u64::from(len) - (4 + n * RUN_ENTRY) as u64;
+    if runs.iter().any(|&(_, p)| p == 0) || pages * PAGE != data {
+        return Err(malformed(format!(
+            "Pages record of {len} bytes lists {pages} pages in {n} runs"
+        )));
+    }
+    Ok(Record::Pages(runs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -348,14 +348,10 @@ mod tests {
         write_hello(&mut w).unwrap();
         write_record(&mut w, Kind::Config, br#"{"a":1}"#).unwrap();
         write_record(&mut w, Kind::Round, &3u32.to_le_bytes()).unwrap();
-        let mut b = PageBatch::default();
-        b.push(0x1000).fill(0xab);
-        b.push(0x5000)[4095] = 7;
-        b.push(0x9000);
-        b.pop();
-        assert_eq!(b.len(), 2);
-        assert_eq!(b.flush(&mut w).unwrap(), 2);
-        assert_eq!(b.flush(&mut w).unwrap(), 0, "an empty batch writes nothing");
+        let mut data = vec![0xab; 4096];
+        data.resize(3 * 4096, 0);
+        data[3 * 4096 - 1] = 7;
+        write_pages(&mut w, &[(0x1000, 1), (0x5000, 2)], &data).unwrap();
         write_zeros(&mut w, &[(0x2000, 3), (0x10_0000, 1)]).unwrap();
         write_verify(&mut w, &[1, u64::MAX]).unwrap();
         write_state(&mut w, b"{\"state\":true}").unwrap();
@@ -374,16 +370,15 @@ mod tests {
             Record::Config(br#"{"a":1}"#)
         );
         assert_eq!(read_record(&mut r, &mut buf).unwrap(), Record::Round(3));
-        match read_record(&mut r, &mut buf).unwrap() {
-            Record::Pages(p) => {
-                let v: Vec<_> = p.iter().collect();
-                assert_eq!(v.len(), 2);
-                assert_eq!(v[0].0, 0x1000);
-                assert!(v[0].1.iter().all(|&b| b == 0xab));
-                assert_eq!((v[1].0, v[1].1[4095], v[1].1[0]), (0x5000, 7, 0));
-            }
-            other => panic!("{other:?}"),
-        }
+        assert_eq!(
+            read_record(&mut r, &mut buf).unwrap(),
+            Record::Pages(vec![(0x1000, 1), (0x5000, 2)])
+        );
+        // The pages' bytes follow the list.
+        let mut data = vec![0u8; 3 * 4096];
+        r.read_exact(&mut data).unwrap();
+        assert!(data[..4096].iter().all(|&b| b == 0xab));
+        assert_eq!((data[4096], data[3 * 4096 - 1]), (0, 7));
         assert_eq!(
             read_record(&mut r, &mut buf).unwrap(),
             Record::Zeros(vec![(0x2000, 3), (0x10_0000, 1)])
@@ -405,13 +400,19 @@ mod tests {
 
     #[test]
     fn another_version_or_magic_is_refused() {
-        let mut h = Vec::new();
-        write_hello(&mut h).unwrap();
-        h[8] = 2;
-        let e = read_hello(&mut &h[..]).unwrap_err();
-        assert!(matches!(e, MigrationError::Version(2)), "{e}");
-        assert!(e.to_string().contains("version 2"), "{e}");
-        assert!(e.to_string().contains(&format!("speaks {VERSION}")), "{e}");
+        // Version 1 (one address per page) and a later one.
+        for other in [1u8, 3] {
+            let mut h = Vec::new();
+            write_hello(&mut h).unwrap();
+            h[8] = other;
+            let e = read_hello(&mut &h[..]).unwrap_err();
+            assert!(
+                matches!(e, MigrationError::Version(v) if v == u32::from(other)),
+                "{e}"
+            );
+            assert!(e.to_string().contains(&format!("version {other}")), "{e}");
+            assert!(e.to_string().contains(&format!("speaks {VERSION}")), "{e}");
+        }
         let e = read_hello(&mut &b"GET / HTTP/1.1\r\n\r\n"[..]).unwrap_err();
         assert!(matches!(e, MigrationError::Magic), "{e}");
         assert!(matches!(
@@ -431,6 +432,13 @@ mod tests {
                 loop {
                     match read_record(&mut r, &mut buf) {
                         Ok(Record::End) => ended = true,
+                        Ok(Record::Pages(runs)) => {
+                            let n: u64 = runs.iter().map(|&(_, p)| u64::from(p)).sum();
+                            let mut data = vec![0u8; (n * PAGE) as usize];
+                            if r.read_exact(&mut data).is_err() {
+                                break;
+                            }
+                        }
                         Ok(_) => continue,
                         Err(MigrationError::Closed) => break,
                         Err(e) => panic!("cut at {cut}: {e}"),
@@ -457,12 +465,38 @@ mod tests {
         let mut huge = vec![Kind::Config as u8];
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
         assert!(matches!(read(&huge), MigrationError::Malformed(_)));
-        // A page count that does not match the length.
-        let mut w = Vec::new();
-        let mut p = 5u32.to_le_bytes().to_vec();
-        p.extend_from_slice(&[0; PAGE_ENTRY]);
-        write_record(&mut w, Kind::Pages, &p).unwrap();
+        // Page runs that do not match the length: more pages than bytes, fewer, an empty run,
+        // no run, too many runs, a list longer than the record.
+        let pages = |runs: &[(u64, u32)], data: usize| {
+            let mut p = (runs.len() as u32).to_le_bytes().to_vec();
+            for (a, n) in runs {
+                p.extend_from_slice(&a.to_le_bytes());
+                p.extend_from_slice(&n.to_le_bytes());
+            }
+            p.resize(p.len() + data, 0);
+            let mut w = Vec::new();
+            write_record(&mut w, Kind::Pages, &p).unwrap();
+            w
+        };
+        for (runs, data) in [
+            (vec![(0u64, 2u32)], 4096usize),
+            (vec![(0, 1)], 8192),
+            (vec![(0, 1), (8192, 0)], 4096),
+            (vec![], 0),
+            (vec![(0, 1); MAX_RUNS + 1], (MAX_RUNS + 1) * 4096),
+            (vec![(0, u32::MAX)], 4096),
+        ] {
+            let e = read(&pages(&runs, data));
+            assert!(matches!(e, MigrationError::Malformed(_)), "{runs:?}: {e}");
+        }
+        let mut w = vec![Kind::Pages as u8];
+        w.extend_from_slice(&8u32.to_le_bytes());
+        w.extend_from_slice(&1000u32.to_le_bytes());
+        w.extend_from_slice(&[0; 4]);
         assert!(matches!(read(&w), MigrationError::Malformed(_)));
+        // The sender's side refuses what the reader would.
+        assert!(pages_head(&mut Vec::new(), &[(0, 1); MAX_RUNS + 1]).is_err());
+        assert!(pages_head(&mut Vec::new(), &[(0, u32::MAX)]).is_err());
         // A state whose checksum is wrong.
         let mut w = Vec::new();
         write_state(&mut w, b"state").unwrap();
