@@ -283,22 +283,36 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
 }
 
 /// Executes this program again with the same arguments; returns only on failure. With
-/// `config` (a VM that came in by migration), `--incoming` gives way to `--config FILE`, a
-/// JSON copy of `config` written for the purpose.
+/// `config` (a VM that came in by migration), `--incoming` gives way to `--config
+/// /proc/self/fd/N`, a JSON copy of `config` in a memory file (memfd) the new program inherits:
+/// nothing is left on disk, and it lasts exactly as long as this process (and is still there
+/// for the reboot after).
 fn restart_in_place(boot: u32, config: Option<&VmConfig>) -> VmmError {
+    use std::os::fd::{FromRawFd, IntoRawFd};
     use std::os::unix::process::CommandExt;
     let mut argv = std::env::args_os();
     let arg0 = argv.next().unwrap_or_else(|| "ferro-vmm".into());
     let mut args: Vec<std::ffi::OsString> = argv.collect();
     if let Some(cfg) = config {
-        let path = std::env::temp_dir().join(format!("ferro-vmm-{}.json", std::process::id()));
         let json = match serde_json::to_vec_pretty(cfg) {
             Ok(j) => j,
             Err(e) => return VmmError::Migration(format!("cannot save the configuration: {e}")),
         };
-        if let Err(e) = std::fs::write(&path, json) {
+        // No MFD_CLOEXEC: the file is to survive the exec.
+        // SAFETY: a NUL-terminated name and no flags; the result is checked below.
+        let fd = unsafe { libc::memfd_create(c"ferro-vmm-config".as_ptr(), 0) };
+        if fd < 0 {
+            return VmmError::io("cannot save the configuration for the restart")(
+                std::io::Error::last_os_error(),
+            );
+        }
+        // SAFETY: `fd` was just created above and nothing else owns it.
+        let mut file = unsafe { std::fs::File::from_raw_fd(fd) };
+        if let Err(e) = std::io::Write::write_all(&mut file, &json) {
             return VmmError::io("cannot save the configuration for the restart")(e);
         }
+        // Left open for the new program (leaked on purpose: the exec takes it over).
+        let path = format!("/proc/self/fd/{}", file.into_raw_fd());
         let mut kept = Vec::with_capacity(args.len());
         let mut skip = false;
         for a in args {
