@@ -61,13 +61,15 @@
 //! and refuses the stream with one line otherwise.
 //!
 //! # The copy path
-//! No page is staged in a buffer: the source gathers runs of contiguous non-zero pages (up
-//! to 1 MiB a record) and `writev`s the record head and the runs straight from guest RAM
-//! (the guest may write a page while the kernel copies it; the dirty log, or the hash check
-//! for host writes, sends it again); the destination reads each run straight into its guest
-//! RAM (THP-backed like a booted VM's, so filling it faults once per 2 MiB). Both ends ask
-//! for 4 MiB socket buffers. The zero test and, for VMs with devices, the page hash are one
-//! pass over each page ([`hash_and_zero`]).
+//! The source gathers runs of contiguous non-zero pages (up to 1 MiB a record) and `writev`s
+//! the record head and the runs straight from guest RAM (the guest may write a page while
+//! the kernel copies it; the dirty log sends it again). A VM with devices is the exception:
+//! its pages are copied once into a 512 KiB staging buffer, hashed and zero-tested there in
+//! one pass ([`hash_and_zero`]) and sent from it, because the bytes sent must be the bytes
+//! hashed (a device that wrote a page between the hash and the send and later wrote the old
+//! bytes back would otherwise go unnoticed). The destination reads each run straight into
+//! its guest RAM once checked, populated with one `MADV_POPULATE_WRITE` per run and without
+//! THP until it is filled. Both ends ask for 4 MiB socket buffers.
 //!
 //! # Checking the copy
 //! With `FERRO_MIGRATE_VERIFY=1` in the source VMM's environment, the stop-and-copy round
