@@ -591,10 +591,18 @@ fn source_daemon_killed_mid_migration_does_not_start_the_vm_twice() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // Once A has B's answer and turns to its VMM (event `migrating`). Before that B's
+    // half is only removed by B's own watchdog, after 2 minutes without data.
     let t = Instant::now();
-    while b.ferro(&["vm", "show", "m"]).code != Some(0) {
-        assert!(t.elapsed() < Duration::from_secs(20), "B never had it");
-        std::thread::sleep(Duration::from_millis(10));
+    while !a
+        .json(&["vm", "events", "m"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["kind"] == "migrating")
+    {
+        assert!(t.elapsed() < Duration::from_secs(20), "A never migrated it");
+        std::thread::sleep(Duration::from_millis(5));
     }
     // The source daemon dies while its VMM migrates; a new one comes up on the same data.
     let port = a.port;

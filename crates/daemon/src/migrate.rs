@@ -327,6 +327,24 @@ pub async fn migrate(
     })
 }
 
+/// Deletes the destination's half of a migration of `name` to `to` that a restarted daemon
+/// found abandoned (best effort: the destination's watchdog removes it anyway).
+pub(crate) async fn abort_remote(sup: Supervisor, to: String, name: String) {
+    // The peer token is set once the daemon is up, after the re-adoption that calls this.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (Some(token), Ok((at, _))) = (sup.peer_token(), peer_address(&to)) else {
+        return;
+    };
+    let _ = peer_call(
+        &at,
+        &token,
+        Method::DELETE,
+        &format!("/v1/migrations/incoming/{name}"),
+        None,
+    )
+    .await;
+}
+
 /// Removes what the daemon and the VMM kept in `DATA/vms/NAME` for a VM that left: their own
 /// files only, never a disk (the directory goes if that emptied it).
 fn forget_files(sup: &Supervisor, name: &str) {

@@ -504,10 +504,19 @@ impl Supervisor {
 
     /// Whether VM `name`'s last event says a migration of it was under way.
     fn was_migrating(&self, name: &str) -> bool {
-        self.store(|s| s.events(name))
-            .ok()
-            .and_then(|e| e.last().map(|e| e.kind == "migrating"))
-            .unwrap_or(false)
+        self.migrating_to(name).is_some()
+    }
+
+    /// The destination of the migration VM `name`'s last event says was under way.
+    fn migrating_to(&self, name: &str) -> Option<String> {
+        let events = self.store(|s| s.events(name)).ok()?;
+        let last = events.last().filter(|e| e.kind == "migrating")?;
+        Some(
+            last.message
+                .strip_prefix("migrating to ")
+                .unwrap_or_default()
+                .to_string(),
+        )
     }
 
     /// Marks VM `name`'s VMM as being migrated away (or no longer).
@@ -614,6 +623,22 @@ impl Supervisor {
             };
             match adopted {
                 Some((pid, start, run)) => {
+                    if run != VmmRunState::Migrating {
+                        if let Some(to) = self.migrating_to(&rec.name) {
+                            // The migration never reached the VMM, or ended without a
+                            // daemon to finish it: the VM stays here; void the other half.
+                            self.event(
+                                &rec.name,
+                                "migration_failed",
+                                &format!("the daemon restarted during a migration to {to}: the VM stays here"),
+                            );
+                            tokio::spawn(crate::migrate::abort_remote(
+                                self.clone(),
+                                to,
+                                rec.name.clone(),
+                            ));
+                        }
+                    }
                     let taps = self
                         .store(|s| net::rows(s.conn(), &rec.name))
                         .map(|r| net::taps(&r))
