@@ -310,23 +310,66 @@ fn receive(
             config.memory_mib
         ))
     })?;
+    // A helper faults in the 2 MiB after each long run while this thread copies the run, so
+    // that the pages the stream fills next are mostly there when their bytes arrive.
+    let state = std::thread::scope(|scope| {
+        let (ahead, todo) = std::sync::mpsc::channel::<(u64, u64)>();
+        let mem = &memory;
+        let helper = std::thread::Builder::new()
+            .name("migrate-in-pop".into())
+            .spawn_scoped(scope, move || {
+                for (addr, len) in todo {
+                    populate(mem, addr, len);
+                }
+            });
+        let ahead = helper.is_ok().then_some(ahead);
+        fill(r, &mut buf, &memory, &config, progress, ahead.as_ref())
+    })?;
+    Ok((config, state, memory))
+}
+
+/// Runs at least this long (bytes) make the receiver populate the [`AHEAD`] bytes after them
+/// in advance: at most that much memory is populated for nothing where the data ends.
+const LONG_RUN: u64 = 1 << 20;
+const AHEAD: u64 = 2 << 20;
+
+/// Receives the page, zero and state records into `memory`, up to the end marker.
+fn fill(
+    r: &mut impl std::io::Read,
+    buf: &mut Vec<u8>,
+    memory: &GuestMemory,
+    config: &VmConfig,
+    progress: &Mutex<MigrationStatus>,
+    ahead: Option<&std::sync::mpsc::Sender<(u64, u64)>>,
+) -> Result<MachineState, MigrationError> {
     let zeros = [0u8; 64 * 1024];
     let mut state = None;
     let mut verify = None;
     let (mut bytes, mut pages) = (0u64, 0u64);
     loop {
-        let rec = wire::read_record(r, &mut buf)?;
+        let rec = wire::read_record(r, buf)?;
         match rec {
             Record::Pages(runs) => {
                 for (addr, n) in runs {
                     let len = u64::from(n) * PAGE;
-                    check_range(&memory, addr, len)?;
-                    populate(&memory, addr, len);
+                    check_range(memory, addr, len)?;
+                    if let Some(tx) = ahead.filter(|_| len >= LONG_RUN) {
+                        // Only inside the region the run is in (`check_range`).
+                        let next = addr + len;
+                        let room = memory.iter().find_map(|reg| {
+                            let (start, end) = (reg.start_addr().0, reg.start_addr().0 + reg.len());
+                            (next >= start && next < end).then_some(end - next)
+                        });
+                        if let Some(room) = room {
+                            let _ = tx.send((next, room.min(AHEAD)));
+                        }
+                    }
+                    populate(memory, addr, len);
                     // In steps, so that `status` shows a record of megabytes arriving.
                     let mut at = 0;
                     while at < len {
                         let step = (len - at).min(PROGRESS_STEP);
-                        read_into(r, &memory, addr + at, step)?;
+                        read_into(r, memory, addr + at, step)?;
                         at += step;
                         pages += step / PAGE;
                         bytes += step;
@@ -341,7 +384,7 @@ fn receive(
                     let len = n
                         .checked_mul(PAGE)
                         .ok_or_else(|| bad(format!("{n} zero pages")))?;
-                    check_range(&memory, addr, len)?;
+                    check_range(memory, addr, len)?;
                     let mut at = 0;
                     while at < len {
                         let step = (len - at).min(zeros.len() as u64);
@@ -372,10 +415,10 @@ fn receive(
             Record::End => {
                 let state = state.ok_or_else(|| bad("the end came before the state".into()))?;
                 if let Some(want) = verify {
-                    check_copy(&memory, &want)?;
+                    check_copy(memory, &want)?;
                 }
-                crate::memory::advise_huge(&memory);
-                return Ok((config, state, memory));
+                crate::memory::advise_huge(memory);
+                return Ok(state);
             }
             Record::Abort(why) => return Err(MigrationError::Aborted(why)),
             other @ (Record::Config(_) | Record::Ack | Record::Refuse(_)) => {
