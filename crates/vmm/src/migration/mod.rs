@@ -68,8 +68,9 @@
 //! one pass ([`hash_and_zero`]) and sent from it, because the bytes sent must be the bytes
 //! hashed (a device that wrote a page between the hash and the send and later wrote the old
 //! bytes back would otherwise go unnoticed). The destination reads each run straight into
-//! its guest RAM once checked, populated with one `MADV_POPULATE_WRITE` per run and without
-//! THP until it is filled. Both ends ask for 4 MiB socket buffers.
+//! its guest RAM once checked, populated with one `MADV_POPULATE_WRITE` per run (and, after a
+//! run of 1 MiB or more, the next 2 MiB by a helper thread `migrate-in-pop` meanwhile) and
+//! without THP until it is filled. Both ends ask for 4 MiB socket buffers.
 //!
 //! # Checking the copy
 //! With `FERRO_MIGRATE_VERIFY=1` in the source VMM's environment, the stop-and-copy round
