@@ -70,7 +70,7 @@ impl Peer {
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut p = Self {
+        let p = Self {
             dir,
             host: host.to_string(),
             port,
@@ -534,7 +534,7 @@ fn destination_vmm_dying_mid_migration_leaves_the_vm_on_the_source() {
         log.lines()
             .filter_map(|l| l.trim().strip_prefix("hb="))
             .filter_map(|n| n.split(' ').next()?.parse().ok())
-            .last()
+            .next_back()
             .unwrap_or(0)
     };
     let seen = beat(&a);

@@ -470,7 +470,10 @@ fn failed_migrations_leave_the_source_running() {
     // After all that the guest finishes on the source as if nothing happened.
     src.request(r#"{"cmd":"quit"}"#);
     assert_eq!(src.wait(Duration::from_secs(10)), Some(0));
-    let ts = ticks(&src.lines());
+    // `quit` may stop the vCPU in the middle of a line: only whole lines count.
+    let mut lines = src.lines();
+    lines.pop();
+    let ts = ticks(&lines);
     for w in ts.windows(2) {
         assert_eq!(w[1].tick, w[0].tick + 1, "{w:?}");
     }
