@@ -21,7 +21,7 @@ fn linux_guest_uses_virtio_blk_disks() {
     }
     build_linux_guest();
     let add = format!("{}:/bin/ferro-vmm", vmm().display());
-    let adds = [add];
+    let adds = [add, "/usr/bin/qemu-img:/bin/qemu-img".to_string()];
     lab_check("virtio_blk.sh", &adds, 900, |console| {
         assert!(console.contains("lab-virtio-blk: done"), "{console}");
         for boot in ["write", "read", "read2"] {
