@@ -303,7 +303,6 @@ fn receive(
         .map(|&(a, s)| usize::try_from(s).map(|s| (GuestAddress(a), s)))
         .collect::<Result<_, _>>()
         .map_err(|_| bad("a region larger than this host's address space".into()))?;
-    // Without THP while it is filled (see `advise_huge`).
     let memory = GuestMemory::from_ranges(&ranges).map_err(|e| {
         MigrationError::Vmm(format!(
             "cannot allocate {} MiB of guest memory: {e}",
@@ -417,7 +416,6 @@ fn fill(
                 if let Some(want) = verify {
                     check_copy(memory, &want)?;
                 }
-                crate::memory::advise_huge(memory);
                 return Ok(state);
             }
             Record::Abort(why) => return Err(MigrationError::Aborted(why)),
