@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use ferro_api::control::{ControlLine, ControlRequest, ControlResponse, VmmStatus};
+use ferro_api::control::{ControlRequest, ControlResponse, VmmStatus};
 use ferro_api::{SerialMode, VmConfig};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -282,34 +282,11 @@ pub async fn request(
     socket: &Path,
     req: &ControlRequest,
 ) -> Result<(VmmStatus, Option<String>), DaemonError> {
-    let fail = |e: std::io::Error| DaemonError::Vmm(format!("control socket: {e}"));
-    let stream = tokio::time::timeout(Duration::from_secs(5), UnixStream::connect(socket))
-        .await
-        .map_err(|_| DaemonError::Vmm("control socket: timed out".into()))?
-        .map_err(fail)?;
-    let mut stream = BufReader::new(stream);
-    let mut line = serde_json::to_vec(req).map_err(|e| DaemonError::Vmm(e.to_string()))?;
-    line.push(b'\n');
-    stream.get_mut().write_all(&line).await.map_err(fail)?;
-    let mut text = String::new();
-    loop {
-        text.clear();
-        let n = tokio::time::timeout(Duration::from_secs(10), stream.read_line(&mut text))
-            .await
-            .map_err(|_| DaemonError::Vmm("control socket: no answer".into()))?
-            .map_err(fail)?;
-        if n == 0 {
-            return Err(DaemonError::Vmm("the VMM closed its control socket".into()));
-        }
-        match serde_json::from_str::<ControlLine>(&text) {
-            Ok(ControlLine::Response(ControlResponse::Ok { status, console })) => {
-                return Ok((status, console))
-            }
-            Ok(ControlLine::Response(ControlResponse::Error { message, .. })) => {
-                return Err(DaemonError::InvalidState(message))
-            }
-            Ok(ControlLine::Event(_)) => continue,
-            Err(e) => return Err(DaemonError::Vmm(format!("control socket: {e}"))),
-        }
+    let req = serde_json::to_value(req).map_err(|e| DaemonError::Vmm(e.to_string()))?;
+    let answer = request_value(socket, &req, Duration::from_secs(10)).await?;
+    match serde_json::from_value::<ControlResponse>(answer) {
+        Ok(ControlResponse::Ok { status, console }) => Ok((status, console)),
+        Ok(ControlResponse::Error { message, .. }) => Err(DaemonError::InvalidState(message)),
+        Err(e) => Err(DaemonError::Vmm(format!("control socket: {e}"))),
     }
 }
