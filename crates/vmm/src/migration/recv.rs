@@ -240,7 +240,8 @@ fn read_into(
     // SAFETY: `slice` is `size` bytes of one region of `mem`'s mapping (checked above), which
     // lives as long as `mem`. Nothing else reads or writes it meanwhile: this memory is not
     // mapped into a VM yet and no device has it, so this thread is its only user for the
-    // duration of the read.
+    // duration of the read (the populate-ahead helper only asks the kernel to fault pages in,
+    // which never changes their contents or touches them from user space).
     let dst = unsafe { std::slice::from_raw_parts_mut(guard.as_ptr(), slice.len()) };
     r.read_exact(dst).map_err(|e| {
         if e.kind() == std::io::ErrorKind::UnexpectedEof {
