@@ -1,6 +1,8 @@
 //! Helpers for Ferrovisor's end-to-end tests: build the VMM and the guests once, run
 //! `ferro-vmm` on real KVM, and read the probe guest's `key=value` report.
 
+pub mod count;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

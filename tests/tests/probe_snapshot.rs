@@ -10,79 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferro_tests::count::{check_sums, expected_sum, ticks, value, PAGES, WORDS};
 use ferro_tests::{kvm_available, probe, vmm, wait_limited};
-
-/// Words and pages of the probe's count region (guest/probe/README.md, `count=N`).
-const PAGES: u64 = 1024;
-const WORDS: u64 = 512;
-
-fn value(r: u64) -> u64 {
-    let mut x = r.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
-
-/// The checksum the probe prints after `rounds` rounds.
-fn expected_sum(rounds: u64) -> u64 {
-    let slots = PAGES * WORDS;
-    let mut h = 0xcbf2_9ce4_8422_2325u64;
-    for page in 0..PAGES {
-        for word in 0..WORDS {
-            let k = word * PAGES + page;
-            // The last round r <= rounds with (r - 1) % slots == k.
-            let v = if rounds > k {
-                value(k + 1 + slots * ((rounds - 1 - k) / slots))
-            } else {
-                0
-            };
-            h = (h ^ v).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    }
-    h
-}
-
-/// One `count=` line.
-#[derive(Debug, Clone, Copy)]
-struct Tick {
-    tick: u64,
-    rounds: u64,
-    clock: u64,
-    sum: u64,
-}
-
-fn parse(line: &str) -> Option<Tick> {
-    let mut t = Tick {
-        tick: 0,
-        rounds: 0,
-        clock: 0,
-        sum: 0,
-    };
-    let mut seen = 0;
-    for field in line.split(' ') {
-        let (k, v) = field.split_once('=')?;
-        let n = if let Some(h) = v.strip_prefix("0x") {
-            u64::from_str_radix(h, 16).ok()?
-        } else {
-            v.parse().ok()?
-        };
-        match k {
-            "count" => t.tick = n,
-            "rounds" => t.rounds = n,
-            "clock" => t.clock = n,
-            "sum" => t.sum = n,
-            _ => return None,
-        }
-        seen += 1;
-    }
-    (seen == 4).then_some(t)
-}
-
-fn ticks(lines: &[String]) -> Vec<Tick> {
-    lines.iter().filter_map(|l| parse(l)).collect()
-}
 
 fn scratch(test: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("ferro-probesnap-{}-{test}", std::process::id()));
@@ -185,18 +114,6 @@ fn restore(dir: &Path) -> (ferro_tests::Run, Option<Duration>) {
     let mut run = wait_limited(child, Duration::from_secs(60));
     run.stdout = first + &collector.join().unwrap();
     (run, to_first)
-}
-
-fn check_sums(what: &str, ts: &[Tick]) {
-    for t in ts {
-        assert_eq!(
-            t.sum,
-            expected_sum(t.rounds),
-            "{what}: tick {} after {} rounds",
-            t.tick,
-            t.rounds
-        );
-    }
 }
 
 fn dir_bytes_on_disk(dir: &Path) -> u64 {
