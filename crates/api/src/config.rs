@@ -141,6 +141,22 @@ fn de_mib<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 }
 
 impl VmConfig {
+    /// This configuration with its files in `dir`, where a storage migration's destination
+    /// writes them: the kernel as `kernel`, the initrd as `initrd`, disk `i` as raw image
+    /// `disk{i}.raw` (the same guest-visible contents, whatever the source's format).
+    pub fn relocated(&self, dir: &Path) -> VmConfig {
+        let mut c = self.clone();
+        c.kernel = dir.join("kernel");
+        if c.initrd.is_some() {
+            c.initrd = Some(dir.join("initrd"));
+        }
+        for (i, d) in c.disks.iter_mut().enumerate() {
+            d.path = dir.join(format!("disk{i}.raw"));
+            d.format = Some(crate::devices::DiskFormat::Raw);
+        }
+        c
+    }
+
     /// A config with defaults for everything but the kernel.
     pub fn new(kernel: impl Into<PathBuf>) -> Self {
         Self {

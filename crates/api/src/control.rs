@@ -61,7 +61,16 @@ pub enum ControlRequest {
         /// Stop iterating after this many copy rounds and pause anyway (default 30).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         max_rounds: Option<u32>,
+        /// Storage migration: copy the disks (with their own write tracking, while the guest
+        /// runs), the kernel and the initrd too, for a destination that does not see them
+        /// (`ferro-vmm --incoming ... --incoming-storage DIR`). Default false: shared storage.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        copy_storage: bool,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 fn yes() -> bool {
@@ -129,6 +138,13 @@ pub struct MigrationStatus {
     /// Source: dirty pages left to send, as of the last round.
     #[serde(default)]
     pub remaining_dirty_pages: u64,
+    /// Storage migration: bytes of disk contents sent or received so far (part of `bytes`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub disk_bytes: u64,
+    /// Storage migration, source: bytes of disk blocks written since they were sent, as of
+    /// the last round.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub remaining_dirty_disk_bytes: u64,
     /// Source: bandwidth measured in the last round, bytes per second.
     #[serde(default)]
     pub bandwidth_bps: u64,
@@ -288,18 +304,20 @@ mod tests {
             ControlRequest::Migrate {
                 to: "10.0.0.2:4444".into(),
                 downtime_ms: DEFAULT_DOWNTIME_MS,
-                max_rounds: None
+                max_rounds: None,
+                copy_storage: false,
             }
         );
         let m = ControlRequest::Migrate {
             to: "h:1".into(),
             downtime_ms: 20,
             max_rounds: Some(5),
+            copy_storage: true,
         };
         let text = serde_json::to_string(&m).unwrap();
         assert_eq!(
             text,
-            r#"{"cmd":"migrate","to":"h:1","downtime_ms":20,"max_rounds":5}"#
+            r#"{"cmd":"migrate","to":"h:1","downtime_ms":20,"max_rounds":5,"copy_storage":true}"#
         );
         assert_eq!(serde_json::from_str::<ControlRequest>(&text).unwrap(), m);
         assert!(serde_json::from_str::<ControlRequest>(r#"{"cmd":"migrate"}"#).is_err());

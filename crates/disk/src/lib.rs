@@ -12,6 +12,7 @@ mod file;
 mod iovec;
 mod qcow2;
 mod raw;
+pub mod tracked;
 
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};

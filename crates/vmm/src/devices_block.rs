@@ -10,6 +10,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use ferro_disk::tracked::Tracked;
 use ferro_disk::BlockBackend;
 
 use ferro_api::{DiskCache, DiskConfig, DiskFormat};
@@ -19,8 +20,14 @@ use ferro_virtio::VirtioDevice;
 
 use crate::VmmError;
 
-/// Every image this process opened, for [`flush_all`].
-static OPENED: Mutex<Vec<Arc<dyn BlockBackend>>> = Mutex::new(Vec::new());
+/// Every image this process opened, in `--disk` order, for [`flush_all`] and for a storage
+/// migration's copy ([`opened`]).
+static OPENED: Mutex<Vec<Arc<Tracked>>> = Mutex::new(Vec::new());
+
+/// The disks this process opened, in configuration order, each with its write log.
+pub fn opened() -> Vec<Arc<Tracked>> {
+    OPENED.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
 
 /// Flushes every opened image; failures are reported on stderr (the VM is ending anyway).
 pub fn flush_all() {
@@ -46,9 +53,11 @@ pub fn open_disks(disks: &[DiskConfig]) -> Result<Vec<BlockConfig>, VmmError> {
                 readonly: d.readonly,
                 direct: d.cache == DiskCache::None,
             };
-            let disk: Arc<dyn BlockBackend> = ferro_disk::open(&d.path, &opts)
+            let image: Arc<dyn BlockBackend> = ferro_disk::open(&d.path, &opts)
                 .map_err(|e| VmmError::Devices(format!("disk {e}")))?
                 .into();
+            // Every write passes its log (off, one atomic load, until a storage migration).
+            let disk = Arc::new(Tracked::new(image));
             OPENED
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())

@@ -100,6 +100,12 @@ struct Args {
         "balloon", "config", "linux_boot", "restore",
     ])]
     incoming: Option<String>,
+    /// With --incoming, for a source that copies its storage (`"copy_storage": true`): write
+    /// the VM's disks (raw, sparse), kernel and initrd into DIR (made if missing) as
+    /// `disk{i}.raw`, `kernel`, `initrd`, and run the VM from them. Files there of those names
+    /// are refused, never overwritten; if the VM does not come they are removed.
+    #[arg(long, value_name = "DIR", requires = "incoming")]
+    incoming_storage: Option<PathBuf>,
     /// What a guest reboot does: exit (status 0, like a power-off) or restart in place.
     #[arg(long, value_enum, default_value_t = OnReboot::Exit)]
     on_reboot: OnReboot,
@@ -174,7 +180,11 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
                     let _ = std::fs::remove_file(c.path());
                 }
             };
-            let got = match ferro_vmm::migration::recv::incoming(listener, control.as_mut()) {
+            let got = match ferro_vmm::migration::recv::incoming(
+                listener,
+                control.as_mut(),
+                args.incoming_storage.clone(),
+            ) {
                 Ok(g) => g,
                 Err(e) => {
                     gone(&control);
@@ -187,8 +197,12 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
                 cfg.serial = s.clone();
             }
             let mut stream = got.stream;
+            let storage = got.storage;
             match builder::restore_from(&cfg, &got.state, got.memory) {
                 Ok(vm) => {
+                    if let Some(s) = storage {
+                        s.keep();
+                    }
                     ferro_vmm::migration::recv::answer(&mut stream, Ok(()));
                     eprintln!(
                         "ferro-vmm: incoming migration from {} runs (built in {:.1} ms)",
@@ -319,9 +333,11 @@ fn restart_in_place(boot: u32, config: Option<&VmConfig>) -> VmmError {
             if std::mem::take(&mut skip) {
                 continue;
             }
-            if a == "--incoming" {
+            if a == "--incoming" || a == "--incoming-storage" {
                 skip = true;
-            } else if !a.to_string_lossy().starts_with("--incoming=") {
+            } else if !a.to_string_lossy().starts_with("--incoming=")
+                && !a.to_string_lossy().starts_with("--incoming-storage=")
+            {
                 kept.push(a);
             }
         }

@@ -175,11 +175,13 @@ impl ControlTarget for VmHandle<'_> {
                 to,
                 downtime_ms,
                 max_rounds,
+                copy_storage,
             } => {
                 self.start_migration(send::Request {
                     to: to.clone(),
                     downtime_ms: *downtime_ms,
                     max_rounds: max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS).max(1),
+                    copy_storage: *copy_storage,
                 })
                 .map_err(|e| (ControlErrorCode::Failed, e.to_string()))?;
                 return Ok(Applied::Later);
@@ -268,6 +270,7 @@ impl VmHandle<'_> {
             virtio: p.machine.pci.virtio.clone(),
             control: m.vcpus.clone(),
             latch: m.latch.clone(),
+            disks: crate::devices_block::opened(),
         };
         let progress = Arc::new(Mutex::new(MigrationStatus {
             phase: Some(MigrationPhase::Precopy),

@@ -1,7 +1,9 @@
 //! Pre-copy live migration of a running VM over TCP: the source is a VMM asked
 //! `{"cmd":"migrate","to":"HOST:PORT"}` on its control socket ([`send`]), the destination a
-//! `ferro-vmm --incoming tcp:HOST:PORT` ([`recv`]). Disks are not copied: both hosts see them at
-//! the same paths (shared storage).
+//! `ferro-vmm --incoming tcp:HOST:PORT` ([`recv`]). By default the disks are not copied: both
+//! hosts see them at the same paths (shared storage). With `"copy_storage": true` the disks,
+//! the kernel and the initrd go too, the disks with their own write tracking
+//! ([`storage`]), into the destination's `--incoming-storage DIR`.
 //!
 //! # How it goes
 //! 1. The source turns on KVM's dirty-page log on every memory slot, then sends every page
@@ -41,11 +43,17 @@
 //!                                                                 refused with a clear error
 //! record       kind u8 | len u32 (<= 64 MiB) | payload[len]
 //!   source -> destination
-//!   1 Config   JSON {"config": VmConfig, "regions": [[guest_addr, size], ...]}   (first)
+//!   1 Config   JSON {"config": VmConfig, "regions": [[guest_addr, size], ...],
+//!                    "storage"?: {"disks": [size, ...], "kernel": size, "initrd": size?}}
+//!                                                                  (first)
 //!   4 Round    round u32                                           (a copy round starts)
 //!   2 Pages    count u32 | count x (guest_addr u64 | pages u32) | the runs' bytes
 //!                                                   (1..=1000 runs of whole pages, <= 64 MiB)
 //!   3 Zeros    count u32 | count x (guest_addr u64 | pages u64)    (pages that are zero now)
+//!   9 Disk     disk u32 | offset u64 | bytes                       (storage: whole sectors)
+//!  10 DiskZeros disk u32 | offset u64 | len u64                    (storage: reads as zeros)
+//!  11 File     file u8 (0 kernel, 1 initrd) | offset u64 | bytes   (storage)
+//!  12 Sync     -                             (storage: make it durable, answer Synced)
 //!   5 State    fnv1a64 u64 | JSON MachineState                     (once, after the last pages)
 //!   8 Verify   count u32 | count x u64                             (optional, before State)
 //!   6 End      -                                                   (nothing follows)
@@ -53,6 +61,7 @@
 //!   destination -> source
 //!   0x41 Ack    -                                                  (the VM is built and runs)
 //!   0x42 Refuse UTF-8 reason                                       (it cannot take the VM)
+//!   0x43 Synced -                              (storage: all before the Sync is on its disks)
 //! ```
 //! Everything a peer sends is outside input: the destination checks the configuration, that
 //! the regions are exactly the layout of its `memory_mib`, every page run and zero run
@@ -81,6 +90,7 @@
 
 pub mod recv;
 pub mod send;
+pub mod storage;
 pub mod wire;
 
 use ferro_api::VmConfig;
@@ -152,6 +162,9 @@ pub struct Setup {
     pub config: VmConfig,
     /// Its RAM regions: (guest address, size), in address order.
     pub regions: Vec<(u64, u64)>,
+    /// Storage migration: what is copied besides memory; `None` for shared storage.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<storage::StorageCopy>,
 }
 
 /// `HOST:PORT` from `HOST:PORT` or `tcp:HOST:PORT`.

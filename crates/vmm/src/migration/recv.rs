@@ -16,6 +16,7 @@ use ferro_arch::memory_map::RamLayout;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::storage::StorageSink;
 use super::wire::{self, Kind, Record, PAGE};
 use super::{chunk_hashes, tcp_address, MigrationError, Setup, VERIFY_CHUNK};
 use crate::control::{Applied, ControlServer, ControlTarget};
@@ -40,6 +41,9 @@ pub struct Received {
     pub stream: TcpStream,
     /// The source's address.
     pub peer: String,
+    /// Storage migration: the files the VM's configuration now names; they are removed when
+    /// this is dropped, unless [`StorageSink::keep`] says the VM runs from them.
+    pub storage: Option<StorageSink>,
 }
 
 /// Binds `spec` (`tcp:HOST:PORT`, PORT may be 0) and prints the line that names the real
@@ -96,6 +100,7 @@ impl ControlTarget for Waiting {
 pub fn incoming(
     listener: TcpListener,
     control: Option<&mut ControlServer>,
+    storage_dir: Option<std::path::PathBuf>,
 ) -> Result<Received, VmmError> {
     let progress = Arc::new(Mutex::new(MigrationStatus {
         phase: Some(MigrationPhase::Receiving),
@@ -109,7 +114,7 @@ pub fn incoming(
     std::thread::Builder::new()
         .name("migrate-in".into())
         .spawn(move || {
-            let r = accept_and_receive(&listener, &p, &sh);
+            let r = accept_and_receive(&listener, &p, &sh, storage_dir.as_deref());
             let _ = tx.send(r);
             let _ = wake.write(1);
         })
@@ -156,6 +161,7 @@ fn accept_and_receive(
     listener: &TcpListener,
     progress: &Mutex<MigrationStatus>,
     shape: &Mutex<(u32, u64)>,
+    storage_dir: Option<&std::path::Path>,
 ) -> Result<Received, MigrationError> {
     let (stream, peer) = listener.accept().map_err(MigrationError::Io)?;
     let peer = peer.to_string();
@@ -171,9 +177,9 @@ fn accept_and_receive(
     let mut reader = std::io::BufReader::with_capacity(16 << 10, &stream);
     let got = wire::write_hello(&mut writer)
         .and_then(|()| wire::read_hello(&mut reader))
-        .and_then(|()| receive(&mut reader, progress, shape));
+        .and_then(|()| receive(&mut reader, &mut writer, progress, shape, storage_dir));
     match got {
-        Ok((config, state, memory)) => {
+        Ok((config, state, memory, storage)) => {
             drop(reader);
             Ok(Received {
                 config,
@@ -181,12 +187,24 @@ fn accept_and_receive(
                 memory,
                 stream,
                 peer,
+                storage,
             })
         }
         Err(e) => {
             // Tell the source why, when it is still there to read it.
             if !matches!(e, MigrationError::Aborted(_) | MigrationError::Closed) {
                 let _ = wire::write_record(&mut writer, Kind::Refuse, e.to_string().as_bytes());
+                // Closing with the source's data unread would reset the connection, and a
+                // reset can cost the source the reason before it reads it: read on until the
+                // source, which checks for an answer at every flush, hangs up.
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+                let mut sink = vec![0u8; 64 << 10];
+                let until = Instant::now() + Duration::from_secs(5);
+                while Instant::now() < until
+                    && std::io::Read::read(&mut &stream, &mut sink).is_ok_and(|n| n > 0)
+                {
+                }
             }
             Err(e)
         }
@@ -273,11 +291,15 @@ fn populate(mem: &GuestMemory, addr: u64, len: u64) {
 }
 
 /// Receives the records after the hellos, up to the end marker.
+type Got = (VmConfig, MachineState, GuestMemory, Option<StorageSink>);
+
 fn receive(
     r: &mut impl std::io::Read,
+    out: &mut impl std::io::Write,
     progress: &Mutex<MigrationStatus>,
     shape: &Mutex<(u32, u64)>,
-) -> Result<(VmConfig, MachineState, GuestMemory), MigrationError> {
+    storage_dir: Option<&std::path::Path>,
+) -> Result<Got, MigrationError> {
     let mut buf = Vec::new();
     let setup: Setup = match wire::read_record(r, &mut buf)? {
         Record::Config(json) => {
@@ -286,10 +308,29 @@ fn receive(
         Record::Abort(why) => return Err(MigrationError::Aborted(why)),
         other => return Err(bad(format!("expected the configuration, got {other:?}"))),
     };
-    let config = setup.config;
+    let mut config = setup.config;
     config
         .validate()
         .map_err(|e| bad(format!("the configuration: {e}")))?;
+    // Files before memory: a refusal here costs no allocation.
+    let sink = match (&setup.storage, storage_dir) {
+        (Some(copy), Some(dir)) => {
+            let sink = StorageSink::create(dir, &config, copy)?;
+            config = config.relocated(dir);
+            Some(sink)
+        }
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(MigrationError::Vmm(
+                "the source copies its disks (storage migration): start this ferro-vmm with --incoming-storage DIR".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(MigrationError::Vmm(
+                "the source does not copy its disks (shared storage), but this ferro-vmm was given --incoming-storage".into(),
+            ))
+        }
+    };
     let layout = RamLayout::new(config.memory_mib << 20);
     if layout.ranges().into_iter().collect::<Vec<_>>() != setup.regions {
         return Err(bad(format!(
@@ -323,9 +364,18 @@ fn receive(
                 }
             });
         let ahead = helper.is_ok().then_some(ahead);
-        fill(r, &mut buf, &memory, &config, progress, ahead.as_ref())
+        fill(
+            r,
+            out,
+            &mut buf,
+            &memory,
+            &config,
+            progress,
+            ahead.as_ref(),
+            sink.as_ref(),
+        )
     })?;
-    Ok((config, state, memory))
+    Ok((config, state, memory, sink))
 }
 
 /// Runs at least this long (bytes) make the receiver populate the [`AHEAD`] bytes after them
@@ -334,14 +384,20 @@ const LONG_RUN: u64 = 1 << 20;
 const AHEAD: u64 = 2 << 20;
 
 /// Receives the page, zero and state records into `memory`, up to the end marker.
+#[allow(clippy::too_many_arguments)]
 fn fill(
     r: &mut impl std::io::Read,
+    out: &mut impl std::io::Write,
     buf: &mut Vec<u8>,
     memory: &GuestMemory,
     config: &VmConfig,
     progress: &Mutex<MigrationStatus>,
     ahead: Option<&std::sync::mpsc::Sender<(u64, u64)>>,
+    sink: Option<&StorageSink>,
 ) -> Result<MachineState, MigrationError> {
+    let storage =
+        || sink.ok_or_else(|| bad("storage records in a migration without storage".into()));
+    let mut disk_bytes = 0u64;
     let zeros = [0u8; 64 * 1024];
     let mut state = None;
     let mut verify = None;
@@ -396,6 +452,21 @@ fn fill(
                 }
             }
             Record::Round(n) => progress.lock().unwrap_or_else(|e| e.into_inner()).rounds = n,
+            Record::Sync => {
+                // Before the source pauses: little is left for the sync inside the downtime.
+                storage()?.sync()?;
+                wire::write_record(out, Kind::Synced, &[])?;
+                out.flush().map_err(MigrationError::Io)?;
+            }
+            Record::Disk(disk, offset, data) => {
+                storage()?.write_disk(disk, offset, data)?;
+                disk_bytes += data.len() as u64;
+            }
+            Record::DiskZeros(disk, offset, len) => storage()?.zero_disk(disk, offset, len)?,
+            Record::File(kind, offset, data) => {
+                storage()?.write_file(kind, offset, data)?;
+                disk_bytes += data.len() as u64;
+            }
             Record::State(json) => {
                 if state.is_some() {
                     return Err(bad("a second machine state".into()));
@@ -417,10 +488,13 @@ fn fill(
                 if let Some(want) = verify {
                     check_copy(memory, &want)?;
                 }
+                if let Some(s) = sink {
+                    s.sync()?;
+                }
                 return Ok(state);
             }
             Record::Abort(why) => return Err(MigrationError::Aborted(why)),
-            other @ (Record::Config(_) | Record::Ack | Record::Refuse(_)) => {
+            other @ (Record::Config(_) | Record::Ack | Record::Refuse(_) | Record::Synced) => {
                 return Err(bad(format!("unexpected {other:?}")))
             }
         }
@@ -428,6 +502,7 @@ fn fill(
         let mut s = progress.lock().unwrap_or_else(|e| e.into_inner());
         s.bytes = bytes;
         s.pages = pages;
+        s.disk_bytes = disk_bytes;
     }
 }
 
@@ -462,15 +537,26 @@ mod tests {
         };
         let regions = RamLayout::new(mib << 20).ranges().into_iter().collect();
         let mut w = Vec::new();
-        let json = serde_json::to_vec(&Setup { config, regions }).unwrap();
+        let json = serde_json::to_vec(&Setup {
+            config,
+            regions,
+            storage: None,
+        })
+        .unwrap();
         write_record(&mut w, Kind::Config, &json).unwrap();
         w
     }
 
-    fn run(bytes: &[u8]) -> Result<(VmConfig, MachineState, GuestMemory), MigrationError> {
+    fn run(bytes: &[u8]) -> Result<Got, MigrationError> {
         let progress = Mutex::new(MigrationStatus::default());
         let shape = Mutex::new((0, 0));
-        receive(&mut &bytes[..], &progress, &shape)
+        receive(
+            &mut &bytes[..],
+            &mut std::io::sink(),
+            &progress,
+            &shape,
+            None,
+        )
     }
 
     #[test]
@@ -505,8 +591,9 @@ mod tests {
         };
         let mut w = Vec::new();
         let json = serde_json::to_vec(&Setup {
-            config,
+            config: config.clone(),
             regions: vec![(0, 1 << 40)],
+            storage: None,
         })
         .unwrap();
         write_record(&mut w, Kind::Config, &json).unwrap();
@@ -526,6 +613,26 @@ mod tests {
         write_record(&mut w, Kind::Abort, b"vCPUs would not pause").unwrap();
         let e = run(&w).err().unwrap();
         assert!(e.to_string().contains("vCPUs would not pause"), "{e}");
+        // A storage migration to a VMM without --incoming-storage; disk records without one.
+        let regions = RamLayout::new(16 << 20).ranges().into_iter().collect();
+        let json = serde_json::to_vec(&Setup {
+            config,
+            regions,
+            storage: Some(crate::migration::storage::StorageCopy {
+                disks: vec![],
+                kernel: 1,
+                initrd: None,
+            }),
+        })
+        .unwrap();
+        let mut w = Vec::new();
+        write_record(&mut w, Kind::Config, &json).unwrap();
+        let e = run(&w).err().unwrap();
+        assert!(e.to_string().contains("--incoming-storage"), "{e}");
+        let mut w = setup(16);
+        crate::migration::wire::write_disk(&mut w, 0, 0, &[1; 512]).unwrap();
+        let e = run(&w).err().unwrap();
+        assert!(e.to_string().contains("without storage"), "{e}");
     }
 
     #[test]

@@ -12,6 +12,7 @@ use ferro_api::VmConfig;
 use ferro_hypervisor::{Vcpu, Vm};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use super::storage::{self, DiskCopier};
 use super::wire::{self, Kind, Record, MAX_RUNS, PAGE, RUN_ENTRY};
 use super::{hash_and_zero, page_hash, tcp_address, MigrationError, Setup};
 use crate::machine::{ExitLatch, LegacyHandles};
@@ -19,6 +20,7 @@ use crate::memory::{self, GuestMemory};
 use crate::pci::SharedVirtio;
 use crate::snapshot::MachineState;
 use crate::vcpu::VcpuControl;
+use ferro_disk::tracked::Tracked;
 
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -26,6 +28,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the destination may take to build the VM and answer.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the destination of a storage migration may take to write back what it has.
+const SYNC_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long pausing the vCPUs may take.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -49,6 +53,8 @@ pub struct Source {
     pub control: Arc<VcpuControl>,
     /// Set when the VM ends; the migration then gives up.
     pub latch: Arc<ExitLatch>,
+    /// The opened disks, in configuration order (copied by a storage migration).
+    pub disks: Vec<Arc<Tracked>>,
 }
 
 /// What the control request asked.
@@ -60,6 +66,8 @@ pub struct Request {
     pub downtime_ms: u64,
     /// Rounds after which to stop iterating.
     pub max_rounds: u32,
+    /// Copy the disks, kernel and initrd too ([`super::storage`]).
+    pub copy_storage: bool,
 }
 
 /// The stream to the destination. Small records collect in `small` and go out at a flush or
@@ -69,6 +77,8 @@ struct Out {
     small: Vec<u8>,
     /// Bytes handed to the socket.
     bytes: u64,
+    /// Whether the destination's hello has been read: from then on it speaks only to answer.
+    watch: bool,
 }
 
 impl Write for Out {
@@ -81,6 +91,20 @@ impl Write for Out {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
+        // The destination only speaks when asked, or to refuse the VM: anything waiting to be
+        // read now is a refusal, which ends the stream here (see `Sender::abort`).
+        let mut p = libc::pollfd {
+            fd: self.stream.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one live pollfd for a socket this process owns, no waiting.
+        if self.watch && unsafe { libc::poll(&mut p, 1, 0) } > 0 && p.revents != 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                "the destination stopped the stream",
+            ));
+        }
         let small = std::mem::take(&mut self.small);
         let r = self.writev(&mut [iovec(small.as_ptr(), small.len())]);
         self.small = small;
@@ -306,6 +330,11 @@ struct Sender<'a> {
     pages: u64,
     progress: &'a Mutex<MigrationStatus>,
     started: Instant,
+    /// Storage migration: the disks' copier.
+    disks: Option<DiskCopier>,
+    disk_bytes: u64,
+    /// The destination's answers.
+    reader: TcpStream,
 }
 
 impl Sender<'_> {
@@ -319,10 +348,43 @@ impl Sender<'_> {
 
     fn report(&self) {
         let (bytes, pages) = (self.bytes(), self.pages);
+        let disk_bytes = self.disk_bytes;
         let mut s = self.status();
         s.bytes = bytes;
         s.pages = pages;
+        s.disk_bytes = disk_bytes;
         s.total_ms = self.started.elapsed().as_millis() as u64;
+    }
+
+    /// Storage migration: asks the destination to make what it received durable and waits
+    /// for its answer.
+    fn sync(&mut self) -> Result<(), MigrationError> {
+        wire::write_record(&mut self.out, Kind::Sync, &[])?;
+        self.out.flush().map_err(MigrationError::Io)?;
+        let mut buf = Vec::new();
+        self.reader
+            .set_read_timeout(Some(SYNC_TIMEOUT))
+            .map_err(MigrationError::Io)?;
+        let answer = wire::read_record(&mut self.reader, &mut buf);
+        self.reader
+            .set_read_timeout(Some(ACK_TIMEOUT))
+            .map_err(MigrationError::Io)?;
+        match answer? {
+            Record::Synced => Ok(()),
+            Record::Refuse(why) => Err(MigrationError::Refused(why)),
+            other => Err(MigrationError::Malformed(format!(
+                "the destination answered {other:?} to a sync"
+            ))),
+        }
+    }
+
+    /// Storage migration: the disk blocks written since they were last sent.
+    fn disk_dirty(&mut self) -> Result<(), MigrationError> {
+        if let Some(c) = self.disks.as_mut() {
+            self.disk_bytes += c.dirty(&mut self.out)?;
+            self.report();
+        }
+        Ok(())
     }
 
     /// Sends page `page` of region `region`; in round 0 a zero page needs no record (the
@@ -542,25 +604,44 @@ impl Sender<'_> {
         let mut round = 0u32;
         let t = Instant::now();
         self.round(0)?;
+        if let Some(c) = self.disks.as_mut() {
+            // Each disk whole, while its write log collects what the guest changes meanwhile.
+            self.disk_bytes += c.everything(&mut self.out)?;
+            self.report();
+        }
         self.everything()?;
         sending += t.elapsed();
         let mut pending = memory::dirty_log(vm, mem)?;
+        let mut synced = false;
         loop {
             round += 1;
             let bw = (self.bytes() as f64 / sending.as_secs_f64().max(1e-6)).max(1.0);
             let dirty = count(&pending);
-            let est_ms = dirty as f64 * (PAGE as usize + RUN_ENTRY) as f64 / bw * 1000.0;
+            let disk = self.disks.as_ref().map_or(0, DiskCopier::dirty_bytes);
+            let est_ms =
+                (dirty as f64 * (PAGE as usize + RUN_ENTRY) as f64 + disk as f64) / bw * 1000.0;
             {
                 let mut st = self.status();
                 st.rounds = round;
                 st.remaining_dirty_pages = dirty;
+                st.remaining_dirty_disk_bytes = disk;
                 st.bandwidth_bps = bw as u64;
             }
             if est_ms <= req.downtime_ms as f64 || round >= req.max_rounds {
-                return Ok((round, pending));
+                if self.disks.is_none() || synced {
+                    return Ok((round, pending));
+                }
+                // Storage: the destination writes back what it has while the guest still
+                // runs; then one more look at what is dirty.
+                self.sync()?;
+                synced = true;
+                or_into(&mut pending, &memory::dirty_log(vm, mem)?);
+                round -= 1;
+                continue;
             }
             let t = Instant::now();
             self.round(round)?;
+            self.disk_dirty()?;
             self.dirty(&pending)?;
             sending += t.elapsed();
             pending = memory::dirty_log(vm, mem)?;
@@ -570,6 +651,13 @@ impl Sender<'_> {
     /// Tells the destination why the migration ends here (best effort: it may be gone), so
     /// it exits with this reason; returns `e`.
     fn abort(&mut self, e: MigrationError) -> MigrationError {
+        // A destination that refused the VM said why before it hung up: that reason, rather
+        // than the broken pipe it left, is the error.
+        if matches!(e, MigrationError::Io(_) | MigrationError::Closed) {
+            if let Some(why) = refusal(&mut self.reader) {
+                return MigrationError::Refused(why);
+            }
+        }
         let _ = wire::write_record(&mut self.out, Kind::Abort, e.to_string().as_bytes());
         let _ = self.out.flush();
         e
@@ -611,6 +699,19 @@ impl Drop for LogGuard<'_> {
             if let Err(e) = memory::set_dirty_logging(&self.src.vm, &self.src.memory, false) {
                 eprintln!("ferro-vmm: migration: turning the dirty log off: {e}");
             }
+        }
+    }
+}
+
+/// The reason of a [`Kind::Refuse`] record the destination sent, if one is waiting.
+fn refusal(reader: &mut TcpStream) -> Option<String> {
+    let _ = reader.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut buf = Vec::new();
+    loop {
+        match wire::read_record(reader, &mut buf) {
+            Ok(Record::Refuse(why)) => return Some(why),
+            Ok(Record::Synced) => continue,
+            _ => return None,
         }
     }
 }
@@ -661,9 +762,15 @@ pub fn migrate(
         stream,
         small: Vec::with_capacity(64 << 10),
         bytes: 0,
+        watch: false,
     };
+    let storage = req
+        .copy_storage
+        .then(|| storage::describe(&src.config, &src.disks))
+        .transpose()?;
     wire::write_hello(&mut out)?;
     wire::read_hello(&mut reader)?;
+    out.watch = true;
     let setup = Setup {
         config: src.config.clone(),
         regions: src
@@ -671,6 +778,7 @@ pub fn migrate(
             .iter()
             .map(|r| (r.start_addr().0, r.len()))
             .collect(),
+        storage: storage.clone(),
     };
     let json = serde_json::to_vec(&setup).map_err(|e| MigrationError::Vmm(e.to_string()))?;
     wire::write_record(&mut out, Kind::Config, &json)?;
@@ -704,7 +812,19 @@ pub fn migrate(
         pages: 0,
         progress,
         started: t0,
+        // The log is on before the first block is read: no write goes unseen.
+        disks: storage
+            .as_ref()
+            .map(|c| DiskCopier::start(src.disks.clone(), c.disks.clone())),
+        disk_bytes: 0,
+        reader,
     };
+    if let Some(copy) = &storage {
+        match storage::send_files(&mut s.out, &src.config, copy) {
+            Ok(n) => s.disk_bytes = n,
+            Err(e) => return Err(s.abort(e)),
+        }
+    }
     if let Some(h) = s.hashes.as_mut() {
         let zh = s.zero_hash;
         h.iter_mut().for_each(|r| r.fill(zh));
@@ -758,6 +878,8 @@ pub fn migrate(
         let final_pages = count(&pending);
         marks.mark("dirty log and device-write check");
         s.round(round)?;
+        // The block devices are drained and locked: these are the disks' last writes.
+        s.disk_dirty()?;
         s.dirty(&pending)?;
         if std::env::var_os(super::VERIFY_ENV).is_some_and(|v| v == "1") {
             wire::write_verify(&mut s.out, &super::chunk_hashes(&src.memory))?;
@@ -768,7 +890,7 @@ pub fn migrate(
         s.out.flush().map_err(MigrationError::Io)?;
         marks.mark("last pages and state sent");
         let mut buf = Vec::new();
-        let answer = wire::read_record(&mut reader, &mut buf)?;
+        let answer = wire::read_record(&mut s.reader, &mut buf)?;
         marks.mark("destination built and answered");
         match answer {
             Record::Ack => Ok((final_pages, host)),

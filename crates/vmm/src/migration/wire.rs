@@ -15,8 +15,9 @@ use super::MigrationError;
 /// First bytes of every hello.
 pub const MAGIC: [u8; 8] = *b"FERROMIG";
 /// Version of the stream this code writes and reads (2: page records are runs of pages with
-/// their bytes after the list, rather than one address per 4 KiB page).
-pub const VERSION: u32 = 2;
+/// their bytes after the list, rather than one address per 4 KiB page; 3: disk and file
+/// records for storage migration).
+pub const VERSION: u32 = 3;
 /// Guest page size; every page record carries whole pages of it.
 pub const PAGE: u64 = 4096;
 /// Bytes of one run in a [`Kind::Pages`] record's list: its address and its page count.
@@ -50,10 +51,23 @@ pub enum Kind {
     /// Source, optional: `u32` count, then per 2 MiB of guest memory a `u64` hash
     /// ([`super::chunk_hashes`]) the destination checks its copy against.
     Verify = 8,
+    /// Source, storage migration: disk `u32` (configuration order), byte offset `u64`, then
+    /// the bytes (whole 512-byte sectors) that go there.
+    Disk = 9,
+    /// Source, storage migration: disk `u32`, byte offset `u64`, length `u64`: a range that
+    /// reads as zeros now.
+    DiskZeros = 10,
+    /// Source, storage migration: file `u8` (0 kernel, 1 initrd), byte offset `u64`, then
+    /// the bytes that go there.
+    File = 11,
+    /// Source, storage migration: make what arrived durable and answer [`Kind::Synced`].
+    Sync = 12,
     /// Destination: the VM is built and runs.
     Ack = 0x41,
     /// Destination: it cannot take the VM; UTF-8 reason.
     Refuse = 0x42,
+    /// Destination: everything before the [`Kind::Sync`] is on its disks.
+    Synced = 0x43,
 }
 
 impl Kind {
@@ -67,8 +81,13 @@ impl Kind {
             6 => Self::End,
             7 => Self::Abort,
             8 => Self::Verify,
+            9 => Self::Disk,
+            10 => Self::DiskZeros,
+            11 => Self::File,
+            12 => Self::Sync,
             0x41 => Self::Ack,
             0x42 => Self::Refuse,
+            0x43 => Self::Synced,
             _ => return None,
         })
     }
@@ -95,11 +114,36 @@ pub enum Record<'a> {
     Abort(String),
     /// [`Kind::Verify`].
     Verify(Vec<u64>),
+    /// [`Kind::Disk`]: disk, offset, bytes.
+    Disk(u32, u64, &'a [u8]),
+    /// [`Kind::DiskZeros`]: disk, offset, length.
+    DiskZeros(u32, u64, u64),
+    /// [`Kind::File`]: which file, offset, bytes.
+    File(FileKind, u64, &'a [u8]),
+    /// [`Kind::Sync`].
+    Sync,
+    /// [`Kind::Synced`].
+    Synced,
     /// [`Kind::Ack`].
     Ack,
     /// [`Kind::Refuse`].
     Refuse(String),
 }
+
+/// The files besides disks a storage migration copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FileKind {
+    /// The kernel image.
+    Kernel = 0,
+    /// The initial ramdisk.
+    Initrd = 1,
+}
+
+/// Bytes of a [`Kind::Disk`] or [`Kind::File`] record before its data.
+pub const DISK_HEAD: usize = 12;
+/// Sector size: disk records carry whole sectors at sector offsets.
+pub const SECTOR: u64 = 512;
 
 fn u64_at(b: &[u8]) -> u64 {
     let mut a = [0u8; 8];
@@ -158,7 +202,11 @@ pub fn read_hello(r: &mut impl Read) -> Result<(), MigrationError> {
 }
 
 /// Writes one record: kind byte, payload length (`u32`), payload.
-pub fn write_record(w: &mut impl Write, kind: Kind, payload: &[u8]) -> Result<(), MigrationError> {
+pub fn write_record(
+    w: &mut (impl Write + ?Sized),
+    kind: Kind,
+    payload: &[u8],
+) -> Result<(), MigrationError> {
     let len = u32::try_from(payload.len())
         .ok()
         .filter(|&l| l <= MAX_RECORD)
@@ -187,6 +235,66 @@ pub fn write_zeros(w: &mut impl Write, runs: &[(u64, u64)]) -> Result<(), Migrat
         payload.extend_from_slice(&n.to_le_bytes());
     }
     write_record(w, Kind::Zeros, &payload)
+}
+
+/// Writes a record whose payload is `head` then `data` (no copy of `data` here).
+fn write_parts(
+    w: &mut (impl Write + ?Sized),
+    kind: Kind,
+    head: &[u8],
+    data: &[u8],
+) -> Result<(), MigrationError> {
+    let total = head.len() + data.len();
+    let len = u32::try_from(total)
+        .ok()
+        .filter(|&l| l <= MAX_RECORD)
+        .ok_or_else(|| malformed(format!("a record of {total} bytes")))?;
+    let mut h = [0u8; 5];
+    h[0] = kind as u8;
+    h[1..].copy_from_slice(&len.to_le_bytes());
+    w.write_all(&h).map_err(io)?;
+    w.write_all(head).map_err(io)?;
+    w.write_all(data).map_err(io)
+}
+
+/// Writes a [`Kind::Disk`] record: `data` goes at byte `offset` of disk `disk`.
+pub fn write_disk(
+    w: &mut (impl Write + ?Sized),
+    disk: u32,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), MigrationError> {
+    let mut head = [0u8; DISK_HEAD];
+    head[..4].copy_from_slice(&disk.to_le_bytes());
+    head[4..].copy_from_slice(&offset.to_le_bytes());
+    write_parts(w, Kind::Disk, &head, data)
+}
+
+/// Writes a [`Kind::DiskZeros`] record.
+pub fn write_disk_zeros(
+    w: &mut (impl Write + ?Sized),
+    disk: u32,
+    offset: u64,
+    len: u64,
+) -> Result<(), MigrationError> {
+    let mut payload = [0u8; 20];
+    payload[..4].copy_from_slice(&disk.to_le_bytes());
+    payload[4..12].copy_from_slice(&offset.to_le_bytes());
+    payload[12..].copy_from_slice(&len.to_le_bytes());
+    write_record(w, Kind::DiskZeros, &payload)
+}
+
+/// Writes a [`Kind::File`] record.
+pub fn write_file(
+    w: &mut (impl Write + ?Sized),
+    file: FileKind,
+    offset: u64,
+    data: &[u8],
+) -> Result<(), MigrationError> {
+    let mut head = [0u8; 9];
+    head[0] = file as u8;
+    head[1..].copy_from_slice(&offset.to_le_bytes());
+    write_parts(w, Kind::File, &head, data)
 }
 
 /// Writes a [`Kind::Verify`] record.
@@ -302,8 +410,49 @@ pub fn read_record<'a>(
             }
             Record::State(state)
         }
+        Kind::Disk => {
+            if p.len() < DISK_HEAD {
+                return Err(malformed(format!("Disk record of {} bytes", p.len())));
+            }
+            let (disk, offset, data) = (u32_at(p), u64_at(&p[4..]), &p[DISK_HEAD..]);
+            if data.is_empty()
+                || !offset.is_multiple_of(SECTOR)
+                || !(data.len() as u64).is_multiple_of(SECTOR)
+            {
+                return Err(malformed(format!(
+                    "Disk record of {} bytes at {offset}: not whole sectors",
+                    data.len()
+                )));
+            }
+            Record::Disk(disk, offset, data)
+        }
+        Kind::DiskZeros => {
+            if p.len() != 20 {
+                return Err(malformed(format!("DiskZeros record of {} bytes", p.len())));
+            }
+            let (disk, offset, len) = (u32_at(p), u64_at(&p[4..]), u64_at(&p[12..]));
+            if len == 0 || !offset.is_multiple_of(SECTOR) || !len.is_multiple_of(SECTOR) {
+                return Err(malformed(format!(
+                    "DiskZeros record of {len} bytes at {offset}: not whole sectors"
+                )));
+            }
+            Record::DiskZeros(disk, offset, len)
+        }
+        Kind::File => {
+            if p.len() < 9 {
+                return Err(malformed(format!("File record of {} bytes", p.len())));
+            }
+            let file = match p[0] {
+                0 => FileKind::Kernel,
+                1 => FileKind::Initrd,
+                f => return Err(malformed(format!("File record for unknown file {f}"))),
+            };
+            Record::File(file, u64_at(&p[1..]), &p[9..])
+        }
         Kind::End => empty(Record::End)?,
         Kind::Ack => empty(Record::Ack)?,
+        Kind::Sync => empty(Record::Sync)?,
+        Kind::Synced => empty(Record::Synced)?,
         Kind::Abort => Record::Abort(text()),
         Kind::Refuse => Record::Refuse(text()),
     })
@@ -354,6 +503,9 @@ mod tests {
         write_pages(&mut w, &[(0x1000, 1), (0x5000, 2)], &data).unwrap();
         write_zeros(&mut w, &[(0x2000, 3), (0x10_0000, 1)]).unwrap();
         write_verify(&mut w, &[1, u64::MAX]).unwrap();
+        write_disk(&mut w, 1, 4096, &[5; 1024]).unwrap();
+        write_disk_zeros(&mut w, 0, 1 << 20, 65536).unwrap();
+        write_file(&mut w, FileKind::Initrd, 7, b"abc").unwrap();
         write_state(&mut w, b"{\"state\":true}").unwrap();
         write_record(&mut w, Kind::End, &[]).unwrap();
         w
@@ -389,6 +541,18 @@ mod tests {
         );
         assert_eq!(
             read_record(&mut r, &mut buf).unwrap(),
+            Record::Disk(1, 4096, &[5; 1024])
+        );
+        assert_eq!(
+            read_record(&mut r, &mut buf).unwrap(),
+            Record::DiskZeros(0, 1 << 20, 65536)
+        );
+        assert_eq!(
+            read_record(&mut r, &mut buf).unwrap(),
+            Record::File(FileKind::Initrd, 7, b"abc")
+        );
+        assert_eq!(
+            read_record(&mut r, &mut buf).unwrap(),
             Record::State(b"{\"state\":true}")
         );
         assert_eq!(read_record(&mut r, &mut buf).unwrap(), Record::End);
@@ -400,8 +564,8 @@ mod tests {
 
     #[test]
     fn another_version_or_magic_is_refused() {
-        // Version 1 (one address per page) and a later one.
-        for other in [1u8, 3] {
+        // Version 1 (one address per page), 2 (no disk records) and a later one.
+        for other in [1u8, 2, 4] {
             let mut h = Vec::new();
             write_hello(&mut h).unwrap();
             h[8] = other;
@@ -505,6 +669,31 @@ mod tests {
         assert!(matches!(read(&w), MigrationError::Checksum));
         let mut w = Vec::new();
         write_record(&mut w, Kind::End, b"x").unwrap();
+        assert!(matches!(read(&w), MigrationError::Malformed(_)));
+        // Disk records: not whole sectors, no data, a short head; a file nobody knows.
+        for (offset, len) in [(100u64, 512usize), (512, 100), (0, 0)] {
+            let mut w = Vec::new();
+            write_disk(&mut w, 0, offset, &vec![1; len]).unwrap();
+            assert!(
+                matches!(read(&w), MigrationError::Malformed(_)),
+                "{offset} {len}"
+            );
+        }
+        for (offset, len) in [(100u64, 512u64), (512, 100), (0, 0)] {
+            let mut w = Vec::new();
+            write_disk_zeros(&mut w, 0, offset, len).unwrap();
+            assert!(
+                matches!(read(&w), MigrationError::Malformed(_)),
+                "{offset} {len}"
+            );
+        }
+        for kind in [Kind::Disk, Kind::DiskZeros, Kind::File] {
+            let mut w = Vec::new();
+            write_record(&mut w, kind, &[0; 5]).unwrap();
+            assert!(matches!(read(&w), MigrationError::Malformed(_)), "{kind:?}");
+        }
+        let mut w = Vec::new();
+        write_record(&mut w, Kind::File, &[9; 12]).unwrap();
         assert!(matches!(read(&w), MigrationError::Malformed(_)));
         let mut w = Vec::new();
         write_record(&mut w, Kind::Refuse, b"out of memory").unwrap();
