@@ -670,3 +670,106 @@ fn source_daemon_killed_mid_migration_does_not_start_the_vm_twice() {
     drop(a);
     let _ = std::fs::remove_dir_all(&w);
 }
+
+#[test]
+fn storage_migration_moves_the_disk_and_kernel_to_a_daemon_that_has_neither() {
+    if !ready("storage_migration_moves_the_disk_and_kernel_to_a_daemon_that_has_neither") {
+        return;
+    }
+    let (w, token, _) = setup("storage");
+    let a = Peer::start(w.join("a"), &token);
+    let b = Peer::start(w.join("b"), &token);
+    // Files only A has: a kernel of its own and a disk that a full clone puts in A's folder.
+    let kernel = w.join("a-only").join("probe");
+    std::fs::create_dir_all(kernel.parent().unwrap()).unwrap();
+    std::fs::copy(probe(), &kernel).unwrap();
+    let disk = w.join("a-only").join("disk.qcow2");
+    let out = Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("64M")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    a.json(&[
+        "vm",
+        "create",
+        "orig",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64",
+        "--cmdline",
+        "blk=write blk_seed=9 blk_sectors=65536 exit=poweroff",
+        "--disk",
+        &format!("path={}", disk.display()),
+    ]);
+    a.json(&["vm", "start", "orig"]);
+    a.wait_state("orig", "stopped");
+    a.json(&["vm", "clone", "orig", "m"]);
+    let own = a.dir.join("vms/m");
+    let own_disks: Vec<PathBuf> = a.json(&["vm", "show", "m"])["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| PathBuf::from(d["path"].as_str().unwrap()))
+        .collect();
+    assert!(
+        own_disks.iter().all(|p| p.starts_with(&own)),
+        "{own_disks:?}"
+    );
+    let counting = "count=600 blk=verify blk_seed=9 blk_sectors=65536 exit=poweroff";
+    a.json(&["vm", "edit", "m", "--cmdline", counting]);
+    a.json(&["vm", "start", "m"]);
+    let before = a.wait_tick("m", 30);
+
+    let r = a.json(&["vm", "migrate", "m", "--to", &b.url(), "--copy-storage"]);
+    assert_eq!(r["vm"], "m", "{r}");
+    println!(
+        "storage migration of a 64 MiB probe with a 64 MiB disk between daemons: {} rounds, {} KiB, VMM {} ms, downtime {} ms, daemon operation {} ms",
+        r["rounds"],
+        r["bytes"].as_u64().unwrap() >> 10,
+        r["total_ms"],
+        r["downtime_ms"],
+        r["daemon_ms"]
+    );
+    // A forgot it and deleted the disk it kept in its folder; the VM it was cloned from keeps
+    // its own.
+    assert!(!a.names().contains(&"m".to_string()));
+    assert!(!own.exists(), "A kept {own:?}");
+    assert!(disk.exists());
+    // B runs it from B's own files.
+    let v = b.json(&["vm", "show", "m"]);
+    assert_eq!(v["state"], "running", "{v}");
+    let b_own = b.dir.join("vms/m");
+    assert_eq!(v["kernel"], b_own.join("kernel").to_str().unwrap(), "{v}");
+    assert_eq!(
+        v["disks"][0]["path"],
+        b_own.join("disk0.raw").to_str().unwrap(),
+        "{v}"
+    );
+    let first = b.wait_tick("m", before);
+    assert!(first >= before);
+    b.wait_state("m", "stopped");
+    let log = b.ferro(&["vm", "log", "m"]).stdout;
+    assert!(log.contains("count_done=600"), "{log}");
+    assert!(log.contains("blk_verify=ok"), "the copied disk: {log}");
+    // Without A's kernel or disk anywhere, B boots it again from its copies.
+    std::fs::remove_file(&kernel).unwrap();
+    b.json(&[
+        "vm",
+        "edit",
+        "m",
+        "--cmdline",
+        "blk=verify blk_seed=9 blk_sectors=65536 exit=poweroff",
+    ]);
+    b.json(&["vm", "start", "m"]);
+    b.wait_state("m", "stopped");
+    assert!(b
+        .ferro(&["vm", "log", "m"])
+        .stdout
+        .contains("blk_verify=ok"));
+    drop(b);
+    drop(a);
+    let _ = std::fs::remove_dir_all(&w);
+}

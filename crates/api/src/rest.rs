@@ -364,6 +364,12 @@ pub struct MigrateVm {
     /// Copy rounds before the guest is paused anyway (default: the VMM's, 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_rounds: Option<u32>,
+    /// Storage migration (no shared storage): the disks, kernel and initrd go with the VM,
+    /// the disks copied while the guest runs with their own write tracking; they land in the
+    /// destination daemon's folder for the VM, and the disk files this daemon kept in its
+    /// own folder for the VM are deleted once the destination has taken the VM over.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub copy_storage: bool,
 }
 
 /// `POST /v1/migrations/incoming` (daemon to daemon): define VM `name` in state `incoming`
@@ -374,9 +380,13 @@ pub struct IncomingVm {
     /// The VM's name (must be free here).
     pub name: String,
     /// Its definition on the source (`ferro-vmm --config`'s fields); kernel, initrd and disks
-    /// must be at the same paths here.
+    /// must be at the same paths here, unless `copy_storage`.
     #[schema(value_type = Object)]
     pub config: crate::VmConfig,
+    /// The source copies the disks, kernel and initrd: they are written into this daemon's
+    /// folder for the VM (`VmConfig::relocated`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub copy_storage: bool,
     /// Its restart policy.
     #[serde(default)]
     pub restart: RestartPolicy,

@@ -234,7 +234,8 @@ enum VmCmd {
     Snapshot(snapshot::SnapshotArgs),
     /// Run a stopped VM from a memory snapshot: its guest carries on where it was saved.
     Restore(snapshot::RestoreArgs),
-    /// Live-migrate a running VM to another daemon (disks on shared storage).
+    /// Live-migrate a running VM to another daemon (disks on shared storage, or copied along
+    /// with --copy-storage).
     Migrate(migrate::MigrateArgs),
     /// Clone a stopped VM: a full copy, or with --linked qcow2 overlays (the source's disks
     /// become read-only bases under overlays of its own).

@@ -1,5 +1,5 @@
-//! `ferro vm migrate NAME --to http://HOST:PORT`: a live migration to another daemon, shown as
-//! it goes (the operation's rounds, bytes and dirty pages) until it ends.
+//! `ferro vm migrate NAME --to http://HOST:PORT [--copy-storage]`: a live migration to another
+//! daemon, shown as it goes (the operation's rounds, bytes and dirty pages) until it ends.
 
 use std::time::Duration;
 
@@ -24,6 +24,10 @@ pub struct MigrateArgs {
     /// Copy rounds before the guest is paused anyway (default 30).
     #[arg(long)]
     max_rounds: Option<u32>,
+    /// No shared storage: copy the disks, kernel and initrd along (the disks while the guest
+    /// runs); the VM's disk files in this daemon's folder for it go once the move succeeded.
+    #[arg(long)]
+    copy_storage: bool,
 }
 
 fn failed(op: Operation) -> ClientError {
@@ -44,6 +48,7 @@ pub async fn run(c: &Client, args: &MigrateArgs, as_json: bool) -> Result<()> {
         to: args.to.clone(),
         downtime_ms: args.downtime_ms,
         max_rounds: args.max_rounds,
+        copy_storage: args.copy_storage,
     };
     let (status, bytes) = c
         .raw(

@@ -1,6 +1,10 @@
 //! Live migration between two daemons: `POST /v1/vms/{name}/migrate` on the source, the
-//! `/v1/migrations/incoming` routes on the destination. Disks are not copied: both hosts see
-//! them at the same paths (shared storage); the VMMs move memory and device state.
+//! `/v1/migrations/incoming` routes on the destination. By default disks are not copied: both
+//! hosts see them at the same paths (shared storage); the VMMs move memory and device state.
+//! With `copy_storage` the VMMs copy the disks (while the guest runs), the kernel and the
+//! initrd too, into the destination's `DATA/vms/NAME/` (`disk{i}.raw`, `kernel`, `initrd`);
+//! once the destination has taken the VM over, the source deletes the disk files it kept in
+//! its own `DATA/vms/NAME/`.
 //!
 //! ```text
 //! source daemon                                   destination daemon
@@ -223,6 +227,7 @@ pub async fn migrate(
         host: Some(host.clone()),
         from: sup.0.data_dir.display().to_string(),
         nics: ops::view(sup, &rec).nics,
+        copy_storage: req.copy_storage,
     };
     let body = serde_json::to_value(&incoming).map_err(|e| DaemonError::Vmm(e.to_string()))?;
     let answer = peer_ok(
@@ -266,6 +271,9 @@ pub async fn migrate(
     // Also tells a restarted daemon not to restart a VMM that ended meanwhile.
     sup.store(|s| s.event(name, "migrating", &format!("migrating to {}", req.to)))?;
     let mut cmd = json!({"cmd": "migrate", "to": vmm_to});
+    if req.copy_storage {
+        cmd["copy_storage"] = json!(true);
+    }
     if let Some(d) = req.downtime_ms {
         cmd["downtime_ms"] = json!(d);
     }
@@ -307,8 +315,12 @@ pub async fn migrate(
     )
     .await
     .and_then(|r| peer_ok(&at, r));
-    // The guest runs there now, whatever the answer: this daemon forgets it, not its disks.
+    // The guest runs there now, whatever the answer: this daemon forgets it, and its disks
+    // only when they were copied and the destination confirmed it has the VM.
     sup.store(|s| s.transaction(|tx| store::delete_vm(tx, name)))?;
+    if req.copy_storage && completed.is_ok() {
+        forget_own_disks(sup, &rec.config, name);
+    }
     forget_files(sup, name);
     completed.map_err(|e| {
         DaemonError::Peer(format!(
@@ -345,6 +357,18 @@ pub(crate) async fn abort_remote(sup: Supervisor, to: String, name: String) {
     .await;
 }
 
+/// After a storage migration: deletes the disk files of `config` that lie in this daemon's
+/// folder for VM `name` (overlays and full clones it made); disks elsewhere (a template's
+/// base, a file the user named) stay.
+fn forget_own_disks(sup: &Supervisor, config: &ferro_api::VmConfig, name: &str) {
+    let dir = sup.dir(name).0;
+    for d in &config.disks {
+        if d.path.parent() == Some(dir.as_path()) {
+            let _ = std::fs::remove_file(&d.path);
+        }
+    }
+}
+
 /// Removes what the daemon and the VMM kept in `DATA/vms/NAME` for a VM that left: their own
 /// files only, never a disk (the directory goes if that emptied it).
 fn forget_files(sup: &Supervisor, name: &str) {
@@ -368,15 +392,32 @@ fn forget_files(sup: &Supervisor, name: &str) {
 /// when that fails.
 pub async fn incoming(sup: &Supervisor, req: IncomingVm) -> Result<IncomingMigration, DaemonError> {
     check_name(&req.name)?;
-    ops::check_config(&req.config).map_err(|e| {
-        DaemonError::BadRequest(format!(
-            "{e} on the destination (migration needs the kernel and disks at the same paths on both hosts)"
-        ))
-    })?;
+    let config = if req.copy_storage {
+        // The files come in the stream, into this daemon's folder for the VM.
+        req.config
+            .validate()
+            .map_err(|e| DaemonError::BadRequest(format!("{e} on the destination")))?;
+        req.config.relocated(&sup.dir(&req.name).0)
+    } else {
+        ops::check_config(&req.config).map_err(|e| {
+            DaemonError::BadRequest(format!(
+                "{e} on the destination (migration needs the kernel and disks at the same paths on both hosts, or copy_storage)"
+            ))
+        })?;
+        req.config
+    };
     let _guard = sup.vm_lock(&req.name).await;
+    if req.copy_storage && sup.dir(&req.name).0.exists() {
+        // Leftovers of a VM of this name that is not defined here (it would be in the
+        // store): refused rather than overwritten or deleted.
+        return Err(DaemonError::Conflict(format!(
+            "{} exists on the destination: the copied storage would go there",
+            sup.dir(&req.name).0.display()
+        )));
+    }
     let mut rec = VmRecord {
         name: req.name.clone(),
-        config: req.config,
+        config,
         restart: req.restart,
         state: VmState::Incoming,
         pid: None,
@@ -410,7 +451,7 @@ pub async fn incoming(sup: &Supervisor, req: IncomingVm) -> Result<IncomingMigra
         })
     })?;
     let host = req.host.as_deref().unwrap_or("0.0.0.0");
-    match sup.launch_incoming(&rec, host).await {
+    match sup.launch_incoming(&rec, host, req.copy_storage).await {
         Ok(address) => {
             let pid = sup.store(|s| s.get(&rec.name))?.pid;
             tokio::spawn(watchdog(sup.clone(), rec.name.clone(), pid));

@@ -115,8 +115,9 @@ pub enum Boot<'a> {
     /// VMM (exit 0, reason reboot): restarting in place would restore the snapshot again.
     Restore(&'a Path),
     /// Waits for a migrating VM on `tcp:HOST:0` (`--incoming`); the real address is in
-    /// [`Started::listening`]. A guest reboot ends the VMM, as with `Restore`.
-    Incoming(&'a str),
+    /// [`Started::listening`]. A guest reboot ends the VMM, as with `Restore`. With a folder,
+    /// the source copies its storage there (`--incoming-storage`).
+    Incoming(&'a str, Option<&'a Path>),
 }
 
 /// Writes the VMM's config and starts `vmm` on it, detached; returns once it answers on its
@@ -156,13 +157,16 @@ pub async fn spawn(
         Boot::Restore(from) => {
             cmd.arg("--restore").arg(from).arg("--serial").arg(serial);
         }
-        Boot::Incoming(host) => {
+        Boot::Incoming(host, storage) => {
             let at = if host.contains(':') {
                 format!("tcp:[{host}]:0")
             } else {
                 format!("tcp:{host}:0")
             };
             cmd.arg("--incoming").arg(at).arg("--serial").arg(serial);
+            if let Some(dir) = storage {
+                cmd.arg("--incoming-storage").arg(dir);
+            }
         }
     }
     cmd.arg("--control")
@@ -214,7 +218,7 @@ pub async fn spawn(
         .await
         .is_ok();
         let listening = listening(&dir.log(), log_len);
-        if up && (listening.is_some() || !matches!(boot, Boot::Incoming(_))) {
+        if up && (listening.is_some() || !matches!(boot, Boot::Incoming(..))) {
             return Ok(Started {
                 child,
                 pid,

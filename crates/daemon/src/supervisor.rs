@@ -540,8 +540,14 @@ impl Supervisor {
 
     /// Starts a `ferro-vmm --incoming` for `rec` (already stored in state `incoming`; the
     /// caller holds its lock) on `host`, and watches it; returns the `HOST:PORT` it listens
-    /// on.
-    pub async fn launch_incoming(&self, rec: &VmRecord, host: &str) -> Result<String, DaemonError> {
+    /// on. With `storage`, the source copies the VM's files into its folder (`rec.config`
+    /// names them there already).
+    pub async fn launch_incoming(
+        &self,
+        rec: &VmRecord,
+        host: &str,
+        storage: bool,
+    ) -> Result<String, DaemonError> {
         let dir = self.dir(&rec.name);
         let config = net::runtime_config(&self.0.net, &rec.config, &[]);
         let rows = self.store(|s| net::rows(s.conn(), &rec.name))?;
@@ -549,8 +555,14 @@ impl Supervisor {
             // The VM's taps (the source's names) go on this host's bridge.
             net::ensure_bridge(&self.0.net).await?;
         }
-        let started =
-            process::spawn(&self.0.vmm, &dir, &config, process::Boot::Incoming(host)).await?;
+        let into = storage.then_some(dir.0.as_path());
+        let started = process::spawn(
+            &self.0.vmm,
+            &dir,
+            &config,
+            process::Boot::Incoming(host, into),
+        )
+        .await?;
         let Some(addr) = started.listening.clone() else {
             let mut child = started.child;
             let _ = child.start_kill();
