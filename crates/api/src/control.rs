@@ -141,6 +141,10 @@ pub struct MigrationStatus {
     /// Storage migration: bytes of disk contents sent or received so far (part of `bytes`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub disk_bytes: u64,
+    /// Storage migration, destination: bytes of its files written back to its disk at the
+    /// source's request before the pause (it moves while `bytes` does not).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub synced_bytes: u64,
     /// Storage migration, source: bytes of disk blocks written since they were sent, as of
     /// the last round.
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -259,6 +263,8 @@ pub enum ControlEvent {
 }
 
 /// Any line a VMM sends.
+// One value per line read from a socket, never stored in bulk: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ControlLine {

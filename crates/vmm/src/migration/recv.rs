@@ -454,7 +454,12 @@ fn fill(
             Record::Round(n) => progress.lock().unwrap_or_else(|e| e.into_inner()).rounds = n,
             Record::Sync => {
                 // Before the source pauses: little is left for the sync inside the downtime.
-                storage()?.sync()?;
+                storage()?.sync_showing(|n| {
+                    progress
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .synced_bytes += n
+                })?;
                 wire::write_record(out, Kind::Synced, &[])?;
                 out.flush().map_err(MigrationError::Io)?;
             }
