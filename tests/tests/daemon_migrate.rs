@@ -742,6 +742,10 @@ fn storage_migration_moves_the_disk_and_kernel_to_a_daemon_that_has_neither() {
     let v = b.json(&["vm", "show", "m"]);
     assert_eq!(v["state"], "running", "{v}");
     let b_own = b.dir.join("vms/m");
+    assert!(
+        !b_own.join("migration.token").exists(),
+        "the one-time token outlived the migration"
+    );
     assert_eq!(v["kernel"], b_own.join("kernel").to_str().unwrap(), "{v}");
     assert_eq!(
         v["disks"][0]["path"],

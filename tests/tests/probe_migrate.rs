@@ -528,3 +528,46 @@ fn hello(version: u32) -> Vec<u8> {
     h.extend_from_slice(&0u32.to_le_bytes());
     h
 }
+
+#[test]
+fn a_destination_with_a_token_turns_away_everyone_else() {
+    if !kvm_available("a_destination_with_a_token_turns_away_everyone_else") {
+        return;
+    }
+    let dir = scratch("token");
+    let token = dir.join("token");
+    std::fs::write(&token, "s3cret-one-time\n").unwrap();
+    let mut cmd = Command::new(vmm());
+    cmd.args(["--incoming", "tcp:127.0.0.1:0", "--incoming-token-file"])
+        .arg(&token);
+    let (mut dst, port) = Vmm::destination_from(&mut cmd, &dir);
+    let mut src = Vmm::source(&dir, "count=1000", &["--memory", "64"]);
+    src.wait_tick(5);
+    // Someone who speaks the protocol but has no token, then a wrong one, then a stranger
+    // that says nothing useful: each is turned away with a reason, and the wait goes on.
+    let r = &migrate(&src, port, "")[0];
+    still_running(&src, r, "only with its migration token");
+    let r = &migrate(&src, port, r#","token":"guess""#)[0];
+    still_running(&src, r, "wrong migration token");
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let _ = s.shutdown(std::net::Shutdown::Write);
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    assert_eq!(
+        dst.request(r#"{"cmd":"status"}"#)["status"]["state"],
+        "incoming",
+        "{}",
+        dst.stderr()
+    );
+    // The source with the token moves the VM.
+    let before = ticks(&src.lines()).last().unwrap().tick;
+    let r = &migrate(&src, port, r#","token":"s3cret-one-time""#)[0];
+    assert_eq!(r["result"], "ok", "{r}\n{}", dst.stderr());
+    assert_eq!(src.wait(Duration::from_secs(10)), Some(0));
+    dst.wait_tick(before + 3);
+    let err = dst.stderr();
+    assert_eq!(err.matches("turned away").count(), 3, "{err}");
+    dst.kill();
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -66,6 +66,9 @@ pub enum ControlRequest {
         /// (`ferro-vmm --incoming ... --incoming-storage DIR`). Default false: shared storage.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         copy_storage: bool,
+        /// The destination's one-time migration token (`--incoming-token-file`), sent first.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        token: Option<String>,
     },
 }
 
@@ -312,6 +315,7 @@ mod tests {
                 downtime_ms: DEFAULT_DOWNTIME_MS,
                 max_rounds: None,
                 copy_storage: false,
+                token: None,
             }
         );
         let m = ControlRequest::Migrate {
@@ -319,6 +323,7 @@ mod tests {
             downtime_ms: 20,
             max_rounds: Some(5),
             copy_storage: true,
+            token: None,
         };
         let text = serde_json::to_string(&m).unwrap();
         assert_eq!(

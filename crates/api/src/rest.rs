@@ -410,6 +410,10 @@ pub struct IncomingMigration {
     pub vm: String,
     /// `HOST:PORT` the incoming VMM listens on.
     pub address: String,
+    /// The one-time token the source's VMM must send first (`"token"` of its `migrate`
+    /// request); the incoming VMM turns away connections without it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
 }
 
 /// What a migration did: the result of a `vm_migrate` operation.

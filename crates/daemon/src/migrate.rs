@@ -274,6 +274,9 @@ pub async fn migrate(
     if req.copy_storage {
         cmd["copy_storage"] = json!(true);
     }
+    if let Some(t) = &answer.token {
+        cmd["token"] = json!(t);
+    }
     if let Some(d) = req.downtime_ms {
         cmd["downtime_ms"] = json!(d);
     }
@@ -452,12 +455,13 @@ pub async fn incoming(sup: &Supervisor, req: IncomingVm) -> Result<IncomingMigra
     })?;
     let host = req.host.as_deref().unwrap_or("0.0.0.0");
     match sup.launch_incoming(&rec, host, req.copy_storage).await {
-        Ok(address) => {
+        Ok((address, token)) => {
             let pid = sup.store(|s| s.get(&rec.name))?.pid;
             tokio::spawn(watchdog(sup.clone(), rec.name.clone(), pid));
             Ok(IncomingMigration {
                 vm: rec.name,
                 address,
+                token: Some(token),
             })
         }
         Err(e) => {
@@ -544,6 +548,8 @@ pub async fn complete(sup: &Supervisor, name: &str) -> Result<Vm, DaemonError> {
             _ => tokio::time::sleep(Duration::from_millis(10)).await,
         }
     };
+    // The token has served: the VM is here.
+    let _ = std::fs::remove_file(sup.dir(name).migration_token());
     sup.store(|s| {
         s.set_state(name, state, rec.pid)?;
         s.event(

@@ -37,6 +37,10 @@ impl VmDir {
     pub fn console(&self) -> PathBuf {
         self.0.join("console.sock")
     }
+    /// An incoming VMM's one-time migration token (mode 0600; gone once the VM arrived).
+    pub fn migration_token(&self) -> PathBuf {
+        self.0.join("migration.token")
+    }
     /// The VMM's stderr.
     pub fn log(&self) -> PathBuf {
         self.0.join("vmm.log")
@@ -163,7 +167,12 @@ pub async fn spawn(
             } else {
                 format!("tcp:{host}:0")
             };
-            cmd.arg("--incoming").arg(at).arg("--serial").arg(serial);
+            cmd.arg("--incoming")
+                .arg(at)
+                .arg("--serial")
+                .arg(serial)
+                .arg("--incoming-token-file")
+                .arg(dir.migration_token());
             if let Some(dir) = storage {
                 cmd.arg("--incoming-storage").arg(dir);
             }

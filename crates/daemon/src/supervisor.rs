@@ -540,14 +540,14 @@ impl Supervisor {
 
     /// Starts a `ferro-vmm --incoming` for `rec` (already stored in state `incoming`; the
     /// caller holds its lock) on `host`, and watches it; returns the `HOST:PORT` it listens
-    /// on. With `storage`, the source copies the VM's files into its folder (`rec.config`
-    /// names them there already).
+    /// on and the one-time token its source must send. With `storage`, the source copies
+    /// the VM's files into its folder (`rec.config` names them there already).
     pub async fn launch_incoming(
         &self,
         rec: &VmRecord,
         host: &str,
         storage: bool,
-    ) -> Result<String, DaemonError> {
+    ) -> Result<(String, String), DaemonError> {
         let dir = self.dir(&rec.name);
         let config = net::runtime_config(&self.0.net, &rec.config, &[]);
         let rows = self.store(|s| net::rows(s.conn(), &rec.name))?;
@@ -556,6 +556,24 @@ impl Supervisor {
             net::ensure_bridge(&self.0.net).await?;
         }
         let into = storage.then_some(dir.0.as_path());
+        // A one-time token: the incoming VMM takes the VM only from whoever sends it first,
+        // and only the source daemon (which asked over the authenticated API) learns it.
+        let token = new_token()?;
+        std::fs::create_dir_all(&dir.0)
+            .map_err(DaemonError::io("cannot create the VM directory"))?;
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(dir.migration_token())
+                .map_err(DaemonError::io("cannot write the migration token"))?;
+            f.write_all(token.as_bytes())
+                .map_err(DaemonError::io("cannot write the migration token"))?;
+        }
         let started = process::spawn(
             &self.0.vmm,
             &dir,
@@ -581,7 +599,7 @@ impl Supervisor {
             pid,
             net::taps(&rows),
         );
-        Ok(addr)
+        Ok((addr, token))
     }
 
     /// Whether VM `name`'s VMM is one this daemon watches.
@@ -792,4 +810,14 @@ async fn follow_console(sup: Supervisor, name: String, pid: u32, ring: Arc<Mutex
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// 128 random bits from the kernel, in hex: a one-time migration token.
+fn new_token() -> Result<String, DaemonError> {
+    use std::io::Read;
+    let mut b = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(DaemonError::io("cannot make a migration token"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }

@@ -106,6 +106,11 @@ struct Args {
     /// are refused, never overwritten; if the VM does not come they are removed.
     #[arg(long, value_name = "DIR", requires = "incoming")]
     incoming_storage: Option<PathBuf>,
+    /// With --incoming: take the VM only from a source that sends the token in FILE first
+    /// (`"token"` in its migrate request); other connections are turned away and the wait
+    /// goes on. Without it, the first connection is the source.
+    #[arg(long, value_name = "FILE", requires = "incoming")]
+    incoming_token_file: Option<PathBuf>,
     /// What a guest reboot does: exit (status 0, like a power-off) or restart in place.
     #[arg(long, value_enum, default_value_t = OnReboot::Exit)]
     on_reboot: OnReboot,
@@ -168,6 +173,22 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
     let mut control = None;
     let (cfg, vm) = match (&args.restore, &args.incoming) {
         (_, Some(spec)) => {
+            let token = match &args.incoming_token_file {
+                None => None,
+                Some(f) => {
+                    let t = std::fs::read_to_string(f).map_err(|e| {
+                        VmmError::Migration(format!("cannot read {}: {e}", f.display()))
+                    })?;
+                    let t = t.trim();
+                    if t.is_empty() {
+                        return Err(VmmError::Migration(format!(
+                            "{} holds no migration token",
+                            f.display()
+                        )));
+                    }
+                    Some(t.as_bytes().to_vec())
+                }
+            };
             let listener = ferro_vmm::migration::recv::listen(spec)?;
             control = args
                 .control
@@ -180,11 +201,11 @@ fn run(args: &Args) -> Result<ExitStatus, VmmError> {
                     let _ = std::fs::remove_file(c.path());
                 }
             };
-            let got = match ferro_vmm::migration::recv::incoming(
-                listener,
-                control.as_mut(),
-                args.incoming_storage.clone(),
-            ) {
+            let opts = ferro_vmm::migration::recv::IncomingOptions {
+                storage: args.incoming_storage.clone(),
+                token,
+            };
+            let got = match ferro_vmm::migration::recv::incoming(listener, control.as_mut(), opts) {
                 Ok(g) => g,
                 Err(e) => {
                     gone(&control);
@@ -333,10 +354,12 @@ fn restart_in_place(boot: u32, config: Option<&VmConfig>) -> VmmError {
             if std::mem::take(&mut skip) {
                 continue;
             }
-            if a == "--incoming" || a == "--incoming-storage" {
+            let text = a.to_string_lossy();
+            if a == "--incoming" || a == "--incoming-storage" || a == "--incoming-token-file" {
                 skip = true;
-            } else if !a.to_string_lossy().starts_with("--incoming=")
-                && !a.to_string_lossy().starts_with("--incoming-storage=")
+            } else if !text.starts_with("--incoming=")
+                && !text.starts_with("--incoming-storage=")
+                && !text.starts_with("--incoming-token-file=")
             {
                 kept.push(a);
             }

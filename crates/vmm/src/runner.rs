@@ -176,12 +176,14 @@ impl ControlTarget for VmHandle<'_> {
                 downtime_ms,
                 max_rounds,
                 copy_storage,
+                token,
             } => {
                 self.start_migration(send::Request {
                     to: to.clone(),
                     downtime_ms: *downtime_ms,
                     max_rounds: max_rounds.unwrap_or(DEFAULT_MAX_ROUNDS).max(1),
                     copy_storage: *copy_storage,
+                    token: token.clone(),
                 })
                 .map_err(|e| (ControlErrorCode::Failed, e.to_string()))?;
                 return Ok(Applied::Later);

@@ -43,6 +43,7 @@
 //!                                                                 refused with a clear error
 //! record       kind u8 | len u32 (<= 64 MiB) | payload[len]
 //!   source -> destination
+//!  13 Auth     the destination's migration token (bytes)          (first, when given one)
 //!   1 Config   JSON {"config": VmConfig, "regions": [[guest_addr, size], ...],
 //!                    "storage"?: {"disks": [size, ...], "kernel": size, "initrd": size?}}
 //!                                                                  (first)
@@ -67,7 +68,9 @@
 //! the regions are exactly the layout of its `memory_mib`, every page run and zero run
 //! (page-aligned, all of it inside one region) before a byte of it lands in guest RAM, the
 //! record lengths against their runs, the state's checksum and its vCPU and device counts,
-//! and refuses the stream with one line otherwise.
+//! and refuses the stream with one line otherwise. A destination given a token
+//! (`--incoming-token-file`) first requires the Auth record with it: a connection without
+//! it is turned away and the destination keeps listening for the real source.
 //!
 //! # The copy path
 //! The source gathers runs of contiguous non-zero pages (up to 1 MiB a record) and `writev`s

@@ -100,7 +100,7 @@ impl ControlTarget for Waiting {
 pub fn incoming(
     listener: TcpListener,
     control: Option<&mut ControlServer>,
-    storage_dir: Option<std::path::PathBuf>,
+    opts: IncomingOptions,
 ) -> Result<Received, VmmError> {
     let progress = Arc::new(Mutex::new(MigrationStatus {
         phase: Some(MigrationPhase::Receiving),
@@ -114,7 +114,7 @@ pub fn incoming(
     std::thread::Builder::new()
         .name("migrate-in".into())
         .spawn(move || {
-            let r = accept_and_receive(&listener, &p, &sh, storage_dir.as_deref());
+            let r = accept_and_receive(&listener, &p, &sh, &opts);
             let _ = tx.send(r);
             let _ = wake.write(1);
         })
@@ -157,57 +157,108 @@ pub fn incoming(
     }
 }
 
+/// How a destination takes its VM (`--incoming-storage`, `--incoming-token-file`).
+#[derive(Debug, Clone, Default)]
+pub struct IncomingOptions {
+    /// Storage migration: where the copied files go.
+    pub storage: Option<std::path::PathBuf>,
+    /// The one-time token a source must send first; connections without it are refused
+    /// and the destination waits on for the right one.
+    pub token: Option<Vec<u8>>,
+}
+
+/// Whether `a` and `b` are equal, in a time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |d, (x, y)| d | (x ^ y)) == 0
+}
+
+/// Checks that the first record is the [`Kind::Auth`] with `token`.
+fn authenticate(r: &mut impl std::io::Read, token: &[u8]) -> Result<(), MigrationError> {
+    let mut buf = Vec::new();
+    match wire::read_record(r, &mut buf)? {
+        Record::Auth(t) if same(t, token) => Ok(()),
+        Record::Auth(_) => Err(MigrationError::Vmm("wrong migration token".into())),
+        _ => Err(MigrationError::Vmm(
+            "this destination takes a VM only with its migration token".into(),
+        )),
+    }
+}
+
+/// Tells the source why it is refused, then reads on until it hangs up (bounded): closing
+/// with the source's data unread would reset the connection, and a reset can cost the source
+/// the reason before it reads it (it checks for an answer at every flush).
+fn refuse(stream: &TcpStream, e: &MigrationError) {
+    let _ = wire::write_record(&mut &*stream, Kind::Refuse, e.to_string().as_bytes());
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut sink = vec![0u8; 64 << 10];
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until
+        && std::io::Read::read(&mut &*stream, &mut sink).is_ok_and(|n| n > 0)
+    {}
+}
+
 fn accept_and_receive(
     listener: &TcpListener,
     progress: &Mutex<MigrationStatus>,
     shape: &Mutex<(u32, u64)>,
-    storage_dir: Option<&std::path::Path>,
+    opts: &IncomingOptions,
 ) -> Result<Received, MigrationError> {
-    let (stream, peer) = listener.accept().map_err(MigrationError::Io)?;
-    let peer = peer.to_string();
-    progress.lock().unwrap_or_else(|e| e.into_inner()).peer = peer.clone();
-    stream
-        .set_read_timeout(Some(READ_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(READ_TIMEOUT)))
-        .map_err(MigrationError::Io)?;
-    super::socket_buffers(&stream);
-    let mut writer = stream.try_clone().map_err(MigrationError::Io)?;
-    // Small: page data bypasses it (reads as large as its capacity go straight to the
-    // caller's buffer, which is guest RAM), so it only saves calls on record heads.
-    let mut reader = std::io::BufReader::with_capacity(16 << 10, &stream);
-    let got = wire::write_hello(&mut writer)
-        .and_then(|()| wire::read_hello(&mut reader))
-        .and_then(|()| receive(&mut reader, &mut writer, progress, shape, storage_dir));
-    match got {
-        Ok((config, state, memory, storage)) => {
-            drop(reader);
-            Ok(Received {
-                config,
-                state,
-                memory,
-                stream,
-                peer,
-                storage,
-            })
-        }
-        Err(e) => {
-            // Tell the source why, when it is still there to read it.
-            if !matches!(e, MigrationError::Aborted(_) | MigrationError::Closed) {
-                let _ = wire::write_record(&mut writer, Kind::Refuse, e.to_string().as_bytes());
-                // Closing with the source's data unread would reset the connection, and a
-                // reset can cost the source the reason before it reads it: read on until the
-                // source, which checks for an answer at every flush, hangs up.
-                let _ = stream.shutdown(std::net::Shutdown::Write);
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-                let mut sink = vec![0u8; 64 << 10];
-                let until = Instant::now() + Duration::from_secs(5);
-                while Instant::now() < until
-                    && std::io::Read::read(&mut &stream, &mut sink).is_ok_and(|n| n > 0)
-                {
+    loop {
+        let (stream, peer) = listener.accept().map_err(MigrationError::Io)?;
+        let peer = peer.to_string();
+        stream
+            .set_read_timeout(Some(READ_TIMEOUT))
+            .and_then(|()| stream.set_write_timeout(Some(READ_TIMEOUT)))
+            .map_err(MigrationError::Io)?;
+        let mut writer = stream.try_clone().map_err(MigrationError::Io)?;
+        // Small: page data bypasses it (reads as large as its capacity go straight to the
+        // caller's buffer, which is guest RAM), so it only saves calls on record heads.
+        let mut reader = std::io::BufReader::with_capacity(16 << 10, &stream);
+        let mut hello = wire::write_hello(&mut writer).and_then(|()| wire::read_hello(&mut reader));
+        if let Some(token) = &opts.token {
+            // Until a source proves it has the token, a connection is someone else's: it is
+            // turned away and the destination waits on.
+            hello = hello.and_then(|()| authenticate(&mut reader, token));
+            if let Err(e) = &hello {
+                eprintln!("ferro-vmm: incoming: turned away {peer}: {e}");
+                if !matches!(e, MigrationError::Closed) {
+                    refuse(&stream, e);
                 }
+                continue;
             }
-            Err(e)
         }
+        progress.lock().unwrap_or_else(|e| e.into_inner()).peer = peer.clone();
+        super::socket_buffers(&stream);
+        let got = hello.and_then(|()| {
+            receive(
+                &mut reader,
+                &mut writer,
+                progress,
+                shape,
+                opts.storage.as_deref(),
+            )
+        });
+        return match got {
+            Ok((config, state, memory, storage)) => {
+                drop(reader);
+                Ok(Received {
+                    config,
+                    state,
+                    memory,
+                    stream,
+                    peer,
+                    storage,
+                })
+            }
+            Err(e) => {
+                // Tell the source why, when it is still there to read it.
+                if !matches!(e, MigrationError::Aborted(_) | MigrationError::Closed) {
+                    refuse(&stream, &e);
+                }
+                Err(e)
+            }
+        };
     }
 }
 
@@ -301,7 +352,12 @@ fn receive(
     storage_dir: Option<&std::path::Path>,
 ) -> Result<Got, MigrationError> {
     let mut buf = Vec::new();
-    let setup: Setup = match wire::read_record(r, &mut buf)? {
+    let mut first = wire::read_record(r, &mut buf)?;
+    if matches!(first, Record::Auth(_)) {
+        // A token this destination was not given: it takes the VM anyway.
+        first = wire::read_record(r, &mut buf)?;
+    }
+    let setup: Setup = match first {
         Record::Config(json) => {
             serde_json::from_slice(json).map_err(|e| bad(format!("the configuration: {e}")))?
         }
@@ -499,9 +555,11 @@ fn fill(
                 return Ok(state);
             }
             Record::Abort(why) => return Err(MigrationError::Aborted(why)),
-            other @ (Record::Config(_) | Record::Ack | Record::Refuse(_) | Record::Synced) => {
-                return Err(bad(format!("unexpected {other:?}")))
-            }
+            other @ (Record::Config(_)
+            | Record::Ack
+            | Record::Refuse(_)
+            | Record::Synced
+            | Record::Auth(_)) => return Err(bad(format!("unexpected {other:?}"))),
         }
         bytes += buf.len() as u64 + 5;
         let mut s = progress.lock().unwrap_or_else(|e| e.into_inner());

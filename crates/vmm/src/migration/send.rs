@@ -68,6 +68,8 @@ pub struct Request {
     pub max_rounds: u32,
     /// Copy the disks, kernel and initrd too ([`super::storage`]).
     pub copy_storage: bool,
+    /// The destination's migration token, sent first.
+    pub token: Option<String>,
 }
 
 /// The stream to the destination. Small records collect in `small` and go out at a flush or
@@ -771,6 +773,9 @@ pub fn migrate(
     wire::write_hello(&mut out)?;
     wire::read_hello(&mut reader)?;
     out.watch = true;
+    if let Some(t) = &req.token {
+        wire::write_record(&mut out, Kind::Auth, t.as_bytes())?;
+    }
     let setup = Setup {
         config: src.config.clone(),
         regions: src

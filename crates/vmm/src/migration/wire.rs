@@ -62,6 +62,9 @@ pub enum Kind {
     File = 11,
     /// Source, storage migration: make what arrived durable and answer [`Kind::Synced`].
     Sync = 12,
+    /// Source, first after the hello when it has one: the destination's one-time migration
+    /// token (bytes).
+    Auth = 13,
     /// Destination: the VM is built and runs.
     Ack = 0x41,
     /// Destination: it cannot take the VM; UTF-8 reason.
@@ -85,6 +88,7 @@ impl Kind {
             10 => Self::DiskZeros,
             11 => Self::File,
             12 => Self::Sync,
+            13 => Self::Auth,
             0x41 => Self::Ack,
             0x42 => Self::Refuse,
             0x43 => Self::Synced,
@@ -122,6 +126,8 @@ pub enum Record<'a> {
     File(FileKind, u64, &'a [u8]),
     /// [`Kind::Sync`].
     Sync,
+    /// [`Kind::Auth`].
+    Auth(&'a [u8]),
     /// [`Kind::Synced`].
     Synced,
     /// [`Kind::Ack`].
@@ -452,6 +458,7 @@ pub fn read_record<'a>(
         Kind::End => empty(Record::End)?,
         Kind::Ack => empty(Record::Ack)?,
         Kind::Sync => empty(Record::Sync)?,
+        Kind::Auth => Record::Auth(p),
         Kind::Synced => empty(Record::Synced)?,
         Kind::Abort => Record::Abort(text()),
         Kind::Refuse => Record::Refuse(text()),
