@@ -179,8 +179,9 @@ fn figures(v: &Value) -> (u32, u64, u64, u64, Option<u64>, String) {
     )
 }
 
-/// Shows the source VMM's migration progress in the operation until `done`.
-async fn follow(sup: Supervisor, name: String, memory_bytes: u64, t: Tracker) {
+/// Shows the source VMM's migration progress in the operation until `done`; `total_bytes` is
+/// what round 0 carries at most (the memory, and the disks of a storage migration).
+async fn follow(sup: Supervisor, name: String, total_bytes: u64, t: Tracker) {
     let control = sup.dir(&name).control();
     loop {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -194,12 +195,21 @@ async fn follow(sup: Supervisor, name: String, memory_bytes: u64, t: Tracker) {
             continue;
         }
         let (rounds, bytes, dirty, _, downtime, phase) = figures(&v);
-        // Round 0 carries the memory once; later rounds and the final one the rest.
-        let pct = 10.0 + 85.0 * (bytes as f64 / memory_bytes.max(1) as f64).min(1.0);
+        // Round 0 carries the memory (and disks) once; later rounds and the final one the rest.
+        let pct = 10.0 + 85.0 * (bytes as f64 / total_bytes.max(1) as f64).min(1.0);
         let mut msg = format!(
             "{phase}: round {rounds}, {} KiB sent, {dirty} dirty pages left",
             bytes >> 10
         );
+        let m = &v["status"]["migration"];
+        if let Some(disk) = m["disk_bytes"].as_u64() {
+            let left = m["remaining_dirty_disk_bytes"].as_u64().unwrap_or(0);
+            msg.push_str(&format!(
+                ", disks: {} MiB sent, {} KiB written since",
+                disk >> 20,
+                left >> 10
+            ));
+        }
         if let Some(d) = downtime {
             msg.push_str(&format!(", downtime {d} ms"));
         }
@@ -283,10 +293,20 @@ pub async fn migrate(
     if let Some(r) = req.max_rounds {
         cmd["max_rounds"] = json!(r);
     }
+    let disk_bytes: u64 = if req.copy_storage {
+        rec.config
+            .disks
+            .iter()
+            .filter_map(|d| ferro_disk::info(&d.path).ok())
+            .map(|i| i.virtual_size)
+            .sum()
+    } else {
+        0
+    };
     let progress = tokio::spawn(follow(
         sup.clone(),
         name.to_string(),
-        rec.config.memory_mib << 20,
+        (rec.config.memory_mib << 20) + disk_bytes,
         t.clone(),
     ));
     let r = process::request_value(&sup.dir(name).control(), &cmd, MIGRATE_LIMIT).await;
