@@ -958,6 +958,8 @@ fn real_main() -> Result<()> {
         None
     };
 
+    // Checks whose failure fails ferro-bench (after the document is written).
+    let mut failed_checks: Vec<String> = Vec::new();
     let migrate = if do_migrate {
         if !env.probe.exists() {
             bail!(
@@ -971,6 +973,7 @@ fn real_main() -> Result<()> {
             migrate::DEFAULT_RUNS
         };
         let outcome = migrate::run(&env, runs, args.timeout, &mut r);
+        failed_checks.extend(outcome.copy_mismatches.iter().cloned());
         Some(report::section(
             "migrate",
             &migrate::section(&r, &outcome, &date, &head),
@@ -1039,6 +1042,13 @@ fn real_main() -> Result<()> {
     }
     std::fs::write(&out_path, &doc).with_context(|| format!("writing {}", out_path.display()))?;
     log(format!("wrote {}", out_path.display()));
+    if !failed_checks.is_empty() {
+        bail!(
+            "{} check(s) failed: {}",
+            failed_checks.len(),
+            failed_checks.join("; ")
+        );
+    }
     Ok(())
 }
 

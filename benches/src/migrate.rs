@@ -10,6 +10,10 @@
 //!   destination. The loopback TCP bandwidth is measured in the same rounds.
 //! - Snapshots: ferro-vmm's `snapshot` control request (`resume: true`) and `--restore DIR`;
 //!   QEMU `stop`, `migrate "exec:cat > FILE"`, `cont`, and `-incoming "exec:cat FILE"`.
+//! - Storage migration (no shared storage, [`storage`]): ferro-vmm's `copy_storage` against
+//!   QEMU's drive-mirror into an NBD export of the destination, then migrate (libvirt's
+//!   `--copy-storage-all`), with an idle guest and one writing its disk; every destination
+//!   copy is checked byte for byte.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -22,11 +26,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+mod storage;
+
 use crate::report::{self, Metric, Results, Row, Sut};
 use crate::stats::Target;
 use crate::Env;
 
-/// Rounds when --runs is not given (each round starts 20 VMs and moves 448 MiB four times).
+/// Rounds when --runs is not given (each round starts 28 VMs, moves 448 MiB four times and a
+/// 512 MiB disk four times).
 pub const DEFAULT_RUNS: usize = 5;
 /// Guest memory, MiB.
 pub const MEM_MIB: u64 = 512;
@@ -334,6 +341,8 @@ fn ferro_request(sock: &Path, req: &Value, limit: Duration) -> Result<Value> {
 struct Qmp {
     r: BufReader<UnixStream>,
     w: UnixStream,
+    /// The events read so far (they arrive between the answers).
+    events: Vec<Value>,
 }
 
 impl Qmp {
@@ -353,6 +362,7 @@ impl Qmp {
         let mut q = Qmp {
             r: BufReader::new(s.try_clone()?),
             w: s,
+            events: Vec::new(),
         };
         let mut greeting = String::new();
         q.r.read_line(&mut greeting)?;
@@ -378,6 +388,9 @@ impl Qmp {
             }
             if let Some(e) = v.get("error") {
                 bail!("QMP {execute}: {e}");
+            }
+            if v.get("event").is_some() {
+                self.events.push(v);
             }
         }
     }
@@ -431,6 +444,9 @@ fn ferro_args(env: &Env, cmdline: &str, control: &Path) -> Vec<String> {
     a
 }
 
+/// The QEMU machine of these rows.
+const MICROVM: &str = "microvm,x-option-roms=off,rtc=on";
+
 fn qemu_args(env: &Env, cmdline: &str, qmp: &Path, incoming: Option<&str>) -> Vec<String> {
     let mut a = strings(&[
         "-accel",
@@ -438,7 +454,7 @@ fn qemu_args(env: &Env, cmdline: &str, qmp: &Path, incoming: Option<&str>) -> Ve
         "-cpu",
         "host,-arch-capabilities",
         "-M",
-        "microvm,x-option-roms=off,rtc=on",
+        MICROVM,
         "-m",
         &MEM_MIB.to_string(),
         "-smp",
@@ -819,11 +835,39 @@ pub struct MigrateOutcome {
     pub load_end: String,
     /// Whether this ferro-vmm has `--incoming` (the live-migration rows need it).
     pub ferro_migrates: bool,
+    /// Whether it has `--incoming-storage` (the storage-migration rows need it).
+    pub ferro_stores: bool,
+    /// Runs whose destination ended up with a copy of the disk that differs from what it must
+    /// hold: ferro-bench fails on any.
+    pub copy_mismatches: Vec<String>,
 }
 
-fn ferro_has_incoming(env: &Env) -> bool {
+fn ferro_has_option(env: &Env, option: &str) -> bool {
     crate::proc::output(&env.ferro, &strings(&["--help"]), Duration::from_secs(10))
-        .is_ok_and(|o| o.stdout.contains("--incoming"))
+        .is_ok_and(|o| o.stdout.contains(option))
+}
+
+fn record_storage(
+    r: &mut Results,
+    g: storage::Guest,
+    sut: Sut,
+    round: usize,
+    s: &storage::StoreRun,
+) {
+    let [total, run, gap, down, bytes, disk] = g.metrics();
+    let mib = (1u64 << 20) as f64;
+    for (m, v) in [
+        (total, Some(s.total_ms)),
+        (run, Some(s.run_ms)),
+        (gap, s.gap_ms),
+        (down, s.downtime_ms),
+        (bytes, Some(s.bytes / mib)),
+        (disk, Some(s.disk_bytes / mib)),
+    ] {
+        if let (Some(m), Some(v)) = (m, v) {
+            r.add(m, sut, round, v);
+        }
+    }
 }
 
 fn record_migration(
@@ -866,13 +910,31 @@ pub fn run(env: &Env, runs: usize, timeout: Duration, r: &mut Results) -> Migrat
             .push(format!("not measured: {}: {e}", dir.display()));
         return o;
     }
-    o.ferro_migrates = ferro_has_incoming(env);
+    o.ferro_migrates = ferro_has_option(env, "--incoming");
     if !o.ferro_migrates {
         let why = "this ferro-vmm has no --incoming (live migration not built yet)";
         for m in IDLE.iter().chain(FULL.iter()).chain(DIRTY.iter()) {
             r.skip(*m, Sut::Ferro, why);
         }
     }
+    o.ferro_stores = ferro_has_option(env, "--incoming-storage");
+    if !o.ferro_stores {
+        for m in storage::all_metrics() {
+            r.skip(m, Sut::Ferro, "this ferro-vmm has no --incoming-storage");
+        }
+    }
+    let images = match storage::make_images(&dir) {
+        Ok(i) => Some(i),
+        Err(e) => {
+            let why = format!("cannot write the disk images: {e:#}");
+            log(&why);
+            for m in storage::all_metrics() {
+                r.skip(m, Sut::Ferro, &why);
+                r.skip(m, Sut::Microvm, &why);
+            }
+            None
+        }
+    };
     if env.qemu.is_none() {
         for m in IDLE
             .iter()
@@ -880,6 +942,7 @@ pub fn run(env: &Env, runs: usize, timeout: Duration, r: &mut Results) -> Migrat
             .chain(DIRTY.iter())
             .chain(SNAP.iter())
             .chain(SNAP_FULL.iter())
+            .chain(storage::all_metrics().iter())
         {
             r.skip(*m, Sut::Microvm, "qemu-system-x86_64 not found on PATH");
         }
@@ -1010,13 +1073,93 @@ pub fn run(env: &Env, runs: usize, timeout: Duration, r: &mut Results) -> Migrat
                 }
             }
         }
+        if let Some(img) = &images {
+            storage_round(env, &dir, img, round, &tag, limit, r, &mut o);
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
     o.load_end = crate::fmt_load(crate::loadavg());
     o
 }
 
-const ROWS: [Row; 28] = [
+/// One round of the storage rows: each guest on ferro-vmm, then on QEMU.
+#[allow(clippy::too_many_arguments)]
+fn storage_round(
+    env: &Env,
+    dir: &Path,
+    img: &storage::Images,
+    round: usize,
+    tag: &str,
+    limit: Duration,
+    r: &mut Results,
+    o: &mut MigrateOutcome,
+) {
+    for guest in [storage::Guest::Idle, storage::Guest::Writing] {
+        let kind = guest.name();
+        let mut systems: Vec<(Sut, Option<&PathBuf>)> = Vec::new();
+        if o.ferro_stores {
+            systems.push((Sut::Ferro, None));
+        }
+        if let Some(q) = &env.qemu {
+            systems.push((Sut::Microvm, Some(q)));
+        }
+        for (sut, qemu) in systems {
+            let res = match qemu {
+                None => storage::migrate_ferro(env, dir, img, guest, limit),
+                Some(q) => storage::migrate_qemu(env, q, dir, img, guest, limit),
+            };
+            match res {
+                Ok(s) => {
+                    log(format!(
+                        "{tag} {kind} storage migration {}: total {:.0} ms, destination runs after \
+                         {:.0} ms, guest gap {:?} ms, VMM downtime {:?} ms, {:.1} MiB ({:.1} MiB of disk), \
+                         copy checked; {}{}",
+                        sut.label(),
+                        s.total_ms,
+                        s.run_ms,
+                        s.gap_ms.map(|g| (g * 10.0).round() / 10.0),
+                        s.downtime_ms,
+                        s.bytes / (1 << 20) as f64,
+                        s.disk_bytes / (1 << 20) as f64,
+                        s.detail,
+                        s.note
+                            .as_deref()
+                            .map(|n| format!(" ({n})"))
+                            .unwrap_or_default()
+                    ));
+                    if let Some(n) = &s.note {
+                        o.notes.push(format!(
+                            "{kind} storage migration, {}, round {round}: {n}",
+                            sut.label()
+                        ));
+                    }
+                    if round > 0 {
+                        record_storage(r, guest, sut, round, &s);
+                    }
+                }
+                Err(e) => {
+                    log(format!(
+                        "{tag} {kind} storage migration {}: FAILED: {e:#}",
+                        sut.label()
+                    ));
+                    if storage::is_copy_mismatch(&e) {
+                        o.copy_mismatches.push(format!(
+                            "{kind} storage migration, {}, round {round}: {e:#}",
+                            sut.label()
+                        ));
+                    }
+                    if round > 0 {
+                        for m in guest.metrics().into_iter().flatten() {
+                            r.fail(m, sut, format!("{e:#}"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+const ROWS: [Row; 39] = [
     Row::new(Metric::MigTotal, Sut::Microvm, Target::Info),
     Row::new(Metric::MigGap, Sut::Microvm, Target::ValueAtMost(50.0)),
     Row::new(Metric::MigSwitch, Sut::Microvm, Target::Info),
@@ -1057,6 +1200,17 @@ const ROWS: [Row; 28] = [
         Sut::Microvm,
         Target::ValueAtMost(20.0),
     ),
+    Row::new(Metric::StoreTotal, Sut::Microvm, Target::Info),
+    Row::new(Metric::StoreRun, Sut::Microvm, Target::Info),
+    Row::new(Metric::StoreGap, Sut::Microvm, Target::Info),
+    Row::new(Metric::StoreDowntime, Sut::Microvm, Target::Info),
+    Row::new(Metric::StoreBytes, Sut::Microvm, Target::Info),
+    Row::new(Metric::StoreDiskBytes, Sut::Microvm, Target::Info),
+    Row::new(Metric::StoreWriteTotal, Sut::Microvm, Target::Info),
+    Row::new(Metric::StoreWriteRun, Sut::Microvm, Target::Info),
+    Row::new(Metric::StoreWriteDowntime, Sut::Microvm, Target::Info),
+    Row::new(Metric::StoreWriteBytes, Sut::Microvm, Target::Info),
+    Row::new(Metric::StoreWriteDiskBytes, Sut::Microvm, Target::Info),
 ];
 
 /// The docs/benchmarks.md section.
@@ -1128,11 +1282,63 @@ pub fn section(r: &Results, o: &MigrateOutcome, date: &str, head: &str) -> Strin
          QEMU reads the whole state before the guest runs.\n",
     );
     s.push_str(&format!(
+        "- **Storage migration** (no shared storage) of the probe guest with a raw disk of \
+         {disk} MiB, which the host fills with non-zero pseudo-random data first (each VMM \
+         gets its own copy of the same image under target/ferro-bench for each run; both VMMs \
+         open it with the host's page cache, their default). Two guests: the idle one above \
+         (`{idle}`; it never touches its disk), and a **writing** one, `{write}`, which writes \
+         the probe's test pattern over the first {wmib} MiB of its disk in 64 KiB requests, one \
+         at a time, then flushes and reads it all back; the migration starts as soon as the \
+         probe has found its disk, so the copy races its writes (when the guest has finished \
+         writing before the switch-over, a note says so: it then reads back on the destination \
+         what the copy brought). ferro-vmm: \
+         destination `ferro-vmm --incoming tcp:127.0.0.1:0 --incoming-storage DIR` (it writes \
+         DIR/disk0.raw and DIR/kernel, and makes them durable before it runs the VM), source \
+         control request `{{\"cmd\":\"migrate\",\"to\":ADDR,\"downtime_ms\":{DOWNTIME_MS},\
+         \"copy_storage\":true}}`. QEMU, the way libvirt's `--copy-storage-all` drives it \
+         (QEMU 7.2 here still has the deprecated `migrate -b`; later QEMUs removed it): the destination is started \
+         paused (`-S`) with `-incoming tcp:127.0.0.1:PORT` and a blank (sparse) image of the same \
+         size as `-drive file=F,if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0` on \
+         `-M microvm,pcie=on` (the writing guest's cmdline gets `pci_ecam=0xe0000000` in front \
+         for QEMU: the probe finds QEMU 7.2 microvm's ECAM only so); its QMP `nbd-server-start` (a unix socket) and \
+         `nbd-server-add` (`d0`, writable) are done before the measurement starts. Then on the \
+         source QMP `drive-mirror` (`d0` into `nbd:unix:SOCK:exportname=d0`, sync `full`, mode \
+         `existing`, format `raw`), `query-block-jobs` polled until the job is ready, \
+         `migrate-set-parameters` as above, `migrate`, `query-migrate` polled until completed; \
+         then `block-job-cancel` on the source (a ready mirror cancelled ends with the target a \
+         copy of the paused source; the job's end is awaited), `nbd-server-stop` and `cont` on \
+         the destination. **total time**: host clock, ferro-vmm from the migrate request to its \
+         answer, QEMU from `drive-mirror` to `query-migrate` saying completed; **total time \
+         until the destination runs**: ferro-vmm the same (its answer comes once the destination \
+         runs the VM), QEMU until `cont` has answered (block job ended, NBD server stopped). \
+         **downtime the VMM reports**: `status.migration.downtime_ms` and QEMU's `downtime`; the \
+         guest-side gap (idle guest only, as above) also holds QEMU's block-job end and `cont`. \
+         **bytes sent**: ferro-vmm's `bytes` (memory, disk, kernel), QEMU's `ram.transferred` \
+         plus the mirror job's final `offset` (the disk bytes it copied, without NBD's headers); \
+         **disk bytes sent**: ferro-vmm's `disk_bytes` (it counts the kernel file, 0.1 MiB, \
+         too), the mirror's `offset`. After every run \
+         the destination's disk is compared byte for byte with the source's image (idle guest) \
+         or with what the writing guest must leave (its pattern over {wmib} MiB, the original \
+         data after it; the guest's own read-back on the destination must say \
+         `blk_verify=ok` too): a copy that differs fails the run and ferro-bench.\n",
+        disk = storage::DISK_MIB,
+        idle = cmdline(Kind::Idle),
+        write = storage::write_cmdline(),
+        wmib = storage::WRITE_MIB,
+    ));
+    s.push_str(&format!(
         "\nHost load average (1, 5, 15 min) at the start of this section: {}; at its end: {} \
          (2 CPUs; other engineers' builds and tests share them: per-round ratios are the \
          steadier column).\n\n",
         o.load_start, o.load_end
     ));
+    if !o.copy_mismatches.is_empty() {
+        s.push_str(&format!(
+            "**FAIL: {} storage migration(s) left a destination disk that differs from the \
+             source's** (see the notes).\n\n",
+            o.copy_mismatches.len()
+        ));
+    }
     s.push_str(&report::summary_table(r, &ROWS));
     if let Some(bw) = r.median(Metric::LoopbackBw, Sut::Loopback) {
         s.push_str(&format!(
@@ -1156,12 +1362,13 @@ pub fn section(r: &Results, o: &MigrateOutcome, date: &str, head: &str) -> Strin
         .chain(SNAP.iter())
         .chain(SNAP_FULL.iter())
         .copied()
+        .chain(storage::all_metrics())
         .collect();
     metrics.push(Metric::LoopbackBw);
     s.push_str(&report::spread_table(r, &metrics));
-    if !o.notes.is_empty() {
+    if !o.notes.is_empty() || !o.copy_mismatches.is_empty() {
         s.push('\n');
-        for n in &o.notes {
+        for n in o.copy_mismatches.iter().chain(o.notes.iter()) {
             s.push_str(&format!("- {}\n", n.replace('\n', " ")));
         }
     }

@@ -91,6 +91,17 @@ pub enum Metric {
     SnapFullSize,
     SnapFullSave,
     SnapFullRestore,
+    StoreTotal,
+    StoreRun,
+    StoreGap,
+    StoreDowntime,
+    StoreBytes,
+    StoreDiskBytes,
+    StoreWriteTotal,
+    StoreWriteRun,
+    StoreWriteDowntime,
+    StoreWriteBytes,
+    StoreWriteDiskBytes,
     LoopbackBw,
 }
 
@@ -163,6 +174,25 @@ impl Metric {
             Metric::SnapFullRestore => {
                 "snapshot, populated guest: restore, spawn to the guest's next output"
             }
+            Metric::StoreTotal => "storage migration, idle guest: total time",
+            Metric::StoreRun => {
+                "storage migration, idle guest: total time until the destination runs"
+            }
+            Metric::StoreGap => {
+                "storage migration, idle guest: downtime, guest side: largest console gap"
+            }
+            Metric::StoreDowntime => "storage migration, idle guest: downtime the VMM reports",
+            Metric::StoreBytes => "storage migration, idle guest: bytes sent",
+            Metric::StoreDiskBytes => "storage migration, idle guest: disk bytes sent",
+            Metric::StoreWriteTotal => "storage migration, writing guest: total time",
+            Metric::StoreWriteRun => {
+                "storage migration, writing guest: total time until the destination runs"
+            }
+            Metric::StoreWriteDowntime => {
+                "storage migration, writing guest: downtime the VMM reports"
+            }
+            Metric::StoreWriteBytes => "storage migration, writing guest: bytes sent",
+            Metric::StoreWriteDiskBytes => "storage migration, writing guest: disk bytes sent",
             Metric::LoopbackBw => "loopback TCP bandwidth (one connection)",
         }
     }
@@ -176,7 +206,11 @@ impl Metric {
             | Metric::MigDirtyBytes
             | Metric::MigFullBytes
             | Metric::SnapSize
-            | Metric::SnapFullSize => "MiB",
+            | Metric::SnapFullSize
+            | Metric::StoreBytes
+            | Metric::StoreDiskBytes
+            | Metric::StoreWriteBytes
+            | Metric::StoreWriteDiskBytes => "MiB",
             Metric::MigDirtyRate
             | Metric::MigFullDirtyRate
             | Metric::MigDirtyDirtyRate
