@@ -388,3 +388,36 @@ pub fn lab_check(script: &str, adds: &[String], timeout_s: u32, check: impl Fn(&
         }
     }
 }
+
+/// Word `w` (0..64) of sector `s` of the probe's `blk=write` / `blk=verify` test pattern with
+/// seed `seed` (guest/probe/README.md).
+pub fn blk_pattern_word(seed: u64, s: u64, w: u64) -> u64 {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ (s * 64 + w);
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// Writes the probe's test pattern with `seed` over sectors `[0, sectors)` of `disk`, as
+/// `blk=write` would.
+pub fn write_blk_pattern(disk: &Path, sectors: u64, seed: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(disk).unwrap();
+    let per = 2048u64;
+    let mut buf = vec![0u8; (per * 512) as usize];
+    let mut s0 = 0;
+    while s0 < sectors {
+        let n = per.min(sectors - s0);
+        for s in 0..n {
+            for w in 0..64 {
+                let at = (s * 512 + w * 8) as usize;
+                buf[at..at + 8].copy_from_slice(&blk_pattern_word(seed, s0 + s, w).to_le_bytes());
+            }
+        }
+        f.write_all_at(&buf[..(n * 512) as usize], s0 * 512)
+            .unwrap();
+        s0 += n;
+    }
+}

@@ -571,3 +571,68 @@ fn a_destination_with_a_token_turns_away_everyone_else() {
     dst.kill();
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn migrate_during_disk_reads() {
+    if !kvm_available("migrate_during_disk_reads") {
+        return;
+    }
+    // The guest only reads here: the block device fills its buffers from the disk and the
+    // guest just checks them, so no vCPU write (KVM's dirty log) ever names those pages. Only
+    // the device-write tracking sends them again; the destination's memory check and the
+    // guest's own check of what it read fail without it.
+    let dir = scratch("disk-reads");
+    let disk = dir.join("disk.raw");
+    let sectors: u64 = 512 << 11;
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(sectors * 512)
+        .unwrap();
+    ferro_tests::write_blk_pattern(&disk, sectors, 3);
+    let (mut dst, port) = Vmm::destination(&dir);
+    let mut src = Vmm::source(
+        &dir,
+        &format!("smp=off blk=verify blk_seed=3 blk_sectors={sectors} blk_qd=2"),
+        &[
+            "--memory",
+            "128",
+            "--disk",
+            &format!("path={},readonly=on", disk.display()),
+        ],
+    );
+    let t = Instant::now();
+    while !src.lines().iter().any(|l| l.starts_with("blk_capacity=")) {
+        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", src.lines());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    let answer = migrate(&src, port, "");
+    let r = &answer[0];
+    assert_eq!(r["result"], "ok", "{r}\n{}\n{}", src.stderr(), dst.stderr());
+    assert_eq!(
+        src.wait(Duration::from_secs(10)),
+        Some(0),
+        "{}",
+        src.stderr()
+    );
+    assert_eq!(
+        dst.wait(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        dst.stderr()
+    );
+    let (s, d) = (src.lines().join("\n"), dst.lines().join("\n"));
+    assert!(d.contains("blk_verify=ok"), "src {s}\ndst {d}");
+    assert!(
+        !s.contains("blk_verify"),
+        "the guest finished before it moved: {s}"
+    );
+    let devices = src
+        .stderr()
+        .lines()
+        .find(|l| l.contains("written by devices"))
+        .unwrap_or_default()
+        .to_string();
+    println!("guest reading its disk: {devices}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

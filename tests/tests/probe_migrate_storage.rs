@@ -10,23 +10,13 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use ferro_tests::{kvm_available, probe, vmm};
+use ferro_tests::{blk_pattern_word, kvm_available, probe, vmm};
 
 #[allow(dead_code)] // the harness serves probe_migrate.rs too
 #[path = "probe_migrate/harness.rs"]
 mod harness;
 
 use harness::{migrate, scratch, ticks, Vmm};
-
-/// Word `w` of sector `s` of the probe's `blk=write` pattern with seed 1 (guest/probe/README.md).
-fn pattern_word(s: u64, w: u64) -> u64 {
-    let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ (s * 64 + w);
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
 
 /// The first sector of `[0, sectors)` of `disk` that does not hold the pattern.
 fn first_bad_sector(disk: &Path, sectors: u64) -> Option<u64> {
@@ -42,7 +32,7 @@ fn first_bad_sector(disk: &Path, sectors: u64) -> Option<u64> {
             for w in 0..64 {
                 let at = (s * 512 + w * 8) as usize;
                 let got = u64::from_le_bytes(buf[at..at + 8].try_into().unwrap());
-                if got != pattern_word(s0 + s, w) {
+                if got != blk_pattern_word(1, s0 + s, w) {
                     return Some(s0 + s);
                 }
             }

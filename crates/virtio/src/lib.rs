@@ -42,7 +42,7 @@ pub use chain::{walk_chain, ChainError, Segment};
 pub use transport::{VirtioPciDevice, VirtioPciState};
 
 /// Guest memory as devices see it.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 /// A split virtqueue (rust-vmm `virtio-queue`).
 pub use virtio_queue::Queue;
 

@@ -44,6 +44,8 @@ impl PageReclaim for Madvise {
             if r != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // The pages read as zeros now: a live migration must send them again.
+            vm_memory::bitmap::Bitmap::mark_dirty(&region.bitmap(), off as usize, n as usize);
             at = GuestAddress(at.0 + n);
         }
         Ok(())

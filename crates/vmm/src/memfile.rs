@@ -253,7 +253,7 @@ pub fn write(mem: &GuestMemory, path: &Path) -> Result<Written, MemFileError> {
 /// Which pages of guest RAM region `r` may hold data: for anonymous memory, the pages the
 /// host populated ([`touched_pages`]; the others read as zero); `None` (all of them) for a
 /// region mapped from a file, whose absent pages hold the file's bytes, or when it cannot tell.
-pub(crate) fn populated(r: &vm_memory::GuestRegionMmap) -> Option<Vec<bool>> {
+pub(crate) fn populated(r: &crate::memory::GuestRegion) -> Option<Vec<bool>> {
     if r.file_offset().is_some() {
         return None;
     }

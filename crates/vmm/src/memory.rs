@@ -7,7 +7,9 @@ use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use crate::VmmError;
 
 /// The guest's memory.
-pub type GuestMemory = vm_memory::GuestMemoryMmap<()>;
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
+/// One region of it.
+pub type GuestRegion = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// Allocates `mib` MiB of guest RAM (reserved lazily: untouched pages cost nothing) and maps it
 /// into the VM.

@@ -341,6 +341,23 @@ pub(crate) fn host_iovecs<'a>(
     left == 0
 }
 
+/// Marks `len` bytes of the stream formed by `segs` as written in guest memory's dirty
+/// bitmap, once a disk call has filled them: it wrote through raw pointers (or the kernel did),
+/// which vm-memory's own tracking does not see, and a live migration resends what is marked.
+fn mark_written<'a>(mem: &GuestMemory, segs: impl Iterator<Item = &'a Segment>, len: u64) {
+    let mut left = len;
+    for s in segs {
+        if left == 0 {
+            break;
+        }
+        let n = u64::from(s.len).min(left);
+        for v in GuestMemoryBackend::get_slices(mem, s.addr, n as usize).flatten() {
+            vm_memory::bitmap::Bitmap::mark_dirty(v.bitmap(), 0, v.len());
+        }
+        left -= n;
+    }
+}
+
 /// What executing a request produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Outcome {
@@ -362,6 +379,10 @@ pub fn execute(
     iov: &mut Vec<IoVec>,
 ) -> Outcome {
     let status = run(mem, segs, req, disk, id, writethrough, iov);
+    if req.op == Op::Read {
+        // Even a failed read may have written part of the buffers.
+        mark_written(mem, writable(segs), u64::from(req.len));
+    }
     let data = match req.op {
         Op::Read | Op::GetId if status == status::OK => req.len,
         _ => 0,
@@ -433,7 +454,10 @@ pub fn finish_run(
     ok: bool,
     out: &mut Vec<Outcome>,
 ) {
-    for (_, req) in parts {
+    for (segs, req) in parts {
+        if op == Op::Read {
+            mark_written(mem, writable(segs), u64::from(req.len));
+        }
         let status = if ok { status::OK } else { status::IOERR };
         // The status address was checked by walk_chain; a failure here is not reportable.
         let _ = mem.write_obj(status, req.status);

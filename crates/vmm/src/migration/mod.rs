@@ -28,13 +28,16 @@
 //! # What the dirty log misses
 //! KVM logs what the guest (and KVM on its behalf: kvmclock, steal time) writes. The device
 //! threads (event loop, block workers) write guest memory through the VMM's own mapping, and
-//! the host kernel does for a disk read straight into guest RAM; KVM sees neither. So a VM
-//! with virtio devices keeps a 64-bit hash of every page as it was sent, and the
-//! stop-and-copy round re-hashes every page the dirty log does not name (anonymous pages the
-//! host has never populated count as zero without being read) and sends the ones that
-//! changed. That catches any host-side write (device DMA, a balloon's `MADV_DONTNEED`) at the
-//! price of hashing the guest's populated memory while it is paused (on every CPU; one CPU
-//! hashes a GiB in ~155 ms here, `page_hash_speed`).
+//! the host kernel does for a disk read straight into guest RAM; KVM sees neither. So guest
+//! memory carries vm-memory's dirty bitmap (`GuestMemoryMmap<AtomicBitmap>`, one bit per 4 KiB,
+//! set after every write through its API: used rings, descriptors, received frames), and the
+//! writes that bypass that API mark it themselves once done: a disk read into guest RAM (the
+//! block device, when the request completes, whichever path ran it) and a balloon's
+//! `MADV_DONTNEED`. The migration clears it when the dirty log starts and ORs it into every
+//! round's dirty pages, the last one after the devices have drained, so the pause costs no
+//! pass over memory (an earlier version hashed every populated page inside the downtime:
+//! ~155 ms per GiB per CPU here). `FERRO_MIGRATE_VERIFY=1` (below) checks that nothing
+//! escaped.
 //!
 //! # Wire format (version [`wire::VERSION`]; all integers little-endian)
 //! ```text
@@ -75,11 +78,8 @@
 //! # The copy path
 //! The source gathers runs of contiguous non-zero pages (up to 1 MiB a record) and `writev`s
 //! the record head and the runs straight from guest RAM (the guest may write a page while
-//! the kernel copies it; the dirty log sends it again). A VM with devices is the exception:
-//! its pages are copied once into a 512 KiB staging buffer, hashed and zero-tested there in
-//! one pass ([`hash_and_zero`]) and sent from it, because the bytes sent must be the bytes
-//! hashed (a device that wrote a page between the hash and the send and later wrote the old
-//! bytes back would otherwise go unnoticed). The destination reads each run straight into
+//! the kernel copies it; the dirty log, or the device bitmap, sends it again). The
+//! destination reads each run straight into
 //! its guest RAM once checked, populated with one `MADV_POPULATE_WRITE` per run (and, after a
 //! run of 1 MiB or more, the next 2 MiB by a helper thread `migrate-in-pop` meanwhile) and
 //! without THP until it is filled. Both ends ask for 4 MiB socket buffers.
@@ -235,15 +235,8 @@ pub(crate) fn socket_buffers(stream: &std::net::TcpStream) {
     }
 }
 
-/// [`page_hash`] of `page` and whether it is all zero, in one pass over it.
-pub fn hash_and_zero(page: &[u8]) -> (u64, bool) {
-    let mut any = 0u64;
-    let h = page_hash_with(page, |x| any |= x);
-    (h, any == 0)
-}
-
 /// A 64-bit hash of one page, fast enough to run over all populated guest memory while the
-/// guest is paused: four independent multiply-xor lanes over the page's words.
+/// guest is paused ([`chunk_hashes`]): four independent multiply-xor lanes over its words.
 pub fn page_hash(page: &[u8]) -> u64 {
     page_hash_with(page, |_| {})
 }
@@ -296,7 +289,6 @@ mod tests {
     fn page_hash_sees_every_word() {
         let zero = [0u8; 4096];
         let h0 = page_hash(&zero);
-        assert_eq!(hash_and_zero(&zero), (h0, true));
         let mut seen = std::collections::HashSet::new();
         for at in (0..4096).step_by(8) {
             let mut p = zero;
@@ -304,7 +296,6 @@ mod tests {
             let h = page_hash(&p);
             assert_ne!(h, h0, "a one at {at}");
             assert!(seen.insert(h), "two pages with one word set share a hash");
-            assert_eq!(hash_and_zero(&p), (h, false), "a one at {at}");
         }
         // Swapping two words changes it.
         let mut a = zero;
@@ -317,7 +308,7 @@ mod tests {
     }
 
     /// `cargo test --release -p ferro-vmm --lib page_hash_speed -- --ignored --nocapture`: what
-    /// the stop-and-copy check costs per GiB of populated guest memory.
+    /// `FERRO_MIGRATE_VERIFY`'s check costs per GiB of populated guest memory.
     #[test]
     #[ignore]
     fn page_hash_speed() {

@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use ferro_api::control::{MigrationPhase, MigrationStatus};
 use ferro_api::VmConfig;
 use ferro_hypervisor::{Vcpu, Vm};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
 use super::storage::{self, DiskCopier};
 use super::wire::{self, Kind, Record, MAX_RUNS, PAGE, RUN_ENTRY};
-use super::{hash_and_zero, page_hash, tcp_address, MigrationError, Setup};
+use super::{tcp_address, MigrationError, Setup};
 use crate::machine::{ExitLatch, LegacyHandles};
 use crate::memory::{self, GuestMemory};
 use crate::pci::SharedVirtio;
@@ -134,7 +135,7 @@ impl Out {
                 return Ok(());
             }
             // SAFETY: every iovec in `rest` describes memory that stays valid for this call:
-            // `small`, a record head or a staging buffer owned by the caller, or pages of guest
+            // `small`, a record head owned by the caller, or pages of guest
             // RAM inside its mapping, which lives as long as the VM (the process). The kernel
             // only reads it; a vCPU writing a page meanwhile changes the bytes sent, never
             // their bounds (the dirty log sends such a page again).
@@ -179,76 +180,41 @@ impl Out {
     }
 }
 
-/// Non-zero pages gathered for one [`Kind::Pages`] record: runs of contiguous pages, and where
-/// each run's bytes are (in guest RAM, or in `staging` for a VM whose pages are hashed).
+/// Non-zero pages gathered for one [`Kind::Pages`] record: runs of contiguous pages, each
+/// sent straight from guest RAM.
 #[derive(Default)]
 struct Batch {
     runs: Vec<(u64, u32)>,
-    /// Per run: its first byte in guest RAM, or its offset in `staging`.
+    /// Per run: its first byte in guest RAM.
     from: Vec<usize>,
     pages: usize,
-    /// The pages' bytes as hashed, for VMs with devices (`None`: sent from guest RAM).
-    staging: Option<Vec<u8>>,
     head: Vec<u8>,
     iov: Vec<libc::iovec>,
 }
 
-/// Pages per record sent from guest RAM (1 MiB: few calls, and `status` still counts the
-/// bytes sent every megabyte) and per record staged (512 KiB: it stays in the CPU's cache
-/// between the copy and the send).
+/// Pages per record (1 MiB: few calls, and `status` still counts the bytes sent every
+/// megabyte).
 const BATCH_PAGES: usize = 256;
-const STAGED_PAGES: usize = 128;
 
 impl Batch {
-    /// Adds the page at guest `addr`, whose bytes are at `host` (ignored when staged: the
-    /// caller filled the slot [`Batch::slot`] gave).
+    /// Adds the page at guest `addr`, whose bytes are at `host`.
     fn push(&mut self, addr: u64, host: usize) {
-        let from = match &self.staging {
-            Some(_) => (self.pages - 1) * PAGE as usize,
-            None => host,
-        };
-        let (runs, froms) = (&mut self.runs, &self.from);
-        match (runs.last_mut(), froms.last()) {
+        self.pages += 1;
+        match (self.runs.last_mut(), self.from.last()) {
             (Some((a, n)), Some(&f))
-                if *a + u64::from(*n) * PAGE == addr && f + *n as usize * PAGE as usize == from =>
+                if *a + u64::from(*n) * PAGE == addr && f + *n as usize * PAGE as usize == host =>
             {
                 *n += 1
             }
             _ => {
                 self.runs.push((addr, 1));
-                self.from.push(from);
+                self.from.push(host);
             }
-        }
-    }
-
-    /// Room for the next staged page's bytes; [`Batch::push`] or [`Batch::drop_slot`] follows.
-    fn slot(&mut self) -> &mut [u8] {
-        self.pages += 1;
-        let at = (self.pages - 1) * PAGE as usize;
-        match &mut self.staging {
-            Some(s) => {
-                s.resize(at + PAGE as usize, 0);
-                &mut s[at..]
-            }
-            None => &mut [],
-        }
-    }
-
-    /// Forgets the slot taken last (its page is zero).
-    fn drop_slot(&mut self) {
-        self.pages -= 1;
-        if let Some(s) = &mut self.staging {
-            s.truncate(self.pages * PAGE as usize);
         }
     }
 
     fn is_full(&self) -> bool {
-        let max = if self.staging.is_some() {
-            STAGED_PAGES
-        } else {
-            BATCH_PAGES
-        };
-        self.pages >= max || self.runs.len() >= MAX_RUNS
+        self.pages >= BATCH_PAGES || self.runs.len() >= MAX_RUNS
     }
 
     /// Sends the record (with the small records `out` holds in front of it) and empties the
@@ -263,23 +229,22 @@ impl Batch {
         self.iov.clear();
         self.iov.push(iovec(self.head.as_ptr(), self.head.len()));
         for (&(_, n), &from) in self.runs.iter().zip(&self.from) {
-            let len = n as usize * PAGE as usize;
-            let base = match &self.staging {
-                Some(s) => s[from..from + len].as_ptr(),
-                None => from as *const u8,
-            };
-            self.iov.push(iovec(base, len));
+            self.iov
+                .push(iovec(from as *const u8, n as usize * PAGE as usize));
         }
         out.writev(&mut self.iov).map_err(MigrationError::Io)?;
         let n = self.pages;
         self.runs.clear();
         self.from.clear();
         self.pages = 0;
-        if let Some(s) = &mut self.staging {
-            s.clear();
-        }
         Ok(n)
     }
+}
+
+/// The bitmap of pages host threads wrote in region `r` (vm-memory's, one bit per 4 KiB).
+fn host_bitmap(r: &crate::memory::GuestRegion) -> &AtomicBitmap {
+    let mapping: &MmapRegion<AtomicBitmap> = r;
+    mapping.bitmap()
 }
 
 /// Dirty pages: one bitmap per RAM region, bit = page (KVM's layout).
@@ -326,9 +291,6 @@ struct Sender<'a> {
     /// Per region: guest address, first byte in this process, length.
     regions: Vec<(u64, usize, u64)>,
     zeros: Vec<(u64, u64)>,
-    /// Per region and page: the hash of what the destination holds (VMs with devices only).
-    hashes: Option<Vec<Vec<u64>>>,
-    zero_hash: u64,
     pages: u64,
     progress: &'a Mutex<MigrationStatus>,
     started: Instant,
@@ -401,42 +363,12 @@ impl Sender<'_> {
         }
         let addr = start + at;
         let host = host + at as usize;
-        let zero = match self.hashes.is_some() {
-            // A VM with devices: the bytes sent must be the bytes hashed (a device could
-            // change a page between the hash and the send, and back later), so the page is
-            // copied once into the record's staging buffer and hashed there.
-            true => {
-                let slot = self.batch.slot();
-                self.src
-                    .memory
-                    .read_slice(slot, GuestAddress(addr))
-                    .map_err(|e| MigrationError::Vmm(format!("reading guest memory: {e}")))?;
-                let (hash, zero) = hash_and_zero(slot);
-                if let Some(h) = self
-                    .hashes
-                    .as_mut()
-                    .and_then(|h| h.get_mut(region)?.get_mut(page))
-                {
-                    *h = if zero { self.zero_hash } else { hash };
-                }
-                if zero {
-                    self.batch.drop_slot();
-                } else {
-                    self.batch.push(addr, host);
-                }
-                zero
-            }
-            false => {
-                // SAFETY: `host` is page `page` of region `region`'s mapping (checked against
-                // its length above), page-aligned; the mapping lives as long as the VM.
-                let zero = unsafe { page_is_zero(host as *const u64) };
-                if !zero {
-                    self.batch.slot();
-                    self.batch.push(addr, host);
-                }
-                zero
-            }
-        };
+        // SAFETY: `host` is page `page` of region `region`'s mapping (checked against its
+        // length above), page-aligned; the mapping lives as long as the VM.
+        let zero = unsafe { page_is_zero(host as *const u64) };
+        if !zero {
+            self.batch.push(addr, host);
+        }
         if zero {
             if !round0 {
                 match self.zeros.last_mut() {
@@ -516,80 +448,16 @@ impl Sender<'_> {
         self.flush()
     }
 
-    /// Adds to `dirty` every page whose content differs from what was sent, by hash: the
-    /// writes of host threads, which KVM's log does not see. The VM must be paused and its
-    /// devices locked. Runs on every CPU: this is inside the downtime.
-    fn host_writes(&self, dirty: &mut Bitmaps) -> u64 {
-        let Some(hashes) = &self.hashes else {
-            return 0;
-        };
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(8));
+    /// Adds to `dirty` the pages host threads wrote since the last call, which KVM's log does
+    /// not see: the virtio devices' writes through vm-memory (its bitmap marks every one) and
+    /// a disk's reads straight into guest RAM and a balloon's discards (marked by the block
+    /// and balloon devices once done). Returns how many were not in `dirty` already.
+    fn device_writes(&self, dirty: &mut Bitmaps) -> u64 {
         let mut found = 0;
-        for ((r, sent), bits) in self.src.memory.iter().zip(hashes).zip(dirty.iter_mut()) {
-            let touched = crate::memfile::populated(r);
-            let ctx = Check {
-                mem: &self.src.memory,
-                base: r.start_addr().0,
-                sent,
-                touched: touched.as_deref(),
-                zero_hash: self.zero_hash,
-            };
-            // Whole bitmap words per thread, so each owns its part of `bits`.
-            let per = bits.len().div_ceil(threads).max(1);
-            found += std::thread::scope(|scope| {
-                let ctx = &ctx;
-                let parts: Vec<_> = bits
-                    .chunks_mut(per)
-                    .enumerate()
-                    .map(|(i, words)| scope.spawn(move || ctx.run(i * per, words)))
-                    .collect();
-                parts
-                    .into_iter()
-                    .map(|p| p.join().unwrap_or(0))
-                    .sum::<u64>()
-            });
-        }
-        found
-    }
-}
-
-/// One region's pages to compare with their hashes as sent.
-struct Check<'a> {
-    mem: &'a GuestMemory,
-    base: u64,
-    sent: &'a [u64],
-    touched: Option<&'a [bool]>,
-    zero_hash: u64,
-}
-
-impl Check<'_> {
-    /// Checks the pages of bitmap words `first_word..` (`words`), setting the bits of pages
-    /// that changed; returns how many did.
-    fn run(&self, first_word: usize, words: &mut [u64]) -> u64 {
-        let mut buf = [0u8; PAGE as usize];
-        let mut found = 0;
-        for (w, word) in words.iter_mut().enumerate() {
-            for bit in 0..64 {
-                let p = (first_word + w) * 64 + bit;
-                let Some(&want) = self.sent.get(p) else {
-                    return found;
-                };
-                if *word & (1 << bit) != 0 {
-                    continue;
-                }
-                let now = if self.touched.is_some_and(|t| t.get(p) == Some(&false)) {
-                    self.zero_hash
-                } else {
-                    let addr = GuestAddress(self.base + p as u64 * PAGE);
-                    match self.mem.read_slice(&mut buf, addr) {
-                        Ok(()) => page_hash(&buf),
-                        Err(_) => !want,
-                    }
-                };
-                if now != want {
-                    *word |= 1 << bit;
-                    found += 1;
-                }
+        for (r, bits) in self.src.memory.iter().zip(dirty.iter_mut()) {
+            for (x, y) in bits.iter_mut().zip(host_bitmap(r).get_and_reset()) {
+                found += u64::from((y & !*x).count_ones());
+                *x |= y;
             }
         }
         found
@@ -614,6 +482,7 @@ impl Sender<'_> {
         self.everything()?;
         sending += t.elapsed();
         let mut pending = memory::dirty_log(vm, mem)?;
+        self.device_writes(&mut pending);
         let mut synced = false;
         loop {
             round += 1;
@@ -638,6 +507,7 @@ impl Sender<'_> {
                 self.sync()?;
                 synced = true;
                 or_into(&mut pending, &memory::dirty_log(vm, mem)?);
+                self.device_writes(&mut pending);
                 round -= 1;
                 continue;
             }
@@ -647,6 +517,7 @@ impl Sender<'_> {
             self.dirty(&pending)?;
             sending += t.elapsed();
             pending = memory::dirty_log(vm, mem)?;
+            self.device_writes(&mut pending);
         }
     }
 
@@ -789,31 +660,21 @@ pub fn migrate(
     wire::write_record(&mut out, Kind::Config, &json)?;
 
     memory::set_dirty_logging(&src.vm, &src.memory, true)?;
+    // The host threads' writes count from here, as the guest's do.
+    for r in src.memory.iter() {
+        host_bitmap(r).reset();
+    }
     let mut log = LogGuard { src, armed: true };
-    let pages_per_region: Vec<usize> = src
-        .memory
-        .iter()
-        .map(|r| (r.len() / PAGE) as usize)
-        .collect();
-    let hashes: Option<Vec<Vec<u64>>> =
-        (!src.virtio.is_empty()).then(|| pages_per_region.iter().map(|&n| vec![0u64; n]).collect());
     let mut s = Sender {
         src,
         out,
-        batch: Batch {
-            staging: hashes
-                .is_some()
-                .then(|| Vec::with_capacity(STAGED_PAGES * PAGE as usize)),
-            ..Batch::default()
-        },
+        batch: Batch::default(),
         regions: src
             .memory
             .iter()
             .map(|r| (r.start_addr().0, r.as_ptr() as usize, r.len()))
             .collect(),
         zeros: Vec::new(),
-        hashes,
-        zero_hash: page_hash(&[0u8; PAGE as usize]),
         pages: 0,
         progress,
         started: t0,
@@ -829,10 +690,6 @@ pub fn migrate(
             Ok(n) => s.disk_bytes = n,
             Err(e) => return Err(s.abort(e)),
         }
-    }
-    if let Some(h) = s.hashes.as_mut() {
-        let zh = s.zero_hash;
-        h.iter_mut().for_each(|r| r.fill(zh));
     }
 
     let (round, mut pending) = match s.precopy(req) {
@@ -879,7 +736,7 @@ pub fn migrate(
         crate::devices_block::flush_all();
         marks.mark("disk flush");
         or_into(&mut pending, &memory::dirty_log(&src.vm, &src.memory)?);
-        let host = s.host_writes(&mut pending);
+        let host = s.device_writes(&mut pending);
         let final_pages = count(&pending);
         marks.mark("dirty log and device-write check");
         s.round(round)?;
