@@ -662,9 +662,12 @@ const VMM_ROWS: [Row; 15] = [
     Row::new(Metric::MaxRss, Sut::Q35, Target::Info),
     Row::new(Metric::RssNoGuest, Sut::Microvm, Target::Info),
     Row::new(Metric::GuestRss, Sut::Microvm, Target::Info),
-    Row::new(Metric::Pio, Sut::Microvm, Target::RatioAtLeast(1.05)),
+    // The target row is the CPL0 loop: the issue's reference figures (QEMU 112k, a bare loop
+    // 126k exits/s on this host) are rates only a loop at CPL0 reaches on PVM; at CPL3 every
+    // VMM gets ~13k/s, the cost of PVM's user-mode port write (see the section's note).
+    Row::new(Metric::Pio, Sut::Microvm, Target::Info),
     Row::new(Metric::Pio, Sut::Bare, Target::Info),
-    Row::new(Metric::PioKernel, Sut::Microvm, Target::Info),
+    Row::new(Metric::PioKernel, Sut::Microvm, Target::RatioAtLeast(1.05)),
     Row::across(Metric::PioKernel, Metric::Pio, Sut::Bare, Target::Info),
 ];
 
@@ -704,8 +707,10 @@ fn vmm_section(r: &Results, args: &Args, date: &str, head: &str) -> String {
         s.push_str(&format!(
             "\nQEMU microvm reaches {} (CPL3 loop) and {} (CPL0 loop) of the bare loop's port-I/O \
              exit rate. On a PVM host a port write from guest user mode costs far more than the \
-             VMM's share of the exit, so the CPL3 rows measure mostly PVM; the CPL0 rows are the \
-             closer look at the VMM's own exit path.\n",
+             VMM's share of the exit, so the CPL3 rows measure mostly PVM (every VMM gets about \
+             the same rate there); the CPL0 rows are the closer look at the VMM's own exit path, \
+             and the one with the 1.05x target: the reference rates the target was set from on \
+             this host (QEMU 112k, a bare KVM_RUN loop 126k exits/s) are CPL0 rates.\n",
             stats::fmt_ratio(q),
             stats::fmt_ratio(k)
         ));
