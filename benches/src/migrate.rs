@@ -1304,14 +1304,20 @@ pub fn section(r: &Results, o: &MigrateOutcome, date: &str, head: &str) -> Strin
          `nbd-server-add` (`d0`, writable) are done before the measurement starts. Then on the \
          source QMP `drive-mirror` (`d0` into `nbd:unix:SOCK:exportname=d0`, sync `full`, mode \
          `existing`, format `raw`), `query-block-jobs` polled until the job is ready, \
-         `migrate-set-parameters` as above, `migrate`, `query-migrate` polled until completed; \
-         then `block-job-cancel` on the source (a ready mirror cancelled ends with the target a \
-         copy of the paused source; the job's end is awaited), `nbd-server-stop` and `cont` on \
-         the destination. **total time**: host clock, ferro-vmm from the migrate request to its \
+         `migrate-set-parameters` as above with the capability `pause-before-switchover` on, \
+         `migrate`, `query-migrate` polled until `pre-switchover` (the source's vCPUs are \
+         stopped, its devices' state not sent yet), `block-job-cancel` (a ready mirror \
+         cancelled ends with the target a copy of the stopped source; BLOCK_JOB_COMPLETED is \
+         awaited), `migrate-continue`, `query-migrate` polled until completed; then \
+         `nbd-server-stop` and `cont` on the destination. That is libvirt's order \
+         (qemuMigrationSrcRun); cancelling the mirror only after the migration has completed \
+         lost a source QEMU once in this bench's runs (its QMP socket reset during those \
+         steps). **total time**: host clock, ferro-vmm from the migrate request to its \
          answer, QEMU from `drive-mirror` to `query-migrate` saying completed; **total time \
          until the destination runs**: ferro-vmm the same (its answer comes once the destination \
          runs the VM), QEMU until `cont` has answered (block job ended, NBD server stopped). \
-         **downtime the VMM reports**: `status.migration.downtime_ms` and QEMU's `downtime`; the \
+         **downtime the VMM reports**: `status.migration.downtime_ms` and QEMU's `downtime` \
+         (from stopping the vCPUs, so it holds the mirror's cancel too); the \
          guest-side gap (idle guest only, as above) also holds QEMU's block-job end and `cont`. \
          **bytes sent**: ferro-vmm's `bytes` (memory, disk, kernel), QEMU's `ram.transferred` \
          plus the mirror job's final `offset` (the disk bytes it copied, without NBD's headers); \

@@ -7,9 +7,10 @@
 //! - QEMU, as libvirt's `--copy-storage-all` does it: the destination starts paused (`-S`) with
 //!   `-incoming` and a blank image of the same size, exported writable over NBD (QMP
 //!   `nbd-server-start` + `nbd-server-add`); the source mirrors its drive into that export
-//!   (`drive-mirror`, sync full, mode existing) and, once the job is ready, migrates; after the
-//!   migration has completed it cancels the job (which leaves the target a point-in-time copy
-//!   of the paused source), the destination stops its NBD server and continues.
+//!   (`drive-mirror`, sync full, mode existing) and, once the job is ready, migrates with
+//!   `pause-before-switchover`: stopped before the devices' state goes, it cancels the job
+//!   (which leaves the target a point-in-time copy of the stopped source) and continues; once
+//!   the migration has completed the destination stops its NBD server and continues.
 //!
 //! Two guests: the idle beating guest of the migration rows (it never touches its disk), and
 //! one that writes the probe's test pattern over the first `WRITE_MIB` of its disk, one 64 KiB
@@ -487,6 +488,34 @@ fn wait_mirror_end(q: &mut Qmp, limit: Duration) -> Result<f64> {
         .context("no offset in BLOCK_JOB_COMPLETED")
 }
 
+/// `: QEMU said ...` with the last lines of a QEMU's stderr, or nothing.
+fn said(v: &Vm) -> String {
+    let e = v.stderr();
+    if e.trim().is_empty() {
+        String::new()
+    } else {
+        format!(": QEMU said {}", crate::parse::last_lines(&e, 3))
+    }
+}
+
+/// Polls `query-migrate` until its status is `want`; its last answer.
+fn wait_status(q: &mut Qmp, want: &str, limit: Duration) -> Result<Value> {
+    let until = Instant::now() + limit;
+    loop {
+        let v = q.cmd("query-migrate", json!({}))?;
+        match v["status"].as_str() {
+            Some(s) if s == want => return Ok(v),
+            Some("failed") | Some("cancelled") => bail!("QEMU migration failed: {v}"),
+            Some("completed") => bail!("QEMU migration completed before {want}: {v}"),
+            _ => {}
+        }
+        if Instant::now() >= until {
+            bail!("QEMU migration not {want} after {limit:?}: {v}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 pub fn migrate_qemu(
     env: &Env,
     qemu: &Path,
@@ -521,8 +550,10 @@ pub fn migrate_qemu(
     dqmp.cmd(
         "nbd-server-start",
         json!({"addr": {"type": "unix", "data": {"path": nbd}}}),
-    )?;
-    dqmp.cmd("nbd-server-add", json!({"device": DRIVE, "writable": true}))?;
+    )
+    .with_context(|| format!("destination nbd-server-start{}", said(&dst)))?;
+    dqmp.cmd("nbd-server-add", json!({"device": DRIVE, "writable": true}))
+        .with_context(|| format!("destination nbd-server-add{}", said(&dst)))?;
     let mut src = Vm::spawn(
         qemu,
         &qemu_store_args(env, &line, &sq, &src_img, None),
@@ -530,6 +561,12 @@ pub fn migrate_qemu(
     )?;
     let mut sqmp = Qmp::connect(&sq, Duration::from_secs(10))?;
     sqmp.migration_parameters()?;
+    // As libvirt: the source stops before it sends the devices' state, so that the mirror is
+    // cancelled (and so in sync) while the source's disk is still active.
+    sqmp.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "pause-before-switchover", "state": true}]}),
+    )?;
     wait_start(&mut src, g, "source QEMU")?;
     let from = Instant::now();
     sqmp.cmd(
@@ -541,16 +578,28 @@ pub fn migrate_qemu(
             "mode": "existing",
             "format": "raw",
         }),
-    )?;
-    let ready_offset = wait_mirror_ready(&mut sqmp, &mut src, limit)?;
+    )
+    .with_context(|| format!("source drive-mirror{}", said(&src)))?;
+    let ready_offset = wait_mirror_ready(&mut sqmp, &mut src, limit)
+        .with_context(|| format!("source mirror job{}", said(&src)))?;
     let ready_ms = ms(from.elapsed());
     sqmp.cmd("migrate", json!({"uri": uri}))?;
-    let v = sqmp.wait_migration(limit)?;
+    wait_status(&mut sqmp, "pre-switchover", limit)
+        .with_context(|| format!("source migrate{}", said(&src)))?;
+    let paused_ms = ms(from.elapsed());
+    sqmp.cmd("block-job-cancel", json!({"device": DRIVE}))
+        .with_context(|| format!("source block-job-cancel{}", said(&src)))?;
+    let disk_bytes = wait_mirror_end(&mut sqmp, Duration::from_secs(60))
+        .with_context(|| format!("source block-job-cancel{}", said(&src)))?;
+    sqmp.cmd("migrate-continue", json!({"state": "pre-switchover"}))
+        .with_context(|| format!("source migrate-continue{}", said(&src)))?;
+    let v = wait_status(&mut sqmp, "completed", limit)
+        .with_context(|| format!("source migrate after the switch-over{}", said(&src)))?;
     let total_ms = ms(from.elapsed());
-    sqmp.cmd("block-job-cancel", json!({"device": DRIVE}))?;
-    let disk_bytes = wait_mirror_end(&mut sqmp, Duration::from_secs(60))?;
-    dqmp.cmd("nbd-server-stop", json!({}))?;
-    dqmp.cmd("cont", json!({}))?;
+    dqmp.cmd("nbd-server-stop", json!({}))
+        .with_context(|| format!("destination nbd-server-stop{}", said(&dst)))?;
+    dqmp.cmd("cont", json!({}))
+        .with_context(|| format!("destination cont{}", said(&dst)))?;
     let run_ms = ms(from.elapsed());
     let ram = v["ram"]["transferred"]
         .as_f64()
@@ -562,8 +611,8 @@ pub fn migrate_qemu(
         bytes: ram + disk_bytes,
         disk_bytes,
         detail: format!(
-            "mirror ready after {ready_ms:.0} ms ({:.0} MiB copied by then), migrate total-time \
-             {:?} ms, rounds {:?}",
+            "mirror ready after {ready_ms:.0} ms ({:.0} MiB copied by then), paused before the \
+             switch-over at {paused_ms:.0} ms, migrate total-time {:?} ms, rounds {:?}",
             ready_offset / (1 << 20) as f64,
             v["total-time"].as_f64(),
             v["ram"]["dirty-sync-count"].as_f64()
