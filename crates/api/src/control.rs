@@ -141,7 +141,8 @@ pub struct MigrationStatus {
     /// Source: dirty pages left to send, as of the last round.
     #[serde(default)]
     pub remaining_dirty_pages: u64,
-    /// Storage migration: bytes of disk contents sent or received so far (part of `bytes`).
+    /// Storage migration: bytes of disk contents and of the kernel and initrd files sent or
+    /// received so far (part of `bytes`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub disk_bytes: u64,
     /// Storage migration, destination: bytes of its files written back to its disk at the
@@ -189,6 +190,10 @@ pub struct VmmStatus {
     /// The migration under way or the last one that ended (absent when there was none).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub migration: Option<MigrationStatus>,
+    /// The destination of a storage migration: whether the copied disks, kernel and initrd
+    /// are written back to this host's disk yet (absent: this VMM took no storage).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_synced: Option<bool>,
 }
 
 /// Machine-readable reasons a request failed.
@@ -359,9 +364,11 @@ mod tests {
             boots: 1,
             protocol: CONTROL_PROTOCOL_VERSION,
             migration: None,
+            storage_synced: None,
         };
         let text = serde_json::to_string(&s).unwrap();
         assert!(!text.contains("migration"), "{text}");
+        assert!(!text.contains("storage_synced"), "{text}");
         assert!(text.contains(r#""state":"migrating""#), "{text}");
         assert_eq!(serde_json::from_str::<VmmStatus>(&text).unwrap(), s);
         s.migration = Some(MigrationStatus {

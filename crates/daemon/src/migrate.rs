@@ -53,6 +53,9 @@ use crate::supervisor::Supervisor;
 const MIGRATE_LIMIT: Duration = Duration::from_secs(30 * 60);
 /// How long one call to a peer daemon may take.
 const PEER_LIMIT: Duration = Duration::from_secs(30);
+/// How long the destination of a storage migration may take to write the copied files back
+/// to its disk (its `complete` answers only then; the source keeps its copy until it does).
+const WRITEBACK_LIMIT: Duration = Duration::from_secs(30 * 60);
 
 /// `http://HOST:PORT` → (`HOST:PORT`, `HOST`).
 fn peer_address(to: &str) -> Result<(String, String), DaemonError> {
@@ -76,6 +79,18 @@ fn peer_address(to: &str) -> Result<(String, String), DaemonError> {
 
 /// One call to a peer daemon's API; its answer's status and JSON body.
 async fn peer_call(
+    at: &str,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(StatusCode, Value), DaemonError> {
+    peer_call_within(PEER_LIMIT, at, token, method, path, body).await
+}
+
+/// [`peer_call`] with its own time limit.
+async fn peer_call_within(
+    limit: Duration,
     at: &str,
     token: &str,
     method: Method,
@@ -126,9 +141,9 @@ async fn peer_call(
         };
         Ok((status, v))
     };
-    tokio::time::timeout(PEER_LIMIT, call)
+    tokio::time::timeout(limit, call)
         .await
-        .map_err(|_| unreachable(format!("no answer within {PEER_LIMIT:?}")))?
+        .map_err(|_| unreachable(format!("no answer within {limit:?}")))?
 }
 
 /// A peer's answer as a result: success, or its error message as [`DaemonError::Peer`].
@@ -329,7 +344,14 @@ pub async fn migrate(
     if !sup.wait_ended(name, Duration::from_secs(10)).await {
         let _ = sup.retire_locked(name).await;
     }
-    let completed = peer_call(
+    if req.copy_storage {
+        t.set(
+            98.0,
+            "the destination writes the copied storage back to its disk",
+        );
+    }
+    let completed = peer_call_within(
+        WRITEBACK_LIMIT + PEER_LIMIT,
         &at,
         &token,
         Method::POST,
@@ -547,7 +569,7 @@ fn not_incoming(name: &str, rec: &VmRecord) -> DaemonError {
 
 /// The source says the migration of `name` completed: the VM runs here from now on.
 pub async fn complete(sup: &Supervisor, name: &str) -> Result<Vm, DaemonError> {
-    let _guard = sup.vm_lock(name).await;
+    let guard = sup.vm_lock(name).await;
     let rec = sup.store(|s| s.get(name))?;
     if rec.state != VmState::Incoming || !sup.watches(name) {
         return Err(not_incoming(name, &rec));
@@ -582,6 +604,23 @@ pub async fn complete(sup: &Supervisor, name: &str) -> Result<Vm, DaemonError> {
         )
     })?;
     sup.reset_history(name);
+    drop(guard);
+    // A storage migration: the source deletes its copy once this answers, so the copied files
+    // must be on this host's disk first (the VM runs meanwhile; its lock is free).
+    let t = Instant::now();
+    loop {
+        let v = process::request_value(&control, &json!({"cmd": "status"}), Duration::from_secs(5))
+            .await?;
+        match v["status"]["storage_synced"].as_bool() {
+            None | Some(true) => break,
+            Some(false) if t.elapsed() > WRITEBACK_LIMIT => {
+                return Err(DaemonError::Vmm(format!(
+                    "VM '{name}' runs here, but its copied storage was not written back to disk within {WRITEBACK_LIMIT:?} (see its VMM log): the source keeps its copy"
+                )))
+            }
+            Some(false) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
     ops::get(sup, name)
 }
 

@@ -287,6 +287,7 @@ mod tests {
                 boots: 1,
                 protocol: ferro_api::control::CONTROL_PROTOCOL_VERSION,
                 migration: None,
+                storage_synced: None,
             }
         }
         fn apply(&mut self, req: &ControlRequest) -> Result<Applied, (ControlErrorCode, String)> {

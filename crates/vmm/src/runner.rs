@@ -150,6 +150,7 @@ impl ControlTarget for VmHandle<'_> {
                 }
                 s
             }),
+            storage_synced: crate::migration::storage::writeback(),
         }
     }
 

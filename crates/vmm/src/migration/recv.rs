@@ -84,6 +84,7 @@ impl ControlTarget for Waiting {
             boots: 1,
             protocol: CONTROL_PROTOCOL_VERSION,
             migration: Some(m),
+            storage_synced: None,
         }
     }
 
@@ -509,7 +510,7 @@ fn fill(
             }
             Record::Round(n) => progress.lock().unwrap_or_else(|e| e.into_inner()).rounds = n,
             Record::Sync => {
-                // Before the source pauses: little is left for the sync inside the downtime.
+                // A source that wants what it sent so far on this host's disk first.
                 storage()?.sync_showing(|n| {
                     progress
                         .lock()
@@ -548,9 +549,6 @@ fn fill(
                 let state = state.ok_or_else(|| bad("the end came before the state".into()))?;
                 if let Some(want) = verify {
                     check_copy(memory, &want)?;
-                }
-                if let Some(s) = sink {
-                    s.sync()?;
                 }
                 return Ok(state);
             }

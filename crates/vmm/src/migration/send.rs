@@ -29,8 +29,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the destination may take to build the VM and answer.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long the destination of a storage migration may take to write back what it has.
-const SYNC_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long pausing the vCPUs may take.
 const PAUSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -320,28 +318,6 @@ impl Sender<'_> {
         s.total_ms = self.started.elapsed().as_millis() as u64;
     }
 
-    /// Storage migration: asks the destination to make what it received durable and waits
-    /// for its answer.
-    fn sync(&mut self) -> Result<(), MigrationError> {
-        wire::write_record(&mut self.out, Kind::Sync, &[])?;
-        self.out.flush().map_err(MigrationError::Io)?;
-        let mut buf = Vec::new();
-        self.reader
-            .set_read_timeout(Some(SYNC_TIMEOUT))
-            .map_err(MigrationError::Io)?;
-        let answer = wire::read_record(&mut self.reader, &mut buf);
-        self.reader
-            .set_read_timeout(Some(ACK_TIMEOUT))
-            .map_err(MigrationError::Io)?;
-        match answer? {
-            Record::Synced => Ok(()),
-            Record::Refuse(why) => Err(MigrationError::Refused(why)),
-            other => Err(MigrationError::Malformed(format!(
-                "the destination answered {other:?} to a sync"
-            ))),
-        }
-    }
-
     /// Storage migration: the disk blocks written since they were last sent.
     fn disk_dirty(&mut self) -> Result<(), MigrationError> {
         if let Some(c) = self.disks.as_mut() {
@@ -483,7 +459,6 @@ impl Sender<'_> {
         sending += t.elapsed();
         let mut pending = memory::dirty_log(vm, mem)?;
         self.device_writes(&mut pending);
-        let mut synced = false;
         loop {
             round += 1;
             let bw = (self.bytes() as f64 / sending.as_secs_f64().max(1e-6)).max(1.0);
@@ -499,17 +474,7 @@ impl Sender<'_> {
                 st.bandwidth_bps = bw as u64;
             }
             if est_ms <= req.downtime_ms as f64 || round >= req.max_rounds {
-                if self.disks.is_none() || synced {
-                    return Ok((round, pending));
-                }
-                // Storage: the destination writes back what it has while the guest still
-                // runs; then one more look at what is dirty.
-                self.sync()?;
-                synced = true;
-                or_into(&mut pending, &memory::dirty_log(vm, mem)?);
-                self.device_writes(&mut pending);
-                round -= 1;
-                continue;
+                return Ok((round, pending));
             }
             let t = Instant::now();
             self.round(round)?;

@@ -13,14 +13,19 @@
 //! tcp:... --incoming-storage DIR`): `kernel`, `initrd`, `disk{i}.raw` (raw, sparse: the
 //! guest-visible contents whatever the source's format), which [`VmConfig::relocated`]
 //! names. It creates them new (an existing file is refused, never overwritten), writes
-//! every record after checking it against the sizes the source announced, makes them
-//! durable at each round and before it runs the VM, and removes them again if the VM does
-//! not come.
+//! every record after checking it against the sizes the source announced (into the page
+//! cache: the copy runs at memory speed, not the disk's), and removes them again if the VM
+//! does not come. Once the VM runs there, a thread writes them back to the disk and the
+//! control socket's `status` says when that is done (`storage_synced`): until then the
+//! source's files are the durable copy of what the guest had flushed, so whoever drives the
+//! migration deletes them only after (the daemon does). A guest's own FLUSH on the
+//! destination makes the whole file durable as usual.
 
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use ferro_api::VmConfig;
@@ -33,8 +38,8 @@ use super::MigrationError;
 
 /// Bytes read from a disk or file per record (at most).
 pub const CHUNK: u64 = 1 << 20;
-/// Bytes the destination writes between two starts of writeback.
-const KICK: u64 = 32 << 20;
+/// Alignment of the destination's direct writes (offset, length and memory).
+const DIRECT_ALIGN: usize = 4096;
 /// Bytes of a file written back per step of [`StorageSink::sync_showing`].
 pub const SYNC_STEP: u64 = 64 << 20;
 
@@ -260,9 +265,11 @@ impl Drop for DiskCopier {
 /// Destination: the files a storage migration writes, removed again unless
 /// [`StorageSink::keep`] is called.
 pub struct StorageSink {
-    /// Bytes written since writeback was last started.
-    unkicked: std::cell::Cell<u64>,
     disks: Vec<(File, u64)>,
+    /// Per disk, the same file opened O_DIRECT (`None` where the filesystem refuses it).
+    direct: Vec<Option<File>>,
+    /// An aligned staging area for direct writes (see [`StorageSink::write_disk`]).
+    bounce: std::cell::RefCell<Vec<u8>>,
     kernel: (File, u64),
     initrd: Option<(File, u64)>,
     created: Vec<PathBuf>,
@@ -300,8 +307,9 @@ impl StorageSink {
             .map_err(|e| vmm(format!("cannot create {}: {e}", dir.display())))?;
         let target = config.relocated(dir);
         let mut sink = Self {
-            unkicked: std::cell::Cell::new(0),
             disks: Vec::new(),
+            direct: Vec::new(),
+            bounce: std::cell::RefCell::new(Vec::new()),
             kernel: (File::open("/dev/null").map_err(vmm)?, 0),
             initrd: None,
             created: Vec::new(),
@@ -330,6 +338,15 @@ impl StorageSink {
         for (d, &n) in target.disks.iter().zip(&copy.disks) {
             let f = make(&mut sink, &d.path, n)?;
             sink.disks.push((f, n));
+            let direct = {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&d.path)
+                    .ok()
+            };
+            sink.direct.push(direct);
         }
         Ok(sink)
     }
@@ -347,28 +364,33 @@ impl StorageSink {
         Ok(f)
     }
 
-    /// Writes a [`wire::Kind::Disk`] record's bytes.
+    /// Writes a [`wire::Kind::Disk`] record's bytes: straight to the device (O_DIRECT, through
+    /// an aligned copy) when they are whole 4 KiB blocks, which every block but a disk's odd
+    /// tail is. Buffered writes of a new file's data cost ~3 s of kernel time per GiB on this
+    /// host, direct ones ~0.3 s and leave little to write back after the switch-over.
     pub fn write_disk(&self, disk: u32, offset: u64, data: &[u8]) -> Result<(), MigrationError> {
         let f = self.disk(disk, offset, data.len() as u64)?;
-        f.write_all_at(data, offset)
-            .map_err(|e| vmm(format!("writing disk {disk}: {e}")))?;
-        self.kick(f, data.len() as u64);
-        Ok(())
-    }
-
-    /// Starts the writeback of `f` (without waiting for it) every [`KICK`] bytes written,
-    /// so that the disk writes while the stream arrives, not all at the next sync.
-    fn kick(&self, f: &File, n: u64) {
-        use std::os::fd::AsRawFd;
-        let total = self.unkicked.get() + n;
-        if total < KICK {
-            self.unkicked.set(total);
-            return;
+        let err = |e: std::io::Error| vmm(format!("writing disk {disk}: {e}"));
+        let aligned = offset.is_multiple_of(DIRECT_ALIGN as u64)
+            && data.len().is_multiple_of(DIRECT_ALIGN)
+            && data.len() <= CHUNK as usize;
+        if let (true, Some(Some(d))) = (aligned, self.direct.get(disk as usize)) {
+            let mut bounce = self.bounce.borrow_mut();
+            if bounce.is_empty() {
+                bounce.resize(CHUNK as usize + DIRECT_ALIGN, 0);
+            }
+            let at = bounce.as_ptr().align_offset(DIRECT_ALIGN);
+            if let Some(buf) = bounce.get_mut(at..at + data.len()) {
+                buf.copy_from_slice(data);
+                match d.write_all_at(buf, offset) {
+                    Ok(()) => return Ok(()),
+                    // A filesystem that takes O_DIRECT opens but not these writes.
+                    Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+                    Err(e) => return Err(err(e)),
+                }
+            }
         }
-        self.unkicked.set(0);
-        // SAFETY: sync_file_range on a descriptor this process owns, whole file, asking only
-        // to start writeback; it changes no data.
-        unsafe { libc::sync_file_range(f.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+        f.write_all_at(data, offset).map_err(err)
     }
 
     /// Makes `[offset, offset + len)` of a disk read as zeros.
@@ -453,9 +475,66 @@ impl StorageSink {
         Ok(())
     }
 
-    /// The VM runs from these files now: they stay.
+    /// The VM runs from these files now: they stay, and a thread writes them back to the
+    /// disk ([`writeback`] says when that is done). Until then the source's copy is the durable
+    /// one (the daemon deletes it only after), so the switch-over waits for no disk.
     pub fn keep(mut self) {
         self.kept = true;
+        let files: Vec<(File, u64)> = std::mem::take(&mut self.disks)
+            .into_iter()
+            .chain(std::iter::once(std::mem::replace(
+                &mut self.kernel,
+                (
+                    match File::open("/dev/null") {
+                        Ok(f) => f,
+                        Err(_) => return,
+                    },
+                    0,
+                ),
+            )))
+            .chain(self.initrd.take())
+            .collect();
+        WRITEBACK.store(PENDING, Ordering::SeqCst);
+        let spawned = std::thread::Builder::new()
+            .name("storage-sync".into())
+            .spawn(move || {
+                let t = std::time::Instant::now();
+                let r = files.iter().try_for_each(|(f, _)| f.sync_data());
+                match r {
+                    Ok(()) => {
+                        WRITEBACK.store(DONE, Ordering::SeqCst);
+                        eprintln!(
+                            "ferro-vmm: the copied storage is on disk ({:.0} ms after the switch-over)",
+                            t.elapsed().as_secs_f64() * 1000.0
+                        );
+                    }
+                    Err(e) => {
+                        WRITEBACK.store(FAILED, Ordering::SeqCst);
+                        eprintln!("ferro-vmm: writing back the copied storage: {e}");
+                    }
+                }
+            });
+        if spawned.is_err() {
+            WRITEBACK.store(FAILED, Ordering::SeqCst);
+        }
+    }
+}
+
+const NONE: u8 = 0;
+const PENDING: u8 = 1;
+const DONE: u8 = 2;
+const FAILED: u8 = 3;
+/// Where the write-back of a storage migration's files stands on this destination.
+static WRITEBACK: AtomicU8 = AtomicU8::new(NONE);
+
+/// Destination of a storage migration: `Some(true)` once the copied files are on the disk,
+/// `Some(false)` while they are written back (or that failed: stderr says why); `None` when
+/// this VMM took no storage.
+pub fn writeback() -> Option<bool> {
+    match WRITEBACK.load(Ordering::SeqCst) {
+        NONE => None,
+        DONE => Some(true),
+        _ => Some(false),
     }
 }
 
