@@ -45,8 +45,9 @@ struct Piece<'a> {
 
 impl Piece<'_> {
     /// Writes each run of non-zero pages with one call (up to [`MAX_WRITE`]) straight from
-    /// guest memory; returns the bytes written.
-    fn write(&self, file: &File, path: &Path) -> Result<u64, MemFileError> {
+    /// guest memory, O_DIRECT through `direct` when given (guest pages are page-aligned in
+    /// memory and in the file, which is all O_DIRECT asks); returns the bytes written.
+    fn write(&self, file: &File, direct: Option<&File>, path: &Path) -> Result<u64, MemFileError> {
         let page = PAGE as usize;
         let maybe_data = |p: usize| self.touched.is_none_or(|t| t.get(p) != Some(&false));
         let at = |p: usize| {
@@ -72,8 +73,18 @@ impl Piece<'_> {
             // SAFETY: pages `start..p` of the region, as in `at`.
             let run =
                 unsafe { std::slice::from_raw_parts((self.host + start * page) as *const u8, len) };
-            file.write_all_at(run, self.region.file_offset + (start * page) as u64)
-                .map_err(io(path, "cannot write"))?;
+            let at = self.region.file_offset + (start * page) as u64;
+            match direct.map(|d| d.write_all_at(run, at)) {
+                Some(Ok(())) => {}
+                // A filesystem that opens O_DIRECT but refuses these writes: buffered.
+                Some(Err(e)) if e.raw_os_error() == Some(libc::EINVAL) => file
+                    .write_all_at(run, at)
+                    .map_err(io(path, "cannot write"))?,
+                Some(Err(e)) => return Err(io(path, "cannot write")(e)),
+                None => file
+                    .write_all_at(run, at)
+                    .map_err(io(path, "cannot write"))?,
+            }
             written += len as u64;
         }
         Ok(written)
@@ -224,14 +235,26 @@ pub fn write(mem: &GuestMemory, path: &Path) -> Result<Written, MemFileError> {
         }
         before += pages;
     }
+    // The data goes straight to the device: a buffered write of a new file costs ~3 s of kernel
+    // time per GiB on this host (~0.8 s direct), and the sync below would write it all again.
+    let direct = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+            .ok()
+    };
     let data_bytes = std::thread::scope(|scope| {
         let file = &file;
+        let direct = direct.as_ref();
         let parts: Vec<_> = pieces
             .iter()
             .map(|list| {
                 scope.spawn(move || {
-                    list.iter()
-                        .try_fold(0u64, |sum, piece| Ok(sum + piece.write(file, path)?))
+                    list.iter().try_fold(0u64, |sum, piece| {
+                        Ok(sum + piece.write(file, direct, path)?)
+                    })
                 })
             })
             .collect();
