@@ -40,6 +40,16 @@ waitfor() {
     return 0
 }
 now() { cut -d' ' -f1 /proc/uptime; }
+after() { awk -v a="$1" -v b="$(now)" -v s="$2" 'BEGIN {exit !(b - a > s)}'; }   # after T SECS
+# logwait "$A"|"$B" PATTERN SECS: until the VM's console shows PATTERN (at most SECS).
+logwait() {
+    t_lw=$(now)
+    # shellcheck disable=SC2086  # $1 is a word list
+    until timeout 20 ferro $1 vm log web 2>/dev/null | grep -q "$2"; do
+        after "$t_lw" "$3" && return 1
+        sleep 0.5
+    done
+}
 field() {   # field KEY < JSON: the first string value of KEY
     tr ',{}' '\n\n\n' | grep "\"$1\"" | head -n 1 | cut -d'"' -f4
 }
@@ -77,13 +87,13 @@ EOF
 . /tmp/verify.sh
 
 # gsh FILE: runs FILE (which ends in `exit`) in the guest's TCP shell; its output on stdout.
-# Tried again while nothing answers: the guest prints its eth0 line just before it listens.
+# Tried again for up to 20 s while nothing answers (the guest prints its eth0 line just before
+# it listens); one try takes at most 120 s.
 gsh() {
-    tries=0
+    t_gsh=$(now)
     while :; do
         out=$(timeout 120 nc "$addr" 8 < "$1" 2> /dev/null)
-        tries=$((tries + 1))
-        if [ -n "$out" ] || [ "$tries" -ge 10 ]; then
+        if [ -n "$out" ] || after "$t_gsh" 20; then
             echo "$out"
             return
         fi
@@ -159,11 +169,7 @@ ferro $A vm start web > /dev/null || fail "vm start"
 addr=$(ferro $A vm show web --json | field address | cut -d/ -f1)
 [ -n "$addr" ] || fail "no address"
 say "address $addr"
-n=0
-# shellcheck disable=SC2086
-until ferro $A vm log web 2>/dev/null | grep -q "linux-probe: eth0"; do
-    sleep 1; n=$((n + 1)); [ "$n" -ge 120 ] && fail "the guest did not come up"
-done
+logwait "$A" "linux-probe: eth0" 120 || fail "the guest did not come up"
 
 # The writer, started over the guest's shell; it runs until /tmp/stop exists.
 cat > /tmp/start.txt <<EOF
@@ -218,13 +224,9 @@ say "count-after $(gsh /tmp/count.txt) at $(now)"
 say "migrate-output $(tr '\n' ' ' < /tmp/migrate.txt)"
 say "migrate-progress $(tr '\n' '|' < /tmp/migrate-progress.txt)"
 # The destination's console starts empty: its first count is the first write done there.
-n=0
+logwait "$B" '^linux-disk: n=' 30
 # shellcheck disable=SC2086
-until ferro $B vm log web 2>/dev/null | grep -q '^linux-disk: n='; do
-    sleep 0.5; n=$((n + 1)); [ "$n" -ge 60 ] && break
-done
-# shellcheck disable=SC2086
-say "b-first $(ferro $B vm log web 2>/dev/null | tr -d '\r' | grep -m 1 '^linux-disk: n=' | cut -d= -f2)"
+say "b-first $(timeout 20 ferro $B vm log web 2>/dev/null | tr -d '\r' | grep -m 1 '^linux-disk: n=' | cut -d= -f2)"
 # shellcheck disable=SC2086
 say "a-has $(ferro $A vm list --json | tr ',{}' '\n\n\n' | grep -c '"name"')"
 if [ -e /tmp/data-a/vms/web ]; then
@@ -254,7 +256,7 @@ say "guest-stopped $(grep '^stopped' /tmp/check-out.txt | cut -d' ' -f2)"
 say "guest-verify $(grep '^n=' /tmp/check-out.txt)"
 say "guest-verify-s $(awk -v a="$t0" -v b="$(now)" 'BEGIN {printf "%.1f", b - a}')"
 # shellcheck disable=SC2086
-say "b-fails $(ferro $B vm log web 2>/dev/null | grep -c 'linux-disk: FAIL')"
+say "b-fails $(timeout 20 ferro $B vm log web 2>/dev/null | grep -c 'linux-disk: FAIL')"
 # shellcheck disable=SC2086
 ferro $B vm stop web --force > /dev/null 2>&1
 # shellcheck disable=SC2086
@@ -266,12 +268,15 @@ say "file-verify $(verify /tmp/data-b/vms/web/disk0.raw)"
 ferro $B vm start web > /dev/null || fail "vm start on B"
 # shellcheck disable=SC2086
 addr=$(ferro $B vm show web --json | field address | cut -d/ -f1)
-n=0
-# shellcheck disable=SC2086
-until ferro $B vm log web 2>/dev/null | grep -q "linux-probe: eth0"; do
-    sleep 1; n=$((n + 1)); [ "$n" -ge 120 ] && { say "reboot: the guest did not come up"; break; }
-done
-say "reboot-verify $(gsh /tmp/recheck.txt | grep '^n=')"
+logwait "$B" "linux-probe: eth0" 120 || say "reboot: the guest did not come up"
+rv=$(gsh /tmp/recheck.txt | grep '^n=')
+say "reboot-verify $rv"
+if [ -z "$rv" ]; then
+    # shellcheck disable=SC2086
+    echo "--- B's VM after the reboot: $(ferro $B vm show web --json | field state)"
+    # shellcheck disable=SC2086
+    timeout 20 ferro $B vm log web 2>/dev/null | tr -d '\r' | tail -n 30
+fi
 # shellcheck disable=SC2086
 ferro $B vm stop web --force > /dev/null 2>&1
 grep -q "after-migration" /tmp/tcp-out || dump
