@@ -205,7 +205,14 @@ printf 'cat /tmp/n 2>/dev/null || echo 0\nexit\n' > /tmp/count.txt
 } > /tmp/recheck.txt
 
 say "writer $(gsh /tmp/start.txt)"
-sleep 3
+# Some generations before the migration (at most 60 s).
+t_w=$(now)
+while :; do
+    c=$(gsh /tmp/count.txt)
+    [ "${c:-0}" -ge 10 ] 2>/dev/null && break
+    after "$t_w" 60 && break
+    sleep 1
+done
 
 # ---------------------------------------------------------------- the migration
 rm -f /tmp/tcp-in
@@ -237,6 +244,12 @@ fi
 # shellcheck disable=SC2086
 show=$(ferro $B vm show web --json)
 say "b-state $(echo "$show" | field state)"
+if [ "$(echo "$show" | field state)" != running ]; then
+    # shellcheck disable=SC2086
+    echo "--- B's events"; ferro $B vm events web 2>&1 | tail -n 10
+    echo "--- B's vmm.log"; tail -n 30 /tmp/data-b/vms/web/vmm.log
+    echo "--- B's console"; tr -d '\r' < /tmp/data-b/vms/web/console.log | tail -n 30
+fi
 say "b-kernel $(echo "$show" | field kernel)"
 say "b-disk $(echo "$show" | field path)"
 say "b-files $(ls /tmp/data-b/vms/web | tr '\n' ' ')"
