@@ -662,9 +662,12 @@ pub fn migrate(
         Err(e) => return Err(s.abort(e)),
     };
 
-    // Write back what the disks hold now while the guest still runs, so the flush inside the
-    // downtime has only the last moments' writes left.
-    crate::devices_block::flush_all();
+    // Shared storage: write back what the disks hold now while the guest still runs, so the
+    // flush inside the downtime has only the last moments' writes left. (A storage migration
+    // sends the disks' contents in the stream: the destination never opens these files.)
+    if !req.copy_storage {
+        crate::devices_block::flush_all();
+    }
 
     // Stop and copy.
     set(&|st| st.phase = Some(MigrationPhase::StopAndCopy));
@@ -698,7 +701,9 @@ pub fn migrate(
         };
         marks.mark("device and vCPU state");
         // What the destination opens must be on disk before it runs.
-        crate::devices_block::flush_all();
+        if !req.copy_storage {
+            crate::devices_block::flush_all();
+        }
         marks.mark("disk flush");
         or_into(&mut pending, &memory::dirty_log(&src.vm, &src.memory)?);
         let host = s.device_writes(&mut pending);
