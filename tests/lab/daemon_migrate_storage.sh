@@ -226,7 +226,14 @@ waitfor /tmp/tcp-out 'before-migration' 20 && say "echo-before ok"
 say "count-before $(gsh /tmp/count.txt) at $(now)"
 # shellcheck disable=SC2086
 timeout 300 ferro $A vm migrate web --to http://10.99.0.253:7000 --copy-storage > /tmp/migrate.txt 2> /tmp/migrate-progress.txt
-say "migrate rc=$?"
+rc=$?
+say "migrate rc=$rc"
+if [ "$rc" != 0 ]; then
+    # shellcheck disable=SC2086
+    echo "--- A's VM: $(ferro $A vm show web --json | field state)"; ferro $A vm events web 2>&1 | tail -n 10
+    echo "--- A's vmm.log"; tail -n 30 /tmp/data-a/vms/web/vmm.log
+    echo "--- A's console"; tr -d '\r' < /tmp/data-a/vms/web/console.log | tail -n 30
+fi
 say "count-after $(gsh /tmp/count.txt) at $(now)"
 say "migrate-output $(tr '\n' ' ' < /tmp/migrate.txt)"
 say "migrate-progress $(tr '\n' '|' < /tmp/migrate-progress.txt)"
@@ -257,7 +264,13 @@ cmp -s /tmp/data-b/vms/web/kernel /guest/bzImage && say "b-kernel-same yes"
 cmp -s /tmp/data-b/vms/web/initrd /guest/initramfs.cpio.gz && say "b-initrd-same yes"
 
 echo "after-migration" >&5
-waitfor /tmp/tcp-out 'after-migration' 30 && say "echo-after ok"
+if waitfor /tmp/tcp-out 'after-migration' 30; then
+    say "echo-after ok"
+else
+    echo "--- B's vmm.log"; tail -n 30 /tmp/data-b/vms/web/vmm.log
+    # shellcheck disable=SC2086
+    echo "--- B's console"; timeout 20 ferro $B vm log web 2>&1 | tr -d '\r' | tail -n 30
+fi
 exec 5>&-
 kill "$ncpid" 2>/dev/null
 say "tcp-out $(tr '\n' ' ' < /tmp/tcp-out)"
