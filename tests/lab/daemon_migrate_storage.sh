@@ -141,6 +141,9 @@ $IP netns exec b sh -c 'mount -t tmpfs none /tmp/a-only && mount -t tmpfs none /
     --listen tcp:10.99.0.253:7000 --token-file /tmp/token --bridge br0 \
     --bridge-address 10.99.0.253/24 --vmm /bin/ferro-vmm' > /tmp/daemon-b.log 2>&1 &
 bpid=$!
+# Every CLI call is bounded: a hung call fails the run instead of holding the lab to its limit.
+FERRO_BIN=$(command -v ferro)
+ferro() { timeout 180 "$FERRO_BIN" "$@"; }
 A="--host http://10.99.0.252:7000 --token-file /tmp/token"
 B="--host http://10.99.0.253:7000 --token-file /tmp/token"
 n=0
@@ -291,9 +294,16 @@ say "file-verify $(verify /tmp/data-b/vms/web/disk0.raw)"
 
 # B boots it again from its own copies; the guest checks the disk once more.
 # shellcheck disable=SC2086
-ferro $B vm start web > /dev/null || fail "vm start on B"
+if ! timeout 90 ferro $B vm start web > /tmp/start-out.txt 2>&1; then
+    # shellcheck disable=SC2086
+    echo "--- vm start on B: $(cat /tmp/start-out.txt); state $(timeout 20 ferro $B vm show web --json | field state)"
+    # shellcheck disable=SC2086
+    timeout 20 ferro $B vm events web 2>/dev/null | tail -n 10
+    tail -n 20 /tmp/data-b/vms/web/vmm.log 2>/dev/null
+    fail "vm start on B"
+fi
 # shellcheck disable=SC2086
-addr=$(ferro $B vm show web --json | field address | cut -d/ -f1)
+addr=$(timeout 20 ferro $B vm show web --json | field address | cut -d/ -f1)
 logwait "$B" "linux-probe: eth0" 120 || say "reboot: the guest did not come up"
 rv=$(gsh /tmp/recheck.txt | grep '^n=')
 say "reboot-verify $rv"

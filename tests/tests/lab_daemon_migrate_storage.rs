@@ -64,7 +64,9 @@ fn storage_migration_of_a_writing_linux_guest_between_daemons_without_shared_fil
         // `ferro vm clone` (the VM's disk in A's folder) runs qemu-img.
         "/usr/bin/qemu-img:/bin/qemu-img".to_string(),
     ];
-    lab_check("daemon_migrate_storage.sh", &adds, 900, |console| {
+    // A quiet run takes ~45 s, a loaded one ~85 s: a run that hangs fails well before the
+    // retry's time is gone.
+    lab_check("daemon_migrate_storage.sh", &adds, 420, |console| {
         assert!(line(console, "S-FAIL").is_none(), "{console}");
         assert!(console.contains("S-done"), "{console}");
         // B cannot see A's kernel, initrd, disk or data directory; the lab can.
