@@ -40,8 +40,8 @@ fn debian_template_boots_from_a_qcow2_overlay_serves_tcp_and_keeps_its_writes() 
         ),
         format!("{}:/lab/vm.qcow2", overlay.display()),
     ];
+    // The overlay stays until both attempts are over: a retry boots from it again.
     lab_check("debian_disk.sh", &adds, 1500, |console| {
-        let _ = std::fs::remove_dir_all(&dir);
         assert!(console.contains("lab-debian-disk: done"), "{console}");
         assert!(
             line(console, "L-READY1 ").is_some(),
@@ -73,4 +73,5 @@ fn debian_template_boots_from_a_qcow2_overlay_serves_tcp_and_keeps_its_writes() 
         assert!(before.is_some_and(|m| m.len() == 32), "{console}");
         assert_eq!(before, line(console, "L-BASE-MD5-AFTER "), "{console}");
     });
+    let _ = std::fs::remove_dir_all(&dir);
 }
