@@ -54,7 +54,9 @@ if waitfor /tmp/c1.txt 'ferro-guest: ready' 600; then
     echo "L-HTTP $(printf 'GET /t HTTP/1.0\r\n\r\n' | timeout 20 nc $IP 80 | tr -d '\r' | tail -n 1)"
     if ping -c 2 -W 5 $IP >/dev/null 2>&1; then echo "L-PING ok"; else echo "L-PING failed"; fi
     echo 'echo ferro-persist-$((6*7)) > /root/persist && sync && echo "G-WROTE $(cat /root/persist)"' >&3
-    waitfor /tmp/c1.txt '^G-WROTE' 120 || echo "L-NO-WRITE"
+    # Anywhere on a line (bash may put terminal control bytes first), but not the echoed
+    # command, where `$(` follows the tag.
+    waitfor /tmp/c1.txt 'G-WROTE [^$]' 120 || echo "L-NO-WRITE"
 else
     echo "L-NO-READY1"
 fi
@@ -64,7 +66,7 @@ boot 2
 if waitfor /tmp/c2.txt 'ferro-guest: ready' 600; then
     echo "L-READY2 $(elapsed) s"
     echo 'echo "G-READ $(cat /root/persist 2>&1)"' >&3
-    waitfor /tmp/c2.txt '^G-READ' 120 || echo "L-NO-READ"
+    waitfor /tmp/c2.txt 'G-READ [^$]' 120 || echo "L-NO-READ"
 else
     echo "L-NO-READY2"
 fi
