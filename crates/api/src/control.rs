@@ -145,10 +145,6 @@ pub struct MigrationStatus {
     /// received so far (part of `bytes`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub disk_bytes: u64,
-    /// Storage migration, destination: bytes of its files written back to its disk at the
-    /// source's request before the pause (it moves while `bytes` does not).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub synced_bytes: u64,
     /// Storage migration, source: bytes of disk blocks written since they were sent, as of
     /// the last round.
     #[serde(default, skip_serializing_if = "is_zero")]

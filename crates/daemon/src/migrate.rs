@@ -541,10 +541,7 @@ async fn watchdog(sup: Supervisor, name: String, pid: Option<(u32, u64)>) {
             continue;
         };
         if v["status"]["state"] == "incoming" {
-            // A storage migration's destination writes back what it got before the pause,
-            // receiving nothing meanwhile: that counts as progress too.
-            let m = &v["status"]["migration"];
-            let bytes = m["bytes"].as_u64().unwrap_or(0) + m["synced_bytes"].as_u64().unwrap_or(0);
+            let bytes = v["status"]["migration"]["bytes"].as_u64().unwrap_or(0);
             if bytes != last.0 {
                 last = (bytes, Instant::now());
             } else if last.1.elapsed() > INCOMING_IDLE {

@@ -57,7 +57,6 @@
 //!   9 Disk     disk u32 | offset u64 | bytes                       (storage: whole sectors)
 //!  10 DiskZeros disk u32 | offset u64 | len u64                    (storage: reads as zeros)
 //!  11 File     file u8 (0 kernel, 1 initrd) | offset u64 | bytes   (storage)
-//!  12 Sync     -                             (storage: make it durable, answer Synced)
 //!   5 State    fnv1a64 u64 | JSON MachineState                     (once, after the last pages)
 //!   8 Verify   count u32 | count x u64                             (optional, before State)
 //!   6 End      -                                                   (nothing follows)
@@ -65,7 +64,6 @@
 //!   destination -> source
 //!   0x41 Ack    -                                                  (the VM is built and runs)
 //!   0x42 Refuse UTF-8 reason                                       (it cannot take the VM)
-//!   0x43 Synced -                              (storage: all before the Sync is on its disks)
 //! ```
 //! Everything a peer sends is outside input: the destination checks the configuration, that
 //! the regions are exactly the layout of its `memory_mib`, every page run and zero run

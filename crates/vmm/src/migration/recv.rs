@@ -231,15 +231,8 @@ fn accept_and_receive(
         }
         progress.lock().unwrap_or_else(|e| e.into_inner()).peer = peer.clone();
         super::socket_buffers(&stream);
-        let got = hello.and_then(|()| {
-            receive(
-                &mut reader,
-                &mut writer,
-                progress,
-                shape,
-                opts.storage.as_deref(),
-            )
-        });
+        let got =
+            hello.and_then(|()| receive(&mut reader, progress, shape, opts.storage.as_deref()));
         return match got {
             Ok((config, state, memory, storage)) => {
                 drop(reader);
@@ -347,7 +340,6 @@ type Got = (VmConfig, MachineState, GuestMemory, Option<StorageSink>);
 
 fn receive(
     r: &mut impl std::io::Read,
-    out: &mut impl std::io::Write,
     progress: &Mutex<MigrationStatus>,
     shape: &Mutex<(u32, u64)>,
     storage_dir: Option<&std::path::Path>,
@@ -423,7 +415,6 @@ fn receive(
         let ahead = helper.is_ok().then_some(ahead);
         fill(
             r,
-            out,
             &mut buf,
             &memory,
             &config,
@@ -441,10 +432,8 @@ const LONG_RUN: u64 = 1 << 20;
 const AHEAD: u64 = 2 << 20;
 
 /// Receives the page, zero and state records into `memory`, up to the end marker.
-#[allow(clippy::too_many_arguments)]
 fn fill(
     r: &mut impl std::io::Read,
-    out: &mut impl std::io::Write,
     buf: &mut Vec<u8>,
     memory: &GuestMemory,
     config: &VmConfig,
@@ -509,17 +498,6 @@ fn fill(
                 }
             }
             Record::Round(n) => progress.lock().unwrap_or_else(|e| e.into_inner()).rounds = n,
-            Record::Sync => {
-                // A source that wants what it sent so far on this host's disk first.
-                storage()?.sync_showing(|n| {
-                    progress
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .synced_bytes += n
-                })?;
-                wire::write_record(out, Kind::Synced, &[])?;
-                out.flush().map_err(MigrationError::Io)?;
-            }
             Record::Disk(disk, offset, data) => {
                 storage()?.write_disk(disk, offset, data)?;
                 disk_bytes += data.len() as u64;
@@ -553,11 +531,9 @@ fn fill(
                 return Ok(state);
             }
             Record::Abort(why) => return Err(MigrationError::Aborted(why)),
-            other @ (Record::Config(_)
-            | Record::Ack
-            | Record::Refuse(_)
-            | Record::Synced
-            | Record::Auth(_)) => return Err(bad(format!("unexpected {other:?}"))),
+            other @ (Record::Config(_) | Record::Ack | Record::Refuse(_) | Record::Auth(_)) => {
+                return Err(bad(format!("unexpected {other:?}")))
+            }
         }
         bytes += buf.len() as u64 + 5;
         let mut s = progress.lock().unwrap_or_else(|e| e.into_inner());
@@ -611,13 +587,7 @@ mod tests {
     fn run(bytes: &[u8]) -> Result<Got, MigrationError> {
         let progress = Mutex::new(MigrationStatus::default());
         let shape = Mutex::new((0, 0));
-        receive(
-            &mut &bytes[..],
-            &mut std::io::sink(),
-            &progress,
-            &shape,
-            None,
-        )
+        receive(&mut &bytes[..], &progress, &shape, None)
     }
 
     #[test]

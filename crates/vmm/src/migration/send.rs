@@ -545,12 +545,9 @@ impl Drop for LogGuard<'_> {
 fn refusal(reader: &mut TcpStream) -> Option<String> {
     let _ = reader.set_read_timeout(Some(Duration::from_secs(2)));
     let mut buf = Vec::new();
-    loop {
-        match wire::read_record(reader, &mut buf) {
-            Ok(Record::Refuse(why)) => return Some(why),
-            Ok(Record::Synced) => continue,
-            _ => return None,
-        }
+    match wire::read_record(reader, &mut buf) {
+        Ok(Record::Refuse(why)) => Some(why),
+        _ => None,
     }
 }
 

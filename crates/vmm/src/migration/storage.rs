@@ -40,8 +40,6 @@ use super::MigrationError;
 pub const CHUNK: u64 = 1 << 20;
 /// Alignment of the destination's direct writes (offset, length and memory).
 const DIRECT_ALIGN: usize = 4096;
-/// Bytes of a file written back per step of [`StorageSink::sync_showing`].
-pub const SYNC_STEP: u64 = 64 << 20;
 
 /// What a storage migration copies, in the [`super::Setup`] record: sizes in bytes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -439,38 +437,14 @@ impl StorageSink {
 
     /// Makes everything written so far durable.
     pub fn sync(&self) -> Result<(), MigrationError> {
-        self.sync_showing(|_| {})
-    }
-
-    /// [`StorageSink::sync`] in steps of [`SYNC_STEP`] bytes of each file, telling `done`
-    /// after each: a sync of gigabytes takes a while, and whoever watches the migration
-    /// must see it move.
-    pub fn sync_showing(&self, mut done: impl FnMut(u64)) -> Result<(), MigrationError> {
-        use std::os::fd::AsRawFd;
         let all = self
             .disks
             .iter()
             .chain(std::iter::once(&self.kernel))
             .chain(self.initrd.as_ref());
-        let err = |e: std::io::Error| vmm(format!("syncing the copied storage: {e}"));
-        for (f, size) in all {
-            let mut at = 0;
-            while at < *size {
-                let n = (size - at).min(SYNC_STEP);
-                let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-                    | libc::SYNC_FILE_RANGE_WRITE
-                    | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-                // SAFETY: sync_file_range on a descriptor this process owns over a range of
-                // the file; it writes back data, changing none.
-                let r = unsafe { libc::sync_file_range(f.as_raw_fd(), at as i64, n as i64, flags) };
-                if r != 0 {
-                    return Err(err(std::io::Error::last_os_error()));
-                }
-                at += n;
-                done(n);
-            }
-            // The data is written back: this is the metadata (and the device's cache).
-            f.sync_data().map_err(err)?;
+        for (f, _) in all {
+            f.sync_data()
+                .map_err(|e| vmm(format!("syncing the copied storage: {e}")))?;
         }
         Ok(())
     }

@@ -60,8 +60,6 @@ pub enum Kind {
     /// Source, storage migration: file `u8` (0 kernel, 1 initrd), byte offset `u64`, then
     /// the bytes that go there.
     File = 11,
-    /// Source, storage migration: make what arrived durable and answer [`Kind::Synced`].
-    Sync = 12,
     /// Source, first after the hello when it has one: the destination's one-time migration
     /// token (bytes).
     Auth = 13,
@@ -69,8 +67,6 @@ pub enum Kind {
     Ack = 0x41,
     /// Destination: it cannot take the VM; UTF-8 reason.
     Refuse = 0x42,
-    /// Destination: everything before the [`Kind::Sync`] is on its disks.
-    Synced = 0x43,
 }
 
 impl Kind {
@@ -87,11 +83,9 @@ impl Kind {
             9 => Self::Disk,
             10 => Self::DiskZeros,
             11 => Self::File,
-            12 => Self::Sync,
             13 => Self::Auth,
             0x41 => Self::Ack,
             0x42 => Self::Refuse,
-            0x43 => Self::Synced,
             _ => return None,
         })
     }
@@ -124,12 +118,8 @@ pub enum Record<'a> {
     DiskZeros(u32, u64, u64),
     /// [`Kind::File`]: which file, offset, bytes.
     File(FileKind, u64, &'a [u8]),
-    /// [`Kind::Sync`].
-    Sync,
     /// [`Kind::Auth`].
     Auth(&'a [u8]),
-    /// [`Kind::Synced`].
-    Synced,
     /// [`Kind::Ack`].
     Ack,
     /// [`Kind::Refuse`].
@@ -457,9 +447,7 @@ pub fn read_record<'a>(
         }
         Kind::End => empty(Record::End)?,
         Kind::Ack => empty(Record::Ack)?,
-        Kind::Sync => empty(Record::Sync)?,
         Kind::Auth => Record::Auth(p),
-        Kind::Synced => empty(Record::Synced)?,
         Kind::Abort => Record::Abort(text()),
         Kind::Refuse => Record::Refuse(text()),
     })
