@@ -247,11 +247,7 @@ fn migrate_during_disk_io() {
             &format!("path={}", disk.display()),
         ],
     );
-    let t = Instant::now();
-    while !src.lines().iter().any(|l| l.starts_with("blk_capacity=")) {
-        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", src.lines());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    src.wait_line("blk_capacity=");
     std::thread::sleep(Duration::from_millis(150));
     let answer = migrate(&src, port, "");
     let r = &answer[0];
@@ -600,11 +596,7 @@ fn migrate_during_disk_reads() {
             &format!("path={},readonly=on", disk.display()),
         ],
     );
-    let t = Instant::now();
-    while !src.lines().iter().any(|l| l.starts_with("blk_capacity=")) {
-        assert!(t.elapsed() < Duration::from_secs(30), "{:?}", src.lines());
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    src.wait_line("blk_capacity=");
     std::thread::sleep(Duration::from_millis(100));
     let answer = migrate(&src, port, "");
     let r = &answer[0];

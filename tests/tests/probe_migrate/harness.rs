@@ -120,6 +120,19 @@ impl Vmm {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Waits (up to 30 s) for a console line starting with `prefix`.
+    pub fn wait_line(&self, prefix: &str) {
+        let t = Instant::now();
+        while !self.lines().iter().any(|l| l.starts_with(prefix)) {
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "no {prefix}: {:?}",
+                self.lines()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     pub fn wait_tick(&self, n: u64) {
         let t = Instant::now();
         while ticks(&self.lines()).last().is_none_or(|l| l.tick < n) {
