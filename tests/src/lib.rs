@@ -360,6 +360,12 @@ pub fn lab_check(script: &str, adds: &[String], timeout_s: u32, check: impl Fn(&
             .expect("run lab/lab.sh");
         let console = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        // First in the test's output, so that a CI log cut to its head and tail still shows
+        // how the run went: the script's marker lines and the end of the console.
+        println!(
+            "{}",
+            lab_summary(script, attempt, out.status.code(), &console, &stderr)
+        );
         let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             assert_eq!(
                 out.status.code(),
@@ -387,6 +393,39 @@ pub fn lab_check(script: &str, adds: &[String], timeout_s: u32, check: impl Fn(&
             Err(e) => std::panic::resume_unwind(e),
         }
     }
+}
+
+/// A short account of one lab run: its exit status, the script's marker lines (`X-...`, as the
+/// scripts print them) and the last lines of the console and of the lab's stderr, with terminal
+/// control sequences (progress bars) left out.
+pub fn lab_summary(
+    script: &str,
+    attempt: u32,
+    status: Option<i32>,
+    console: &str,
+    stderr: &str,
+) -> String {
+    let clean = |l: &str| !l.contains('\x1b') && !l.trim().is_empty();
+    let marker = |l: &str| {
+        let t = l.trim_start();
+        let b = t.as_bytes();
+        b.len() > 2 && b[0].is_ascii_uppercase() && b[1] == b'-' && b[2].is_ascii_alphabetic()
+    };
+    let markers: Vec<&str> = console
+        .lines()
+        .filter(|l| clean(l) && marker(l))
+        .take(60)
+        .collect();
+    let tail = |text: &str, n: usize| {
+        let lines: Vec<&str> = text.lines().filter(|l| clean(l)).collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    };
+    format!(
+        "lab {script} attempt {attempt}: exit status {status:?}\n-- marker lines:\n{}\n-- console, last lines:\n{}\n-- lab stderr, last lines:\n{}\n-- end of summary",
+        markers.join("\n"),
+        tail(console, 30),
+        tail(stderr, 10)
+    )
 }
 
 /// Word `w` (0..64) of sector `s` of the probe's `blk=write` / `blk=verify` test pattern with
