@@ -57,6 +57,9 @@ pub struct DevOpts {
     pub blk_mib: u64,
     pub blk_rand: u64,
     pub blk_qd: u64,
+    /// `blk_spin=US`: how long `blk=bench` spins at CPL3 for a completion before it sleeps
+    /// until the device's interrupt (default 200).
+    pub blk_spin_us: u64,
     pub net: Option<NetMode>,
     pub net_dev: usize,
     pub net_ip: [u8; 4],
@@ -108,6 +111,7 @@ impl DevOpts {
             blk_mib: 16,
             blk_rand: 2000,
             blk_qd: 16,
+            blk_spin_us: 200,
             net: None,
             net_dev: 0,
             net_ip: [169, 254, 10, 2],
@@ -149,6 +153,7 @@ impl DevOpts {
                 b"blk_mib" => o.blk_mib = n.unwrap_or(o.blk_mib),
                 b"blk_rand" => o.blk_rand = n.unwrap_or(o.blk_rand),
                 b"blk_qd" => o.blk_qd = n.unwrap_or(o.blk_qd).clamp(1, 16),
+                b"blk_spin" => o.blk_spin_us = n.unwrap_or(o.blk_spin_us).min(10_000_000),
                 b"net" => {
                     o.net = match v {
                         b"on" => Some(NetMode::On),

@@ -328,7 +328,7 @@ pub fn run(c: &mut Ctx, mode: BlkMode) {
             };
         }
         BlkMode::Bench => {
-            b.spin_ns = 200_000;
+            b.spin_ns = o.blk_spin_us * 1000;
             let chunks = (o.blk_mib * 16).min(capacity / MAX_SECTORS).max(1);
             let bytes = chunks * MAX_SECTORS * 512;
             let t0 = now_ns();
