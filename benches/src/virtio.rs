@@ -1011,39 +1011,41 @@ fn bench_net(env: &Env, runs: usize, timeout: Duration, r: &mut Results, out: &m
     }
 }
 
-/// Why QEMU's sequential rows can beat the host's own 64 KiB requests (checked 2026-12-03).
+/// Why huge pages decide the sequential rows (checked 2026-12-03 and 2026-12-05).
 const THP_NOTE: &str = "
-Transparent huge pages decide the sequential rows on this host: THP is `madvise`, QEMU advises its
-guest RAM MADV_HUGEPAGE, so its O_DIRECT transfers land in 2 MiB pages and a request needs one
-segment on the disk below (vda: max_segments 254); QEMU also merges the contiguous requests of one
-kick into one transfer. With its RAM on a memfd backend instead (shmem THP is `never`), QEMU's
-sequential read fell from ~1500 to ~900 MB/s in a check run, ferro-vmm's and the host's level
-with 4 KiB pages. The host-threads rows use MADV_HUGEPAGE buffers for that reason; fio's buffers
-are ordinary heap memory.
+Transparent huge pages decide the sequential rows on this host: THP is `madvise`; QEMU advises
+its guest RAM MADV_HUGEPAGE, and so does ferro-vmm when a disk has `cache=none` (`--huge-pages
+auto`, the default), so O_DIRECT transfers land in 2 MiB folios and a 64 KiB request is one
+segment on the disk below (vda: max_segments 254) instead of sixteen. With `--huge-pages off`
+ferro-vmm's sequential reads were lower in every one of 5 alternating pairs (1394-1807 against
+1576-2514 MB/s); QEMU's RAM on a memfd backend (shmem THP is `never`) fell from ~1500 to ~900
+MB/s in an earlier check. The host-threads rows use MADV_HUGEPAGE buffers for that reason; fio's
+buffers are ordinary heap memory.
 ";
 
-/// ferro-vmm's disk data path, and what bounds the rows against the host (checked 2026-12-04).
+/// ferro-vmm's disk data path, and what bounds the rows against the host (checked 2026-12-05).
 const DISK_NOTE: &str = "
-ferro-vmm's disk path: no copy (preadv/pwritev and io_uring on iovecs of guest RAM, MADV_HUGEPAGE);
-single reads go to an io_uring the event loop submits and reaps itself, one interrupt per batch of
-completions; writes and merged sequential runs (up to 256 KiB) go to 16 worker threads, which
-spread the submission over both CPUs (through the ring they were ~20 % slower here). What bounds
-the rest, measured on this host: **4 KiB random reads** are a round trip through a single vCPU
-and the event loop. With kvm/io_uring tracepoints over 20000 reads at 42k IOPS, the disk took
-p50 174 µs (mean 190) per read, but each of the 16 slots came back to the disk only every
-16 / 42k = 377 µs: ~190 µs outside the disk, in the event loop's wake-up to reap a batch (p50
-21 µs from completion to the MSI), the guest's turn to see it, refill and kick (an MMIO exit;
-1895 kicks for 20000 reads), and the event loop's wake-up for the kick (p50 27 µs to
-submission); on this 2-vCPU host VM every cross-CPU wake-up is itself an IPI through the outer
-hypervisor. The host's fio resubmits from its own completion path with one wake-up, and the
-host threads each resubmit at once, with no guest in the loop. Through the worker pool the same
-reads cost one MSI (a PVM vCPU exit) and ~2.4 context switches each (49956 MSIs, 121k switches
-for 50000 reads; ~4700 and 19k through the ring). Polling the avail ring for 30 µs after each
-batch (QEMU's IOThread poll) lost a quarter of the IOPS on 2 loaded CPUs. **Sequential writes**
-are bounded by the probe itself: it computes its verification pattern into every 64 KiB buffer
-inside the timed loop at CPL3, and with the image on tmpfs (no disk at all) its writes ran at
-~1.3-2.0 GB/s on both VMMs, below the host's O_DIRECT threads. Sequential reads also verify every
-byte in the guest (~2.3-3.3 GB/s on tmpfs).
+ferro-vmm's disk path: no copy (preadv/pwritev and io_uring on iovecs of guest RAM, in huge
+pages with `cache=none`); single reads go to an io_uring the event loop submits and reaps
+itself, one interrupt per batch of completions; writes and merged sequential runs (up to
+256 KiB) go to 16 worker threads, which spread the submission over both CPUs (through the ring
+they were ~20 % slower here). While the ring has reads in flight the event loop polls epoll
+without sleeping for up to 50 µs after its last event (QEMU's `poll-max-ns` idea): 4 KiB random
+reads went from a median of 60.4k to 64.1k IOPS over 10 alternating runs on a quiet host. What
+bounds the rest, measured on this host: **4 KiB random reads** are a round trip through a single
+vCPU and the event loop. With kvm/io_uring tracepoints over 20000 reads at 42k IOPS (before the
+polling), the disk took p50 174 µs (mean 190) per read, but each of the 16 slots came back to
+the disk only every 16 / 42k = 377 µs: ~190 µs outside the disk, in the event loop's wake-up to
+reap a batch (p50 21 µs from completion to the MSI), the guest's turn to see it, refill and kick
+(an MMIO exit, which PVM emulates; 1895 kicks for 20000 reads), and the event loop's wake-up for
+the kick (p50 27 µs to submission); on this 2-vCPU host VM every cross-CPU wake-up is itself an
+IPI through the outer hypervisor. The host's fio resubmits from its own completion path, and the
+host threads each resubmit at once, with no guest in the loop. An earlier try that polled the
+avail ring for 30 µs after each batch lost a quarter of the IOPS on 2 loaded CPUs. **Sequential
+writes** (the probe writes its buffers without filling them in bench mode) run on the same 16
+O_DIRECT pwritev threads as the host-threads row, but with the guest's vCPU spinning for
+completions on one of the 2 CPUs; why they stay ~20 % below the host's threads is not measured
+yet.
 ";
 
 /// The section's text.

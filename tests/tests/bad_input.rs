@@ -143,6 +143,26 @@ fn memory_out_of_range_or_malformed() {
 }
 
 #[test]
+fn huge_pages_setting_not_understood() {
+    let r = run(&[
+        "--kernel",
+        probe().to_str().unwrap(),
+        "--huge-pages",
+        "always",
+    ]);
+    // clap reports values it cannot parse itself, with status 2, in one line.
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("--huge-pages 'always' is not one of auto, on, off"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("panicked"));
+    assert!(r.stdout.is_empty(), "no guest may have run: {}", r.stdout);
+}
+
+#[test]
 fn bad_config_file() {
     let d = scratch("cfg");
     let f = d.join("vm.toml");

@@ -10,7 +10,9 @@ pub mod rest;
 mod size;
 pub mod storage;
 
-pub use config::{ConfigError, SerialMode, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB};
+pub use config::{
+    ConfigError, HugePages, SerialMode, VmConfig, MAX_MEMORY_MIB, MAX_VCPUS, MIN_MEMORY_MIB,
+};
 pub use devices::{
     BalloonConfig, DeviceError, DiskCache, DiskConfig, DiskFormat, MacAddr, NetConfig, VsockConfig,
 };

@@ -257,4 +257,10 @@ pub trait VirtioDevice: Send {
     fn host_ready(&mut self) -> Result<(), DeviceError> {
         Ok(())
     }
+    /// A counter of the device's requests whose completion the event loop itself must collect
+    /// (through [`VirtioDevice::host_fd`]): while it is above zero the loop polls its fds for
+    /// a short while before it sleeps (see the event loop). Asked once, when the loop starts.
+    fn poll_counter(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicUsize>> {
+        None
+    }
 }

@@ -262,6 +262,11 @@ impl VirtioPciDevice {
         self.device.host_fd()
     }
 
+    /// The device's [`VirtioDevice::poll_counter`].
+    pub fn poll_counter(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicUsize>> {
+        self.device.poll_counter()
+    }
+
     /// The event loop saw the device's host fd readable: let the device move data.
     pub fn host_event(&mut self) {
         if !self.active || self.regs.status & status::DEVICE_NEEDS_RESET != 0 {

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, ValueEnum};
 use ferro_api::control::{ControlEvent, ExitReason};
 use ferro_api::{
-    parse_mib, BalloonConfig, DiskConfig, NetConfig, SerialMode, VmConfig, VsockConfig,
+    parse_mib, BalloonConfig, DiskConfig, HugePages, NetConfig, SerialMode, VmConfig, VsockConfig,
 };
 use ferro_vmm::builder::{self, BuildOptions};
 use ferro_vmm::console::socket_console;
@@ -50,6 +50,9 @@ struct Args {
     /// Guest memory: MiB as a number (512) or with a suffix (512M, 2G).
     #[arg(long, value_parser = parse_size)]
     memory: Option<u64>,
+    /// Transparent huge pages for guest RAM: auto (on when a disk has cache=none), on, off.
+    #[arg(long, value_name = "auto|on|off")]
+    huge_pages: Option<HugePages>,
     /// Serial console: stdio, file:PATH, socket:PATH (a unix socket that replays recent
     /// output to each client and takes input from it) or none.
     #[arg(long)]
@@ -87,8 +90,8 @@ struct Args {
     /// from where it was saved, with no daemon. Only --serial, --control and --on-reboot
     /// apply; the rest comes from the snapshot.
     #[arg(long, value_name = "DIR", conflicts_with_all = [
-        "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "rng", "vsock",
-        "balloon", "config", "linux_boot",
+        "kernel", "initrd", "cmdline", "cpus", "memory", "huge_pages", "disks", "nets", "rng",
+        "vsock", "balloon", "config", "linux_boot",
     ])]
     restore: Option<PathBuf>,
     /// Receive a live-migrating VM: listen on tcp:HOST:PORT (PORT 0 picks one; the first line
@@ -96,8 +99,8 @@ struct Args {
     /// a VMM sent `{"cmd":"migrate","to":"HOST:PORT"}`, then run the VM as --restore does.
     /// Only --serial, --control and --on-reboot apply; disks must be at the same paths here.
     #[arg(long, value_name = "tcp:HOST:PORT", conflicts_with_all = [
-        "kernel", "initrd", "cmdline", "cpus", "memory", "disks", "nets", "rng", "vsock",
-        "balloon", "config", "linux_boot", "restore",
+        "kernel", "initrd", "cmdline", "cpus", "memory", "huge_pages", "disks", "nets", "rng",
+        "vsock", "balloon", "config", "linux_boot", "restore",
     ])]
     incoming: Option<String>,
     /// With --incoming, for a source that copies its storage (`"copy_storage": true`): write
@@ -139,6 +142,9 @@ fn config(args: &Args) -> Result<VmConfig, VmmError> {
     }
     if let Some(m) = args.memory {
         cfg.memory_mib = m;
+    }
+    if let Some(h) = args.huge_pages {
+        cfg.huge_pages = h;
     }
     if let Some(s) = &args.serial {
         cfg.serial = s.clone();

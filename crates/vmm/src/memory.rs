@@ -11,9 +11,9 @@ pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitma
 /// One region of it.
 pub type GuestRegion = vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>;
 
-/// Allocates `mib` MiB of guest RAM (reserved lazily: untouched pages cost nothing) and maps it
-/// into the VM.
-pub fn create(vm: &Vm, mib: u64) -> Result<(GuestMemory, RamLayout), VmmError> {
+/// Allocates `mib` MiB of guest RAM (reserved lazily: untouched pages cost nothing), with
+/// transparent huge pages when `huge` (see [`allocate`]), and maps it into the VM.
+pub fn create(vm: &Vm, mib: u64, huge: bool) -> Result<(GuestMemory, RamLayout), VmmError> {
     let layout = RamLayout::new(mib << 20);
     let ranges: Vec<(GuestAddress, usize)> = layout
         .ranges()
@@ -24,18 +24,41 @@ pub fn create(vm: &Vm, mib: u64) -> Result<(GuestMemory, RamLayout), VmmError> {
         mib,
         reason: e.to_string(),
     })?;
+    if huge {
+        advise_huge_pages(&mem);
+    }
     register(vm, &mem, mib)?;
     Ok((mem, layout))
 }
 
-/// Anonymous guest RAM for `ranges`, in ordinary 4 KiB pages. Not transparent huge pages:
-/// with MADV_HUGEPAGE every first touch of a 2 MiB stretch makes it all resident, which took a
-/// 256 MiB probe guest that touches little from 3.4 MiB to 7.9 MiB of peak RSS (the target is
-/// 4 MiB), and a migration's destination filled its memory 4-5x slower under huge-page faults.
+/// Anonymous guest RAM for `ranges`, in ordinary 4 KiB pages. Huge pages are the VM's choice
+/// (`huge_pages`, [`advise_huge_pages`]): with MADV_HUGEPAGE every first touch of a 2 MiB
+/// stretch makes it all resident, which took a 256 MiB probe guest that touches little from
+/// 3.4 MiB to 7.9 MiB of peak RSS, and a migration's destination filled its memory 4-5x
+/// slower under huge-page faults (it stays in 4 KiB pages, as a restored snapshot does).
 pub fn allocate(
     ranges: &[(GuestAddress, usize)],
 ) -> Result<GuestMemory, vm_memory::mmap::FromRangesError> {
     GuestMemory::from_ranges(ranges)
+}
+
+/// Asks the host for transparent huge pages behind every region of `mem` (MADV_HUGEPAGE; the
+/// host's THP mode `madvise` or `always` honours it). Best effort: a host without THP keeps
+/// 4 KiB pages. With huge pages, a 64 KiB O_DIRECT request into guest RAM pins one folio and
+/// reaches the disk as one segment instead of sixteen: sequential 64 KiB reads of the probe
+/// went from ~2.1 to ~2.45 GB/s on the PVM host (medians of 6 alternating runs).
+pub fn advise_huge_pages(mem: &GuestMemory) {
+    for region in mem.iter() {
+        // SAFETY: advice on exactly one region of `mem`'s own anonymous mapping (its start
+        // and length); MADV_HUGEPAGE changes how later faults are served, never the contents.
+        unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_HUGEPAGE,
+            );
+        }
+    }
 }
 
 /// Maps every region of `mem` into the VM, one memory slot each. `mem` must live as long as the

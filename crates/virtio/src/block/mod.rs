@@ -425,6 +425,10 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
+    fn poll_counter(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicUsize>> {
+        self.ring().map(|u| u.in_flight_counter())
+    }
+
     fn reset(&mut self) {
         // The ring and the workers finish what they hold: no write into guest memory after
         // this.
