@@ -113,7 +113,8 @@ ldd_deps() {
 manifest_file() {
     local dest=$1 src=$2 lib
     echo "file $dest $src"
-    if [[ $(head -c 4 "$src" 2>/dev/null) == $'\x7fELF' ]]; then
+    # (NULs dropped: bash warns about them in a substitution, and the ELF magic has none.)
+    if [[ $(head -c 4 "$src" 2>/dev/null | tr -d '\0') == $'\x7fELF' ]]; then
         for lib in $(ldd_deps "$src"); do
             [[ $lib == MISSING ]] && { log "warning: $src needs a library ldd cannot find"; continue; }
             echo "file $lib $lib"
