@@ -1029,9 +1029,13 @@ ferro-vmm's disk path: no copy (preadv/pwritev and io_uring on iovecs of guest R
 pages with `cache=none`); single reads go to an io_uring the event loop submits and reaps
 itself, one interrupt per batch of completions; writes and merged sequential runs (up to
 256 KiB) go to 16 worker threads, which spread the submission over both CPUs (through the ring
-they were ~20 % slower here). While the ring has reads in flight the event loop polls epoll
-without sleeping for up to 50 µs after its last event (QEMU's `poll-max-ns` idea): 4 KiB random
-reads went from a median of 60.4k to 64.1k IOPS over 10 alternating runs on a quiet host. What
+they were ~20 % slower here). While the disk has requests in flight the event loop polls epoll
+without sleeping for up to 100 µs after its last event, and 100 µs more after the last
+completion (QEMU's `poll-max-ns` idea): with kvm/io_uring tracepoints, a kick took 63 µs (p50)
+to reach the ring when the loop had gone to sleep after a batch, a wake-up through the outer
+hypervisor. Medians of 10 alternating runs of 40000 4 KiB random reads on a quiet host: no
+polling ~60k IOPS, polling only while reads were in flight ~57-64k, polling also after the last
+completion ~67-72k; sequential reads +5 %, writes unchanged (8 alternating runs). What
 bounds the rest, measured on this host: **4 KiB random reads** are a round trip through a single
 vCPU and the event loop. With kvm/io_uring tracepoints over 20000 reads at 42k IOPS (before the
 polling), the disk took p50 174 µs (mean 190) per read, but each of the 16 slots came back to

@@ -257,9 +257,9 @@ pub trait VirtioDevice: Send {
     fn host_ready(&mut self) -> Result<(), DeviceError> {
         Ok(())
     }
-    /// A counter of the device's requests whose completion the event loop itself must collect
-    /// (through [`VirtioDevice::host_fd`]): while it is above zero the loop polls its fds for
-    /// a short while before it sleeps (see the event loop). Asked once, when the loop starts.
+    /// A live count of the device's requests in flight: while it is above zero, and shortly
+    /// after, the event loop polls its fds instead of sleeping (a completion to reap or the
+    /// guest's next kick is due soon). Asked once, when the loop starts.
     fn poll_counter(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicUsize>> {
         None
     }

@@ -29,7 +29,7 @@ pub mod uring;
 pub mod worker;
 
 use std::os::fd::RawFd;
-use std::sync::atomic::{fence, Ordering};
+use std::sync::atomic::{fence, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferro_disk::BlockBackend;
@@ -110,6 +110,9 @@ pub struct Block {
     /// Reads and writes of a plain file, submitted and reaped on the event loop (None: the
     /// image has metadata (qcow2), or the host has no io_uring).
     uring: Option<Mutex<Uring>>,
+    /// Requests of the current activation in flight (ring and workers), for the event loop's
+    /// polling ([`VirtioDevice::poll_counter`]).
+    busy: Arc<AtomicUsize>,
 }
 
 /// Whether `disk` is one plain file that vectored I/O can reach directly (a raw image).
@@ -155,6 +158,7 @@ impl Block {
             active: None,
             pool: None,
             uring,
+            busy: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -389,6 +393,7 @@ impl VirtioDevice for Block {
             self.id,
             self.negotiated & feature::FLUSH == 0,
             self.negotiated & features::RING_EVENT_IDX != 0,
+            self.busy.clone(),
         );
         self.active = Some(Active {
             ctx: Arc::new(ctx),
@@ -425,8 +430,8 @@ impl VirtioDevice for Block {
         Ok(())
     }
 
-    fn poll_counter(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicUsize>> {
-        self.ring().map(|u| u.in_flight_counter())
+    fn poll_counter(&self) -> Option<Arc<AtomicUsize>> {
+        Some(self.busy.clone())
     }
 
     fn reset(&mut self) {

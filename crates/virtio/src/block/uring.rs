@@ -30,7 +30,6 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,14 +63,11 @@ struct Slots {
     entries: Vec<Option<InFlight>>,
     free: Vec<usize>,
     used: usize,
-    /// `used`, for the event loop to read without the ring's lock.
-    shared: Arc<AtomicUsize>,
 }
 
 impl Slots {
     fn insert(&mut self, f: InFlight) -> usize {
         self.used += 1;
-        self.shared.store(self.used, Ordering::Relaxed);
         match self.free.pop() {
             Some(i) => {
                 self.entries[i] = Some(f);
@@ -88,7 +84,6 @@ impl Slots {
         let f = self.entries.get_mut(i)?.take()?;
         self.free.push(i);
         self.used -= 1;
-        self.shared.store(self.used, Ordering::Relaxed);
         Some(f)
     }
 }
@@ -131,11 +126,6 @@ impl Uring {
     /// The ring's descriptor: readable when completions wait to be reaped.
     pub fn fd(&self) -> RawFd {
         self.ring.as_raw_fd()
-    }
-
-    /// A live count of [`Uring::in_flight`] that other threads may read.
-    pub fn in_flight_counter(&self) -> Arc<AtomicUsize> {
-        self.slots.shared.clone()
     }
 
     /// Operations in the kernel's hands.

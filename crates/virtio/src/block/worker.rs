@@ -11,7 +11,7 @@
 //! will touch guest memory, the used ring or the interrupt of that activation again.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -57,11 +57,13 @@ pub struct Ctx {
     /// The used ring could not be written: the device must ask for a reset.
     pub broken: AtomicBool,
     inflight: Mutex<usize>,
+    /// `inflight`, for the event loop to read without a lock (its polling hint).
+    busy: Arc<AtomicUsize>,
     idle: Condvar,
 }
 
 impl Ctx {
-    /// A context for one activation.
+    /// A context for one activation; `busy` mirrors its count of requests in flight.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         mem: GuestMemory,
@@ -71,7 +73,9 @@ impl Ctx {
         id: [u8; ID_BYTES],
         writethrough: bool,
         event_idx: bool,
+        busy: Arc<AtomicUsize>,
     ) -> Self {
+        busy.store(0, Ordering::Relaxed);
         Self {
             mem,
             queue: Mutex::new(queue),
@@ -82,13 +86,16 @@ impl Ctx {
             event_idx,
             broken: AtomicBool::new(false),
             inflight: Mutex::new(0),
+            busy,
             idle: Condvar::new(),
         }
     }
 
     /// `n` more requests are in flight.
     pub fn begin(&self, n: usize) {
-        *lock(&self.inflight) += n;
+        let mut f = lock(&self.inflight);
+        *f += n;
+        self.busy.store(*f, Ordering::Relaxed);
     }
 
     /// Requests in flight now.
@@ -133,6 +140,7 @@ impl Ctx {
         if n > 0 {
             let mut f = lock(&self.inflight);
             *f = f.saturating_sub(n);
+            self.busy.store(*f, Ordering::Relaxed);
             if *f == 0 {
                 self.idle.notify_all();
             }
