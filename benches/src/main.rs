@@ -710,7 +710,13 @@ fn vmm_section(r: &Results, args: &Args, date: &str, head: &str) -> String {
              VMM's share of the exit, so the CPL3 rows measure mostly PVM (every VMM gets about \
              the same rate there); the CPL0 rows are the closer look at the VMM's own exit path, \
              and the one with the 1.05x target: the reference rates the target was set from on \
-             this host (QEMU 112k, a bare KVM_RUN loop 126k exits/s) are CPL0 rates.\n",
+             this host (QEMU 112k, a bare KVM_RUN loop 126k exits/s) are CPL0 rates. Even there the \
+             VMM's share is small: perf over ferro-vmm's CPL0 loop put 76 % of the time in one \
+             host MSR read in KVM's vcpu_load, which every KVM_RUN pays (this host is itself a \
+             VM, so the read traps to its hypervisor), and most of the rest in PVM's instruction \
+             emulation; ferro-vmm's own code was ~1 %. The gap to QEMU is QEMU's dispatch (its \
+             lock and memory-region lookup per exit), which bounds the ratio near 1.05-1.1x here; \
+             pinning the vCPU thread to one CPU changed nothing.\n",
             stats::fmt_ratio(q),
             stats::fmt_ratio(k)
         ));
