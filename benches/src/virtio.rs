@@ -1035,7 +1035,15 @@ completion (QEMU's `poll-max-ns` idea): with kvm/io_uring tracepoints, a kick to
 to reach the ring when the loop had gone to sleep after a batch, a wake-up through the outer
 hypervisor. Medians of 10 alternating runs of 40000 4 KiB random reads on a quiet host: no
 polling ~60k IOPS, polling only while reads were in flight ~57-64k, polling also after the last
-completion ~67-72k; sequential reads +5 %, writes unchanged (8 alternating runs). What
+completion ~67-72k; sequential reads +5 %, writes unchanged (8 alternating runs). Traced again
+with it (30000 reads at 69k IOPS): each slot's cycle is 16 / 69k = 231 µs, of which the ring
+holds a read p50 139 µs (mean 160); a kick reaches the ring p50 7 µs after the guest makes it,
+and the guest's kick comes p50 42 µs after the completion that freed its slot, most of which is
+the guest's side (PVM emulates the MMIO write of the kick). Also tried and dropped: the probe
+sleeping for the interrupt instead of spinning (`blk_spin=0`), polling the avail ring with the
+driver's notifications left on (no change) or turned off while reads are in flight (no gain, and
+one stalled run), 8 or 32 workers, and merged runs of 64 KiB (no merging: writes ~20 % lower),
+128 KiB or 512 KiB. What
 bounds the rest, measured on this host: **4 KiB random reads** are a round trip through a single
 vCPU and the event loop. With kvm/io_uring tracepoints over 20000 reads at 42k IOPS (before the
 polling), the disk took p50 174 µs (mean 190) per read, but each of the 16 slots came back to
