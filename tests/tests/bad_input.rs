@@ -22,6 +22,14 @@ fn assert_clean_error(r: &Run, needle: &str) {
     assert!(r.stdout.is_empty(), "no guest may have run: {}", r.stdout);
 }
 
+/// A value clap could not parse: clap reports it itself, with status 2, and no guest runs.
+fn assert_rejected_by_clap(r: &Run, needle: &str) {
+    assert_eq!(r.code, Some(2), "{}", r.stderr);
+    assert!(r.stderr.contains(needle), "{:?} lacks {needle:?}", r.stderr);
+    assert!(!r.stderr.contains("panicked"));
+    assert!(r.stdout.is_empty(), "no guest may have run: {}", r.stdout);
+}
+
 fn run(args: &[&str]) -> Run {
     run_vmm(args, Duration::from_secs(30))
 }
@@ -136,10 +144,7 @@ fn memory_out_of_range_or_malformed() {
         assert_clean_error(&r, "out of range");
     }
     let r = run(&["--kernel", probe().to_str().unwrap(), "--memory", "lots"]);
-    // clap reports malformed values itself, with status 2.
-    assert_eq!(r.code, Some(2), "{}", r.stderr);
-    assert!(r.stderr.contains("is not a size"), "{}", r.stderr);
-    assert!(!r.stderr.contains("panicked"));
+    assert_rejected_by_clap(&r, "is not a size");
 }
 
 #[test]
@@ -150,16 +155,7 @@ fn huge_pages_setting_not_understood() {
         "--huge-pages",
         "always",
     ]);
-    // clap reports values it cannot parse itself, with status 2, in one line.
-    assert_eq!(r.code, Some(2), "{}", r.stderr);
-    assert!(
-        r.stderr
-            .contains("--huge-pages 'always' is not one of auto, on, off"),
-        "{}",
-        r.stderr
-    );
-    assert!(!r.stderr.contains("panicked"));
-    assert!(r.stdout.is_empty(), "no guest may have run: {}", r.stdout);
+    assert_rejected_by_clap(&r, "--huge-pages 'always' is not one of auto, on, off");
 }
 
 #[test]

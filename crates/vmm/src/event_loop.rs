@@ -3,9 +3,9 @@
 //! processing, so requests are served off the vCPU threads and a kick costs the vCPU no exit;
 //! and on each device's host-side fd (a tap, a set of sockets), when the device has one.
 //!
-//! Polling: while a device has requests whose completions this thread collects itself
-//! (virtio-blk reads on its io_uring), the loop does not sleep in epoll at once but asks it
-//! without waiting, for up to [`POLL`] after the last event, and for [`POLL`] more once the
+//! Polling: while a device that offers a [`poll_counter`](ferro_virtio::VirtioDevice::poll_counter)
+//! (virtio-blk) has requests in flight, the loop does not sleep in epoll at once but asks it
+//! without waiting, for up to `POLL` after the last event, and for `POLL` more once the
 //! last completion is in (the guest's next kick usually follows within tens of microseconds),
 //! as QEMU's event loops do (`poll-max-ns`). A sleeping thread costs a wake-up per completion
 //! and per kick; on a virtual host each one is an IPI through the host's own hypervisor: a
@@ -27,8 +27,8 @@ use crate::VmmError;
 /// Stack of the event loop thread.
 const STACK: usize = 256 * 1024;
 
-/// How long the loop keeps polling after its last event, or after the last moment it had
-/// completions due, whichever is later.
+/// How long the loop keeps polling: while requests are in flight, after its last event;
+/// once none are, after the last moment some were.
 const POLL: Duration = Duration::from_micros(100);
 
 /// What a readable fd means.
@@ -114,17 +114,20 @@ fn run(epoll: Epoll, sources: Vec<Source>, pending: Vec<Arc<AtomicUsize>>) {
     let mut last = Instant::now();
     let mut busy: Option<Instant> = None;
     loop {
-        let now = Instant::now();
-        let due = pending.iter().any(|p| p.load(Ordering::Relaxed) > 0);
-        if due {
-            busy = Some(now);
-        }
-        // With completions due: until POLL passes without an event (a slow disk is waited
-        // for asleep). Once none are due: POLL more, for the guest's next kick.
-        let poll = if due {
-            now.duration_since(last) < POLL
-        } else {
-            busy.is_some_and(|b| now.duration_since(b) < POLL)
+        // No clock reads at all for a VM without a polled device.
+        let poll = !pending.is_empty() && {
+            let now = Instant::now();
+            let due = pending.iter().any(|p| p.load(Ordering::Relaxed) > 0);
+            if due {
+                busy = Some(now);
+            }
+            // With requests in flight: until POLL passes without an event (a slow disk is
+            // waited for asleep). Once none are: POLL more, for the guest's next kick.
+            if due {
+                now.duration_since(last) < POLL
+            } else {
+                busy.is_some_and(|b| now.duration_since(b) < POLL)
+            }
         };
         let n = match epoll.wait(if poll { 0 } else { -1 }, &mut events) {
             Ok(0) if poll => {
@@ -138,7 +141,9 @@ fn run(epoll: Epoll, sources: Vec<Source>, pending: Vec<Arc<AtomicUsize>>) {
                 return;
             }
         };
-        last = Instant::now();
+        if !pending.is_empty() {
+            last = Instant::now();
+        }
         for ev in &events[..n] {
             let Some(s) = usize::try_from(ev.data()).ok().and_then(|i| sources.get(i)) else {
                 continue;

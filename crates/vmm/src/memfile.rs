@@ -70,7 +70,10 @@ impl Piece<'_> {
                 p += 1;
             }
             let len = (p - start) * page;
-            // SAFETY: pages `start..p` of the region, as in `at`.
+            // SAFETY: pages `start..p` (`p <= self.end`, within the region's `size`) of the
+            // region's mapping, which the caller's `mem` keeps alive; nothing writes guest
+            // memory during a save (vCPUs paused, devices locked), so a shared slice of it is
+            // sound while this call runs.
             let run =
                 unsafe { std::slice::from_raw_parts((self.host + start * page) as *const u8, len) };
             let at = self.region.file_offset + (start * page) as u64;
