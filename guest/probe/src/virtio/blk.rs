@@ -2,7 +2,7 @@
 //! sector), the data, and a status byte. Up to 16 requests in flight, 64 KiB each.
 
 use super::queue::{rd, wr, Buf, Queue};
-use super::{settle_irqs, wait_used, Virtio};
+use super::{settle_irqs, wait_used_polled, Virtio};
 use crate::devices::{BlkMode, Ctx};
 use crate::dma::slice;
 use crate::kvmclock::now_ns;
@@ -81,7 +81,9 @@ impl Blk {
             return S_TIMEOUT;
         }
         self.q.kick();
-        if !wait_used(&self.q, self.spin_ns, 10_000_000_000) {
+        let done = wait_used_polled(&self.q, self.spin_ns, 10_000_000_000);
+        self.q.quiet(false);
+        if !done {
             return S_TIMEOUT;
         }
         self.complete().map_or(S_TIMEOUT, |(_, s)| s)
@@ -136,7 +138,8 @@ impl Blk {
                 inflight += 1;
             }
             self.q.kick();
-            if !wait_used(&self.q, self.spin_ns, 10_000_000_000) {
+            if !wait_used_polled(&self.q, self.spin_ns, 10_000_000_000) {
+                self.q.quiet(false);
                 return Err(Err(S_TIMEOUT));
             }
             while let Some((slot, st)) = self.complete() {
@@ -158,6 +161,7 @@ impl Blk {
                 }
             }
         }
+        self.q.quiet(false);
         result
     }
 }

@@ -232,15 +232,35 @@ impl Virtio {
 /// until an interrupt (the device's MSI-X, or the timer tick) and checks again, up to
 /// `timeout_ns` in all. Returns whether a used chain is there.
 pub fn wait_used(q: &Queue, spin_ns: u64, timeout_ns: u64) -> bool {
+    wait(q, spin_ns, timeout_ns, false)
+}
+
+/// [`wait_used`] for a polling driver: the device is asked not to interrupt while the CPU
+/// spins, and to interrupt again (checked once more after asking) before it sleeps. The
+/// queue may stay quiet on return, for the next wait: the caller ends with `q.quiet(false)`.
+pub fn wait_used_polled(q: &Queue, spin_ns: u64, timeout_ns: u64) -> bool {
+    wait(q, spin_ns, timeout_ns, true)
+}
+
+fn wait(q: &Queue, spin_ns: u64, timeout_ns: u64, polled: bool) -> bool {
     let t0 = crate::kvmclock::now_ns();
     let clock = crate::kvmclock::enabled();
     let mut sleeps = 0u64;
+    let mut quiet = polled;
+    if quiet {
+        q.quiet(true);
+    }
     loop {
         if q.has_used() {
             return true;
         }
         let dt = crate::kvmclock::now_ns() - t0;
         if !clock || !crate::devices::IRQ_OK.load(core::sync::atomic::Ordering::Acquire) {
+            if quiet {
+                quiet = false;
+                q.quiet(false);
+                continue;
+            }
             sleeps += 1;
             if sleeps > timeout_ns / 1_000_000 + 1 {
                 return q.has_used();
@@ -252,6 +272,11 @@ pub fn wait_used(q: &Queue, spin_ns: u64, timeout_ns: u64) -> bool {
             return q.has_used();
         }
         if dt > spin_ns && crate::devices::IRQ_OK.load(core::sync::atomic::Ordering::Acquire) {
+            if quiet {
+                quiet = false;
+                q.quiet(false);
+                continue;
+            }
             crate::trap::wait_for_irq();
         } else {
             crate::cpu::pause();

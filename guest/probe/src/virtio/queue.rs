@@ -9,6 +9,8 @@ const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 /// Used ring flag: no need to notify.
 const USED_NO_NOTIFY: u16 = 1;
+/// Available ring flag: no need to interrupt (VIRTQ_AVAIL_F_NO_INTERRUPT).
+const AVAIL_NO_INTERRUPT: u16 = 1;
 
 /// A buffer of a descriptor chain: address, length, device-writable.
 #[derive(Clone, Copy)]
@@ -139,6 +141,15 @@ impl Queue {
         if r16(self.used) & USED_NO_NOTIFY == 0 {
             w16(self.notify, self.idx);
         }
+    }
+
+    /// Asks the device not to interrupt for used chains (`quiet`) or to interrupt again. A
+    /// polling driver sets it while it spins on the used ring, as Linux's virtio-blk poll
+    /// queues do: an interrupt the spinning CPU does not need still costs it an exit.
+    pub fn quiet(&self, quiet: bool) {
+        w16(self.avail, if quiet { AVAIL_NO_INTERRUPT } else { 0 });
+        // The flag must be visible before the used index is read again.
+        fence(Ordering::SeqCst);
     }
 
     /// Whether the device returned a chain not yet popped.
