@@ -1187,7 +1187,7 @@ mod tests {
 
     #[test]
     fn cmdlines() {
-        assert!(blk_cmdline().contains("blk=bench blk_mib=128 blk_rand=10000 blk_qd=16"));
+        assert!(blk_cmdline().contains("blk=bench blk_mib=448 blk_rand=40000 blk_qd=16"));
         assert!(net_cmdline(60).contains("net=bench net_tx_frames=100000 net_frame_len=60"));
     }
 }
