@@ -1027,10 +1027,12 @@ buffers are ordinary heap memory.
 /// ferro-vmm's disk data path, and what bounds the rows against the host (checked 2026-12-05).
 const DISK_NOTE: &str = "
 ferro-vmm's disk path: no copy (preadv/pwritev and io_uring on iovecs of guest RAM, in huge
-pages with `cache=none`); single reads go to an io_uring the event loop submits and reaps
-itself, one interrupt per batch of completions; writes and merged sequential runs (up to
-256 KiB) go to 16 worker threads, which spread the submission over both CPUs (through the ring
-they were ~20 % slower here). While the disk has requests in flight the event loop polls epoll
+pages with `cache=none`); reads, single or merged into sequential runs of up to 256 KiB, go
+to an io_uring the event loop submits and reaps itself, one interrupt per batch of completions;
+writes (merged the same way) go to 16 worker threads, which spread the submission over both
+CPUs (through the ring they were ~20 % slower on a loaded host, no faster on a quiet one).
+Merged reads went to the workers too until the ring beat them in 8 of 8 alternating pairs on a
+quiet host (448 MiB of 64 KiB reads: medians ~2660 against ~2410 MB/s). While the disk has requests in flight the event loop polls epoll
 without sleeping for up to 100 µs after its last event, and 100 µs more after the last
 completion (QEMU's `poll-max-ns` idea): with kvm/io_uring tracepoints, a kick took 63 µs (p50)
 to reach the ring when the loop had gone to sleep after a batch, a wake-up through the outer

@@ -1,4 +1,4 @@
-//! io_uring for virtio-blk's single reads of a plain file, on the event loop itself (QEMU's
+//! io_uring for virtio-blk's reads of a plain file, on the event loop itself (QEMU's
 //! `aio=io_uring` scheme): a kick's reads become submission entries straight from the image
 //! into guest memory, submitted with one system call; the ring's descriptor is the device's
 //! host fd ([`crate::VirtioDevice::host_fd`]), so when reads finish the event loop reaps every
@@ -14,12 +14,15 @@
 //! request in its submitter's context: a separate reaping thread cost a wake-up of the event
 //! loop and one of the reaper per completion, and was slower.
 //!
-//! What stays with the workers, measured the same way: writes, and reads merged into a run
-//! (sequential streams). Their cost is the submission itself (pinning 256 KiB of pages, the
-//! host disk's own queueing), which 16 threads spread over both CPUs while the event loop
-//! would do it alone: through the ring, sequential 64 KiB writes fell from ~1400-1600 to
-//! ~1100-1300 MB/s and sequential reads by about a tenth. Flushes, discard, write-zeroes,
-//! qcow2, buffers O_DIRECT cannot take and write-through go to the workers as well.
+//! What stays with the workers: writes. Their cost is the submission itself (pinning 256 KiB
+//! of pages, the host disk's own queueing), which 16 threads spread over both CPUs while the
+//! event loop would do it alone: through the ring, sequential 64 KiB writes fell from
+//! ~1400-1600 to ~1100-1300 MB/s (host load 4-5), and on a quiet host they were no faster
+//! (medians ~2260 against ~2330 MB/s, 6 alternating runs). Merged sequential reads once stayed
+//! with the workers too (~10 % slower through the ring on that loaded host); on a quiet host
+//! the ring was faster in 8 of 8 alternating pairs (medians ~2660 against ~2410 MB/s, 448 MiB
+//! of 64 KiB reads), so reads now all go through it. Flushes, discard, write-zeroes, qcow2,
+//! buffers O_DIRECT cannot take and write-through go to the workers as well.
 //!
 //! Lifetimes: an in-flight entry owns its [`Job`] (and through it the activation's guest
 //! memory and the disk, which owns the descriptor) and the iovec array the kernel reads, so
@@ -133,12 +136,12 @@ impl Uring {
         self.slots.used
     }
 
-    /// Queues `job` when it is one read (not a merged run) that the disk can do with one
+    /// Queues `job` when it is a read (one request or a merged run) that the disk can do with one
     /// vectored call on a plain file descriptor; else gives it back for the workers (see the
     /// module text for why). Queued entries reach the kernel at [`Uring::submit`].
     pub fn push(&mut self, job: Job) -> Result<(), Job> {
         let c = job.ctx.clone();
-        if job.req.op != Op::Read || !job.more.is_empty() {
+        if job.req.op != Op::Read {
             return Err(job);
         }
         let mut parts = Vec::with_capacity(job.requests());
