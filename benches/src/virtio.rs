@@ -1052,26 +1052,24 @@ showed a 256 KiB O_DIRECT write of a merged run taking ~280 µs, longer than the
 probe slept and took the interrupt through PVM's emulated CPL0 path: 82 µs from its EOI to its
 next kick, 137 µs from a batch's last completion to the next write on the disk. With 1000 µs
 the kick follows the completion by ~3 µs; sequential writes medians ~2600 to ~2800 MB/s in 5
-alternating runs.
-Also tried and dropped: the probe
-sleeping for the interrupt instead of spinning (`blk_spin=0`), polling the avail ring with the
+alternating runs. Also tried and dropped: the probe sleeping for the interrupt instead of spinning (`blk_spin=0`), polling the avail ring with the
 driver's notifications left on (no change) or turned off while reads are in flight (no gain, and
 one stalled run), 8 or 32 workers, and merged runs of 64 KiB (no merging: writes ~20 % lower),
-128 KiB or 512 KiB. What
-bounds the rest, measured on this host: **4 KiB random reads** are a round trip through a single
-vCPU and the event loop. With kvm/io_uring tracepoints over 20000 reads at 42k IOPS (before the
-polling), the disk took p50 174 µs (mean 190) per read, but each of the 16 slots came back to
-the disk only every 16 / 42k = 377 µs: ~190 µs outside the disk, in the event loop's wake-up to
-reap a batch (p50 21 µs from completion to the MSI), the guest's turn to see it, refill and kick
-(an MMIO exit, which PVM emulates; 1895 kicks for 20000 reads), and the event loop's wake-up for
-the kick (p50 27 µs to submission); on this 2-vCPU host VM every cross-CPU wake-up is itself an
-IPI through the outer hypervisor. The host's fio resubmits from its own completion path, and the
-host threads each resubmit at once, with no guest in the loop. An earlier try that polled the
-avail ring for 30 µs after each batch lost a quarter of the IOPS on 2 loaded CPUs. **Sequential
-writes** (the probe writes its buffers without filling them in bench mode) run on the same 16
-O_DIRECT pwritev threads as the host-threads row, but with the guest's vCPU spinning for
-completions on one of the 2 CPUs; why they stay ~20 % below the host's threads is not measured
-yet.
+128 KiB or 512 KiB; the event loop yielding the CPU while it polls; a worker spinning for the
+next job before it sleeps (writes ~25 % lower: the 2 CPUs are already taken by the spinning vCPU
+and the polling loop); writes through the ring as well (no clear gain); publishing a reap's
+used entries in one burst (the guest then refills all 16 with one kick, but the IOPS did not
+move). What bounds the rest, measured on this host: **4 KiB random reads**: the host's disk (a
+virtio disk of the outer hypervisor, one queue) completes the 16 reads of a batch together, so
+each VMM's slots move in lock-step. Traced with block, io_uring and kvm tracepoints (30000
+reads at 71-80k IOPS, with the burst variant above, whose batches stay whole): a batch's cycle is p50 201 µs, of which p50 32 µs from the disk's last
+completion to the next read at the disk (25 µs to the guest's kick: the event loop posting the
+completions, the guest seeing them and refilling, PVM's MMIO exit), the rest the disk; the host
+threads and fio resubmit from their completion path in a few µs. Earlier, before the polling
+(20000 reads at 42k IOPS), ~190 µs of each slot's 377 µs cycle were outside the disk, in the
+event loop's and the guest's wake-ups; on this 2-vCPU host VM every cross-CPU wake-up is itself
+an IPI through the outer hypervisor. **Sequential writes** were ~20 % below the host's threads
+until the probe's spin covered a write's ~280 µs (above).
 ";
 
 /// The section's text.

@@ -28,12 +28,14 @@ waitfor() {   # waitfor FILE PATTERN SECONDS
 boot() {
     rm -f /tmp/in
     mkfifo /tmp/in
+    # Opened read-write first, so neither this open nor ferro-vmm's can block on the other.
+    exec 3<> /tmp/in
     ferro-vmm --kernel /guest/bzImage --initrd /lab/debian-initrd.cpio.gz --cmdline "$CL" \
         --disk path=/lab/vm.qcow2 --net tap=tap0 --cpus 2 --memory 512 \
-        < /tmp/in > "/tmp/c$1.txt" 2> "/tmp/e$1.txt" &
+        < /tmp/in 3>&- > "/tmp/c$1.txt" 2> "/tmp/e$1.txt" &
     pid=$!
-    exec 3> /tmp/in
     t0=$(cut -d' ' -f1 /proc/uptime)
+    echo "L-BOOT$1 started"
 }
 # stop N: power off from the guest's shell and report the VMM's status.
 stop() {
