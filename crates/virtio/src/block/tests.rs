@@ -784,20 +784,35 @@ fn host_iovecs_follow_regions() {
     ));
 }
 
-/// A raw image opened with O_DIRECT: page-aligned guest buffers go straight between the file
-/// and guest memory, unaligned ones through the bounce buffer; both read and write right.
-#[test]
-fn raw_file_direct_aligned_and_unaligned_buffers() {
-    let dir = std::env::temp_dir().join(format!("ferro-virtio-blk-{}", std::process::id()));
+/// A raw image of `SECTORS` sectors, byte `i` = `byte(i)`, in a fresh directory named after
+/// `tag`, opened with O_DIRECT: (directory, path, contents, backend).
+fn raw_direct(
+    tag: &str,
+    byte: impl Fn(usize) -> u8,
+) -> (
+    std::path::PathBuf,
+    std::path::PathBuf,
+    Vec<u8>,
+    Arc<dyn BlockBackend>,
+) {
+    let dir = std::env::temp_dir().join(format!("{tag}{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("disk.img");
-    let init: Vec<u8> = (0..SECTORS * 512).map(|i| (i / 512) as u8 ^ 0x5a).collect();
+    let init: Vec<u8> = (0..SECTORS * 512).map(byte).collect();
     std::fs::write(&path, &init).unwrap();
     let opts = ferro_disk::OpenOptions {
         direct: true,
         ..Default::default()
     };
     let disk: Arc<dyn BlockBackend> = Arc::from(ferro_disk::open(&path, &opts).unwrap());
+    (dir, path, init, disk)
+}
+
+/// A raw image opened with O_DIRECT: page-aligned guest buffers go straight between the file
+/// and guest memory, unaligned ones through the bounce buffer; both read and write right.
+#[test]
+fn raw_file_direct_aligned_and_unaligned_buffers() {
+    let (dir, path, init, disk) = raw_direct("ferro-virtio-blk-", |i| (i / 512) as u8 ^ 0x5a);
     let mut d = driver_with(disk, None, all_features());
     // A plain file: reads and writes go through io_uring where the host has it.
     let uring = io_uring::IoUring::new(4).is_ok();
@@ -859,16 +874,7 @@ fn raw_file_direct_aligned_and_unaligned_buffers() {
 /// complete into the used ring with their data.
 #[test]
 fn reset_reaps_ring_reads_submitted_by_a_blocked_thread() {
-    let dir = std::env::temp_dir().join(format!("ferro-virtio-blk-reset-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("disk.img");
-    let init: Vec<u8> = (0..SECTORS * 512).map(|i| (i / 512) as u8 ^ 0xa5).collect();
-    std::fs::write(&path, &init).unwrap();
-    let opts = ferro_disk::OpenOptions {
-        direct: true,
-        ..Default::default()
-    };
-    let disk: Arc<dyn BlockBackend> = Arc::from(ferro_disk::open(&path, &opts).unwrap());
+    let (dir, _, init, disk) = raw_direct("ferro-virtio-blk-reset-", |i| (i / 512) as u8 ^ 0xa5);
     let d = driver_with(disk, None, all_features());
     if d.t.host_fd().is_none() {
         // No io_uring on this host: nothing to test.
@@ -936,18 +942,9 @@ fn reset_reaps_ring_reads_submitted_by_a_blocked_thread() {
 /// a request that breaks the run is read on its own, right too.
 #[test]
 fn raw_file_merged_reads_each_get_their_data() {
-    let dir = std::env::temp_dir().join(format!("ferro-virtio-blk-run-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("disk.img");
-    let init: Vec<u8> = (0..SECTORS * 512)
-        .map(|i| (i / 512) as u8 ^ (i % 251) as u8)
-        .collect();
-    std::fs::write(&path, &init).unwrap();
-    let opts = ferro_disk::OpenOptions {
-        direct: true,
-        ..Default::default()
-    };
-    let disk: Arc<dyn BlockBackend> = Arc::from(ferro_disk::open(&path, &opts).unwrap());
+    let (dir, _, init, disk) = raw_direct("ferro-virtio-blk-run-", |i| {
+        (i / 512) as u8 ^ (i % 251) as u8
+    });
     let mut d = driver_with(disk, None, all_features());
     // Requests 0..=5 read 4 KiB blocks 0..=5 in order (one run); request 6 reads block 7 (not
     // contiguous: a job of its own).
