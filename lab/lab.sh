@@ -243,7 +243,9 @@ lab_status() {
     local qrc=$1 status reason
     status=$(grep -a '^LAB-EXIT=[0-9]*$' "$LOG" | tail -n 1 | cut -d= -f2 || true)
     reason=$(grep -a '^LAB-FAIL: ' "$LOG" | head -n 1 | cut -d' ' -f2- || true)
-    if [[ $qrc == 124 || $qrc == 137 ]]; then
+    if [[ -s ${STUCK:-/nonexistent} ]]; then
+        echo "lab: $(cat "$STUCK")" >&2; echo 125
+    elif [[ $qrc == 124 || $qrc == 137 ]]; then
         echo "lab: timed out after $TIMEOUT s" >&2; echo 124
     elif [[ -n $status ]]; then
         echo "$status"
@@ -254,6 +256,40 @@ lab_status() {
     else
         echo "lab: the lab ended without LAB-EXIT (kernel panic or reboot?)" >&2; echo 125
     fi
+}
+
+# Seconds without a heartbeat (lab/init writes one to the lab's ttyS1 every 5 s) after which
+# a running lab counts as stuck; the first one is due once the lab has booted.
+LAB_HB_LIMIT=${LAB_HB_LIMIT:-60}
+
+# watch_lab: runs beside the lab's QEMU (its pid in $RUNDIR/qemu.pid) and ends it when the lab
+# is stuck, with the reason in $STUCK, so that lab_status reports 125 (the lab failed) and the
+# caller can run again at once instead of waiting out the timeout. QEMU TCG's emulated AMD-V
+# sometimes livelocks both lab CPUs in kvm_amd while a nested SMP guest starts: the lab kernel
+# then prints "BUG: soft lockup" every 20-odd seconds, or prints nothing and its user space
+# stops (the heartbeat goes quiet). Neither recovers within any test's timeout.
+watch_lab() {
+    local hb=$1 pid="" age why
+    while :; do
+        sleep 2
+        [[ -n $pid ]] || pid=$(cat "$RUNDIR/qemu.pid" 2>/dev/null || true)
+        [[ -n $pid ]] || continue
+        kill -0 "$pid" 2>/dev/null || return 0
+        why=""
+        if grep -aq 'BUG: soft lockup' "$LOG" 2>/dev/null; then
+            why="the lab kernel reported a soft lockup ($(grep -a -m1 'BUG: soft lockup' "$LOG" | sed 's/.*BUG: //'))"
+        else
+            age=$(( $(date +%s) - $(stat -c %Y "$hb") ))
+            (( age <= LAB_HB_LIMIT )) || why="the lab's heartbeat stopped $age s ago (lab kernel stuck)"
+        fi
+        if [[ -n $why ]]; then
+            echo "$why; ended it" > "$STUCK"
+            kill -TERM "$pid" 2>/dev/null || true
+            sleep 5
+            kill -KILL "$pid" 2>/dev/null || true
+            return 0
+        fi
+    done
 }
 
 cmd_run() {
@@ -276,10 +312,19 @@ cmd_run() {
     # Stream the console live (sed -u: unbuffered, drops the serial line's CRs) and keep a log.
     # stdin is /dev/null so the lab never reads the caller's terminal. --foreground keeps QEMU
     # in our process group, so Ctrl-C reaches it (and ends it) instead of orphaning it.
+    # The watcher ends a stuck lab early (see watch_lab); ttyS1 carries the heartbeat.
+    local hb=$RUNDIR/heartbeat watcher
+    STUCK=$RUNDIR/stuck
+    : > "$hb"; : > "$LOG"; rm -f "$STUCK"
+    watch_lab "$hb" &
+    watcher=$!
     set +e
-    timeout --foreground -k 10 "$TIMEOUT" "${QCMD[@]}" -serial stdio -monitor none < /dev/null | sed -u 's/\r$//' | tee "$LOG"
+    timeout --foreground -k 10 "$TIMEOUT" "${QCMD[@]}" -serial stdio -serial "file:$hb" \
+        -pidfile "$RUNDIR/qemu.pid" -monitor none < /dev/null | sed -u 's/\r$//' | tee "$LOG"
     qrc=${PIPESTATUS[0]}
     set -e
+    kill "$watcher" 2>/dev/null || true
+    wait "$watcher" 2>/dev/null || true
     rc=$(lab_status "$qrc")
     echo "lab: ${script##*/}: exit $rc after $(elapsed "$t0") s; console log: $LOG" >&2
     return "$rc"
