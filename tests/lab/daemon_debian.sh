@@ -37,7 +37,7 @@ addr=$(ferro vm show web --json | tr ',{}' '\n\n\n' | grep '"address"' | head -n
 say "address $addr"
 n=0
 while ! ferro vm log web 2>/dev/null | grep -q 'ferro-guest: ready'; do
-    sleep 1; n=$((n + 1)); [ "$n" -ge 900 ] && fail "no 'ferro-guest: ready'"
+    sleep 1; n=$((n + 1)); [ "$n" -ge 300 ] && fail "no 'ferro-guest: ready'"
 done
 say "ready $(awk -v s="$t1" '{printf "%.1f", $1 - s}' /proc/uptime) s after vm create"
 http=$(printf 'GET /demo HTTP/1.0\r\n\r\n' | timeout 20 nc "$addr" 80 | tr -d '\r' | tail -n 1)

@@ -50,7 +50,7 @@ stop() {
 elapsed() { awk -v s="$t0" '{printf "%.1f", $1 - s}' /proc/uptime; }
 
 boot 1
-if waitfor /tmp/c1.txt 'ferro-guest: ready' 600; then
+if waitfor /tmp/c1.txt 'ferro-guest: ready' 240; then
     echo "L-READY1 $(elapsed) s"
     echo "L-ECHO $(echo hello-ferro | timeout 20 nc $IP 7)"
     echo "L-HTTP $(printf 'GET /t HTTP/1.0\r\n\r\n' | timeout 20 nc $IP 80 | tr -d '\r' | tail -n 1)"
@@ -61,16 +61,18 @@ if waitfor /tmp/c1.txt 'ferro-guest: ready' 600; then
     waitfor /tmp/c1.txt 'G-WROTE [^$]' 120 || echo "L-NO-WRITE"
 else
     echo "L-NO-READY1"
+    lab-threads "$pid"
 fi
 stop 1
 
 boot 2
-if waitfor /tmp/c2.txt 'ferro-guest: ready' 600; then
+if waitfor /tmp/c2.txt 'ferro-guest: ready' 240; then
     echo "L-READY2 $(elapsed) s"
     echo 'echo "G-READ $(cat /root/persist 2>&1)"' >&3
     waitfor /tmp/c2.txt 'G-READ [^$]' 120 || echo "L-NO-READ"
 else
     echo "L-NO-READY2"
+    lab-threads "$pid"
 fi
 stop 2
 echo "L-BASE-MD5-AFTER $(md5sum /lab/debian.qcow2 | cut -d' ' -f1)"

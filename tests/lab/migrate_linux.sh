@@ -74,6 +74,7 @@ echo G-READY
 EOF
 else
     echo "L-NO-LINUX"
+    lab-threads "$apid"
 fi
 
 if waitfor /tmp/ca.txt '^G-READY' 60 && ping -c 2 -W 3 "$GUEST" > /dev/null 2>&1; then
