@@ -45,10 +45,12 @@ boot() {
     else
         echo "L-$name no linux-probe line"
     fi
+    killed=0
     if [ "$mode" = kill ]; then
         if waitfor "/tmp/c-$name.txt" '^G-SYNCED' 90; then
             kill -9 "$pid"
             echo "L-$name killed"
+            killed=1
         fi
     else
         ( sleep 120; kill -9 "$pid" 2>/dev/null ) &
@@ -58,7 +60,7 @@ boot() {
     exec 3>&-
     tr -d '\r' < "/tmp/c-$name.txt" | grep -E '^G-' | grep -v 'echo '
     tr -d '\r' < "/tmp/c-$name.txt" | grep -iE 'virtio_blk|vd[a-c]|I/O error|blk_update' | grep -v 'G-\|echo ' | head -20
-    if [ "$mode" != kill ] && ! tr -d '\r' < "/tmp/c-$name.txt" | grep -q '^G-END'; then
+    if [ "$killed" = 0 ] && ! tr -d '\r' < "/tmp/c-$name.txt" | grep -q '^G-END'; then
         echo "--- console tail of $name"; tr -d '\r' < "/tmp/c-$name.txt" | tail -40
         echo "--- stderr of $name"; cat "/tmp/e-$name.txt"
     fi
