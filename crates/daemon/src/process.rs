@@ -207,6 +207,17 @@ pub async fn spawn(
     let t = Instant::now();
     loop {
         if let Ok(Some(status)) = child.try_wait() {
+            // 0, 2 and 3 are the guest's own ends (power-off, triple fault, panic): the VMM
+            // ran it, only faster than this loop asked. The VM started; its supervisor sees
+            // the end at once and applies the restart policy, as for any later crash.
+            if !matches!(boot, Boot::Incoming(..)) && matches!(status.code(), Some(0 | 2 | 3)) {
+                return Ok(Started {
+                    child,
+                    pid,
+                    start,
+                    listening: None,
+                });
+            }
             let text = std::fs::read(dir.log()).unwrap_or_default();
             let tail = String::from_utf8_lossy(&text[text.len().min(log_len as usize)..])
                 .trim()
