@@ -263,4 +263,18 @@ pub trait VirtioDevice: Send {
     fn poll_counter(&self) -> Option<std::sync::Arc<std::sync::atomic::AtomicUsize>> {
         None
     }
+    /// The event loop is polling (see [`VirtioDevice::poll_counter`]): take the requests the
+    /// driver made available without waiting for its kick. A device may turn the driver's
+    /// kicks off while the loop polls it; [`VirtioDevice::poll_done`] turns them back on.
+    /// Returns whether there was anything to take.
+    fn poll_queues(&mut self) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
+    /// The event loop stops polling and will sleep until an fd is ready: the device turns the
+    /// driver's kicks back on, then looks at its queues once more (the driver may have added
+    /// a request before it saw kicks wanted) and takes what is there. Returns whether there
+    /// was anything to take; then the loop polls on instead of sleeping.
+    fn poll_done(&mut self) -> Result<bool, DeviceError> {
+        Ok(false)
+    }
 }

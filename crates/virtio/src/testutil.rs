@@ -190,4 +190,9 @@ impl Driver {
     pub fn kick(&mut self) {
         self.t.queue_event(0);
     }
+
+    /// The used ring's flags (bit 0: VRING_USED_F_NO_NOTIFY, the device wants no kicks).
+    pub fn used_flags(&self) -> u16 {
+        self.mem.read_obj(GuestAddress(USED)).unwrap()
+    }
 }

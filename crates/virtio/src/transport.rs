@@ -267,6 +267,30 @@ impl VirtioPciDevice {
         self.device.poll_counter()
     }
 
+    /// The event loop polls: let the device take what its driver made available
+    /// ([`VirtioDevice::poll_queues`]). Whether there was anything.
+    pub fn poll_queues(&mut self) -> bool {
+        if !self.active || self.regs.status & status::DEVICE_NEEDS_RESET != 0 {
+            return false;
+        }
+        self.device.poll_queues().unwrap_or_else(|e| {
+            self.needs_reset(e);
+            false
+        })
+    }
+
+    /// The event loop stops polling ([`VirtioDevice::poll_done`]). Whether the device found
+    /// more to do, so the loop must not sleep yet.
+    pub fn poll_done(&mut self) -> bool {
+        if !self.active || self.regs.status & status::DEVICE_NEEDS_RESET != 0 {
+            return false;
+        }
+        self.device.poll_done().unwrap_or_else(|e| {
+            self.needs_reset(e);
+            false
+        })
+    }
+
     /// The event loop saw the device's host fd readable: let the device move data.
     pub fn host_event(&mut self) {
         if !self.active || self.regs.status & status::DEVICE_NEEDS_RESET != 0 {
@@ -478,6 +502,12 @@ impl VirtioPciDevice {
         if s.status & status::DRIVER_OK != 0 && s.status & status::DEVICE_NEEDS_RESET == 0 {
             self.activate()?;
             self.device.restore(&s.device)?;
+            // One kick per queue: the driver may have made buffers available that the saved
+            // device had not taken yet, with its kick lost with the source (or not sent, while
+            // the source polled the ring). A kick with nothing new costs one pass.
+            for fd in &self.queue_events {
+                let _ = fd.write(1);
+            }
         }
         Ok(())
     }

@@ -11,6 +11,13 @@
 //! and per kick; on a virtual host each one is an IPI through the host's own hypervisor: a
 //! kick took 63 µs (p50) to reach the ring when the loop slept. A disk that stays idle costs
 //! nothing: the loop sleeps as before.
+//!
+//! While it polls, the loop also reads the polled devices' available rings itself
+//! ([`poll_queues`](ferro_virtio::VirtioDevice::poll_queues)) and the device keeps the driver's
+//! kicks off meanwhile: on a host without hardware virtualization (PVM) a kick is a trapped
+//! MMIO write the vCPU waits for. Before the loop sleeps it turns the kicks back on and looks at
+//! the rings once more ([`poll_done`](ferro_virtio::VirtioDevice::poll_done)); a request found
+//! then keeps it polling, so none is left waiting for a kick that will not come.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,9 +57,13 @@ pub fn start(devices: &[SharedVirtio]) -> Result<Option<JoinHandle<()>>, VmmErro
     let mut sources = Vec::new();
     let mut raw = Vec::new();
     let mut pending = Vec::new();
+    let mut polled = Vec::new();
     for dev in devices {
         let d = dev.lock().unwrap_or_else(|e| e.into_inner());
-        pending.extend(d.poll_counter());
+        if let Some(counter) = d.poll_counter() {
+            pending.push(counter);
+            polled.push(dev.clone());
+        }
         let fds = d
             .queue_events()
             .map_err(VmmError::io("cannot duplicate a queue eventfd"))?;
@@ -89,7 +100,7 @@ pub fn start(devices: &[SharedVirtio]) -> Result<Option<JoinHandle<()>>, VmmErro
     let handle = std::thread::Builder::new()
         .name("virtio-events".into())
         .stack_size(STACK)
-        .spawn(move || run(epoll, sources, pending))
+        .spawn(move || run(epoll, sources, pending, polled))
         .map_err(VmmError::io("cannot start the device event loop"))?;
     Ok(Some(handle))
 }
@@ -107,12 +118,23 @@ fn block_exit_signals() {
     }
 }
 
-fn run(epoll: Epoll, sources: Vec<Source>, pending: Vec<Arc<AtomicUsize>>) {
+fn lock(d: &SharedVirtio) -> std::sync::MutexGuard<'_, ferro_virtio::VirtioPciDevice> {
+    d.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn run(
+    epoll: Epoll,
+    sources: Vec<Source>,
+    pending: Vec<Arc<AtomicUsize>>,
+    polled: Vec<SharedVirtio>,
+) {
     block_exit_signals();
     let mut events = vec![EpollEvent::default(); sources.len()];
     // The last event handled, and the last time a device had completions due.
     let mut last = Instant::now();
     let mut busy: Option<Instant> = None;
+    // Whether the loop has polled the devices' rings since it last turned kicks back on.
+    let mut rings_polled = false;
     loop {
         // No clock reads at all for a VM without a polled device.
         let poll = !pending.is_empty() && {
@@ -129,8 +151,26 @@ fn run(epoll: Epoll, sources: Vec<Source>, pending: Vec<Arc<AtomicUsize>>) {
                 busy.is_some_and(|b| now.duration_since(b) < POLL)
             }
         };
+        if !poll && rings_polled {
+            // About to sleep: kicks back on first; what arrived meanwhile keeps us polling.
+            rings_polled = false;
+            let mut more = false;
+            for d in &polled {
+                more |= lock(d).poll_done();
+            }
+            if more {
+                last = Instant::now();
+                continue;
+            }
+        }
         let n = match epoll.wait(if poll { 0 } else { -1 }, &mut events) {
             Ok(0) if poll => {
+                rings_polled = true;
+                for d in &polled {
+                    if lock(d).poll_queues() {
+                        last = Instant::now();
+                    }
+                }
                 std::hint::spin_loop();
                 continue;
             }
@@ -164,5 +204,8 @@ fn run(epoll: Epoll, sources: Vec<Source>, pending: Vec<Arc<AtomicUsize>>) {
                     .host_event(),
             }
         }
+        // A polled device may turn kicks off when it posts completions (virtio-blk does):
+        // they must be turned back on before the loop sleeps.
+        rings_polled |= n > 0 && !polled.is_empty();
     }
 }

@@ -14,6 +14,12 @@
 //! MSI-X vector, one interrupt per batch (see [`worker`]). The event loop never waits for the
 //! disk, except to finish the ring's requests at a reset, a save or a device error.
 //!
+//! Polling: while the event loop polls ([`VirtioDevice::poll_queues`]), requests are taken
+//! from the available ring without a kick and the driver's kicks stay off; reaping the ring's
+//! completions ([`VirtioDevice::host_ready`]) turns them off too, before the driver sees the
+//! completions and refills. [`VirtioDevice::poll_done`] turns them back on and takes what
+//! arrived meanwhile. Restore always leaves them on.
+//!
 //! Features: SEG_MAX, SIZE_MAX, BLK_SIZE (512), FLUSH, DISCARD and WRITE_ZEROES (writable
 //! disks), RO (read-only disks); the transport adds VERSION_1, EVENT_IDX and INDIRECT_DESC. A
 //! driver that does not take FLUSH gets write-through: every write is flushed before it
@@ -97,6 +103,9 @@ struct Active {
     heads: Vec<u16>,
     jobs: Vec<Job>,
     done: Vec<(u16, u32)>,
+    /// The driver's kicks are off (USED_F_NO_NOTIFY set, or avail_event left behind with
+    /// EVENT_IDX) because the event loop polls the ring.
+    kicks_off: bool,
 }
 
 /// The virtio-blk device.
@@ -113,6 +122,8 @@ pub struct Block {
     /// Requests of the current activation in flight (ring and workers), for the event loop's
     /// polling ([`VirtioDevice::poll_counter`]).
     busy: Arc<AtomicUsize>,
+    /// The event loop is polling the ring: take requests with the driver's kicks left off.
+    polling: bool,
 }
 
 /// Whether `disk` is one plain file that vectored I/O can reach directly (a raw image).
@@ -159,6 +170,7 @@ impl Block {
             pool: None,
             uring,
             busy: Arc::new(AtomicUsize::new(0)),
+            polling: false,
         }
     }
 
@@ -190,12 +202,12 @@ impl Block {
     }
 
     /// Takes every available request: parses it, answers what needs no disk, and hands the
-    /// rest to the ring or the workers.
-    fn serve(&mut self, queue: u16) -> Result<(), DeviceError> {
+    /// rest to the ring or the workers. Returns how many requests it took.
+    fn serve(&mut self, queue: u16) -> Result<usize, DeviceError> {
         let indirect = self.negotiated & features::RING_INDIRECT_DESC != 0;
         let lim = self.limits();
         let Some(a) = self.active.as_mut() else {
-            return Ok(());
+            return Ok(0);
         };
         if a.ctx.broken.load(Ordering::Acquire) {
             return Err(DeviceError::Ring {
@@ -208,10 +220,11 @@ impl Block {
             (q.ready(), q.desc_table(), q.size())
         };
         if queue != 0 || !ready {
-            return Ok(());
+            return Ok(0);
         }
         a.heads.clear();
-        a.pop_all()?;
+        a.pop_all(self.polling)?;
+        let taken = a.heads.len();
         let ctx = a.ctx.clone();
         let mut result = Ok(());
         for &head in &a.heads {
@@ -285,7 +298,7 @@ impl Block {
             a.done.clear();
             ctx.notify(0);
         }
-        result
+        result.map(|()| taken)
     }
 
     /// Requests in flight now (0 when not active).
@@ -295,8 +308,10 @@ impl Block {
 }
 
 impl Active {
-    /// Takes every available chain off the ring into `heads`.
-    fn pop_all(&mut self) -> Result<(), DeviceError> {
+    /// Takes every available chain off the ring into `heads`. With `kicks_off` (the event
+    /// loop polls the ring) the driver's kicks stay off afterwards; otherwise they are turned
+    /// back on, and what the driver added meanwhile is taken too.
+    fn pop_all(&mut self, kicks_off: bool) -> Result<(), DeviceError> {
         let ring = |what: String| DeviceError::Ring { queue: 0, what };
         let ctx = &self.ctx;
         let mut q = ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -321,6 +336,10 @@ impl Active {
                     return Err(ring("available ring is outside guest memory".into()));
                 };
                 self.heads.push(chain.head_index());
+            }
+            self.kicks_off = kicks_off;
+            if kicks_off {
+                return Ok(());
             }
             if !q
                 .enable_notification(&ctx.mem)
@@ -400,12 +419,13 @@ impl VirtioDevice for Block {
             heads: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             jobs: Vec::with_capacity(usize::from(QUEUE_SIZE)),
             done: Vec::with_capacity(usize::from(QUEUE_SIZE)),
+            kicks_off: false,
         });
         Ok(())
     }
 
     fn queue_notified(&mut self, queue: u16) -> Result<(), DeviceError> {
-        let r = self.serve(queue);
+        let r = self.serve(queue).map(|_| ());
         if r.is_err() {
             // The transport stops serving the device until a reset: finish the ring's
             // requests now, so its descriptor does not stay readable for an event loop that
@@ -424,6 +444,23 @@ impl VirtioDevice for Block {
     }
 
     fn host_ready(&mut self) -> Result<(), DeviceError> {
+        // Completions wake the driver, which makes its next requests at once: the event loop
+        // polls for them after this (see poll_queues), so kicks go off before the driver can
+        // see the first completion, not after it has already paid for a kick.
+        if let Some(a) = self.active.as_mut() {
+            if !a.kicks_off {
+                let mut q = a.ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
+                if q.ready() {
+                    q.disable_notification(&a.ctx.mem)
+                        .map_err(|e| DeviceError::Ring {
+                            queue: 0,
+                            what: e.to_string(),
+                        })?;
+                    a.kicks_off = true;
+                    self.polling = true;
+                }
+            }
+        }
         if let Some(mut u) = self.ring() {
             u.reap();
         }
@@ -432,6 +469,56 @@ impl VirtioDevice for Block {
 
     fn poll_counter(&self) -> Option<Arc<AtomicUsize>> {
         Some(self.busy.clone())
+    }
+
+    fn poll_queues(&mut self) -> Result<bool, DeviceError> {
+        let Some(a) = &self.active else {
+            return Ok(false);
+        };
+        if a.kicks_off {
+            // The common case while polling: one load of the available index.
+            let q = a.ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
+            if !q.ready() {
+                return Ok(false);
+            }
+            let avail =
+                q.avail_idx(&a.ctx.mem, Ordering::Acquire)
+                    .map_err(|e| DeviceError::Ring {
+                        queue: 0,
+                        what: e.to_string(),
+                    })?;
+            if avail.0 == q.next_avail() {
+                return Ok(false);
+            }
+        }
+        self.polling = true;
+        Ok(self.serve(0)? > 0)
+    }
+
+    fn poll_done(&mut self) -> Result<bool, DeviceError> {
+        self.polling = false;
+        let Some(a) = self.active.as_mut() else {
+            return Ok(false);
+        };
+        if !a.kicks_off {
+            return Ok(false);
+        }
+        // Kicks on first, then one more look at the ring: a request the driver added before
+        // it could see kicks wanted is taken here (the driver orders its index store before
+        // its read of the flags, enable_notification its flag store before this read).
+        let more = {
+            let mut q = a.ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.enable_notification(&a.ctx.mem)
+                .map_err(|e| DeviceError::Ring {
+                    queue: 0,
+                    what: e.to_string(),
+                })?
+        };
+        a.kicks_off = false;
+        if more {
+            self.serve(0)?;
+        }
+        Ok(more)
     }
 
     fn reset(&mut self) {
@@ -460,6 +547,11 @@ impl VirtioDevice for Block {
             let mut q = a.ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
             q.set_next_avail(saved.next_avail);
             q.set_next_used(saved.next_used);
+            // The source may have been polling the ring with the driver's kicks off: turn them
+            // on here (the transport then kicks the queue once, for what the driver added).
+            q.enable_notification(&a.ctx.mem)
+                .map_err(|e| DeviceError::Restore(format!("request queue: {e}")))?;
+            a.kicks_off = false;
         }
         Ok(())
     }

@@ -728,6 +728,77 @@ fn save_has_nothing_in_flight_and_restores() {
     assert_eq!(d2.t.save(), s);
 }
 
+/// The event loop's polling: requests the driver makes available are taken without a kick,
+/// kicks stay off while the loop polls and come back on when it stops; a request made while
+/// they were off is taken then, and completions turn them off again before the driver sees
+/// them (it refills at once).
+#[test]
+fn polling_takes_requests_without_kicks_and_turns_kicks_back_on() {
+    const NO_NOTIFY: u16 = 1;
+    let (mut d, disk) = driver();
+    header(&d, kind::FLUSH, 0);
+    two(&d);
+    // Nothing available: polling finds nothing, but kicks go off for as long as it polls.
+    assert!(!d.t.poll_queues());
+    assert_eq!(d.used_flags() & NO_NOTIFY, NO_NOTIFY);
+    d.publish(0);
+    assert!(
+        d.t.poll_queues(),
+        "a request made available is taken without a kick"
+    );
+    wait_used(&mut d, 1);
+    assert_eq!(disk.flushes.load(Ordering::SeqCst), 1);
+    assert!(!d.t.poll_queues(), "nothing new");
+    // The loop stops polling: kicks back on, nothing was left.
+    assert!(!d.t.poll_done());
+    assert_eq!(d.used_flags() & NO_NOTIFY, 0);
+    // A request made after the last poll but before kicks came back on: poll_done takes it
+    // and tells the loop to keep polling.
+    assert!(!d.t.poll_queues());
+    d.publish(0);
+    assert!(d.t.poll_done(), "the last look takes what the driver added");
+    // (wait_used reaps as the loop does, with host_event: that turns kicks off again.)
+    wait_used(&mut d, 2);
+    assert_eq!(disk.flushes.load(Ordering::SeqCst), 2);
+    assert!(!d.t.poll_done());
+    assert_eq!(d.used_flags() & NO_NOTIFY, 0);
+    // Kicks on: a kicked request is served as before, and kicks stay on.
+    d.publish(0);
+    d.kick();
+    assert_eq!(d.used_flags() & NO_NOTIFY, 0);
+    // Completions of the io_uring turn kicks off (host_event is how the loop reaps them).
+    wait_used(&mut d, 3);
+    d.t.host_event();
+    assert_eq!(d.used_flags() & NO_NOTIFY, NO_NOTIFY);
+    assert!(!d.t.poll_done());
+    assert_eq!(d.used_flags() & NO_NOTIFY, 0);
+    assert_eq!(d.t.status() & status::DEVICE_NEEDS_RESET, 0);
+}
+
+/// A snapshot taken while the loop polled (kicks off in guest memory) restores with kicks on,
+/// and the restored transport kicks its queue once, so an available request is not stranded.
+#[test]
+fn restore_turns_kicks_back_on() {
+    let (mut d, _) = driver();
+    header(&d, kind::FLUSH, 0);
+    two(&d);
+    assert!(!d.t.poll_queues());
+    assert_eq!(d.used_flags() & 1, 1);
+    let s = d.t.save();
+    let mut d2 = Driver::new(Box::new(Block::new(BlockConfig {
+        disk: MemDisk::new(SECTORS, false),
+        serial: None,
+        name: "t2".into(),
+    })));
+    // The restored VM's memory is the saved one: same rings, flags included.
+    let flags = d.used_flags();
+    d2.mem
+        .write_obj(flags, GuestAddress(crate::testutil::USED))
+        .unwrap();
+    d2.t.restore(&s).unwrap();
+    assert_eq!(d2.used_flags() & 1, 0);
+}
+
 /// Guest buffers become host iovecs: one per piece, a buffer across two memory regions gives
 /// two, and a stream shorter than asked (or memory that is not there) is refused.
 #[test]

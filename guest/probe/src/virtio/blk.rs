@@ -399,6 +399,17 @@ pub fn run(c: &mut Ctx, mode: BlkMode) {
     }
     settle_irqs(&b.v);
     Line::new().s("blk_irqs=").dec(b.v.irqs() as u64);
+    {
+        use super::queue::{KICKS, KICKS_SKIPPED, KICK_NS};
+        use core::sync::atomic::Ordering::Relaxed;
+        Line::new()
+            .s("blk_kicks=")
+            .dec(KICKS.load(Relaxed))
+            .s(" blk_kick_us=")
+            .dec(KICK_NS.load(Relaxed) / 1000)
+            .s(" blk_kicks_skipped=")
+            .dec(KICKS_SKIPPED.load(Relaxed));
+    }
     b.v.reset();
 }
 

@@ -3,7 +3,7 @@
 
 use crate::dma::Dma;
 use crate::mmio::{r16, r32, w16, w32, w64};
-use core::sync::atomic::{compiler_fence, fence, Ordering};
+use core::sync::atomic::{compiler_fence, fence, AtomicU64, Ordering};
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -40,6 +40,14 @@ pub fn wr(addr: u64, len: u32) -> Buf {
         write: true,
     }
 }
+
+/// Kicks written (all queues), the time the vCPU spent in their notify writes (on PVM each is
+/// a trapped MMIO write), and kicks left out because the device asked for none.
+pub static KICKS: AtomicU64 = AtomicU64::new(0);
+/// See [`KICKS`].
+pub static KICK_NS: AtomicU64 = AtomicU64::new(0);
+/// See [`KICKS`].
+pub static KICKS_SKIPPED: AtomicU64 = AtomicU64::new(0);
 
 /// One split virtqueue.
 pub struct Queue {
@@ -139,7 +147,12 @@ impl Queue {
         // The index store must be visible before the used ring's flags are read.
         fence(Ordering::SeqCst);
         if r16(self.used) & USED_NO_NOTIFY == 0 {
+            let t0 = crate::kvmclock::now_ns();
             w16(self.notify, self.idx);
+            KICK_NS.fetch_add(crate::kvmclock::now_ns() - t0, Ordering::Relaxed);
+            KICKS.fetch_add(1, Ordering::Relaxed);
+        } else {
+            KICKS_SKIPPED.fetch_add(1, Ordering::Relaxed);
         }
     }
 
