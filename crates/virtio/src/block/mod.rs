@@ -549,8 +549,10 @@ impl VirtioDevice for Block {
             q.set_next_used(saved.next_used);
             // The source may have been polling the ring with the driver's kicks off: turn them
             // on here (the transport then kicks the queue once, for what the driver added).
-            q.enable_notification(&a.ctx.mem)
-                .map_err(|e| DeviceError::Restore(format!("request queue: {e}")))?;
+            if q.ready() {
+                q.enable_notification(&a.ctx.mem)
+                    .map_err(|e| DeviceError::Restore(format!("request queue: {e}")))?;
+            }
             a.kicks_off = false;
         }
         Ok(())
