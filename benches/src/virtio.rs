@@ -1052,9 +1052,14 @@ showed a 256 KiB O_DIRECT write of a merged run taking ~280 µs, longer than the
 probe slept and took the interrupt through PVM's emulated CPL0 path: 82 µs from its EOI to its
 next kick, 137 µs from a batch's last completion to the next write on the disk. With 1000 µs
 the kick follows the completion by ~3 µs; sequential writes medians ~2600 to ~2800 MB/s in 5
-alternating runs. Also tried and dropped: the probe sleeping for the interrupt instead of spinning (`blk_spin=0`), polling the avail ring with the
-driver's notifications left on (no change) or turned off while reads are in flight (no gain, and
-one stalled run), 8 or 32 workers, and merged runs of 64 KiB (no merging: writes ~20 % lower),
+alternating runs. Then the kicks themselves: the probe times its notify writes, and over the
+bench's disk passes it made ~7400 kicks at ~30 µs of vCPU time each (on PVM a kick is a trapped
+MMIO write). The event loop now takes requests off the available ring while it polls, with the
+guest's kicks off (virtio-blk turns them off as it posts completions, before the guest refills,
+and back on, with one more look at the ring, before the loop sleeps): ~800 kicks per run, and
+4 KiB random reads won 7 of 10 alternating pairs (medians ~75k to ~82k IOPS; the host disk
+swung 59-90k between runs). Also tried and dropped: the probe sleeping for the interrupt instead of spinning (`blk_spin=0`), polling the avail ring with the
+driver's notifications left on (no change), 8 or 32 workers, and merged runs of 64 KiB (no merging: writes ~20 % lower),
 128 KiB or 512 KiB; the event loop yielding the CPU while it polls; a worker spinning for the
 next job before it sleeps (writes ~25 % lower: the 2 CPUs are already taken by the spinning vCPU
 and the polling loop); writes through the ring as well (no clear gain); publishing a reap's
@@ -1064,7 +1069,8 @@ virtio disk of the outer hypervisor, one queue) completes the 16 reads of a batc
 each VMM's slots move in lock-step. Traced with block, io_uring and kvm tracepoints (30000
 reads at 71-80k IOPS, with the burst variant above, whose batches stay whole): a batch's cycle is p50 201 µs, of which p50 32 µs from the disk's last
 completion to the next read at the disk (25 µs to the guest's kick: the event loop posting the
-completions, the guest seeing them and refilling, PVM's MMIO exit), the rest the disk; the host
+completions, the guest seeing them and refilling, PVM's MMIO exit; the kicks are now mostly
+gone, see above), the rest the disk; the host
 threads and fio resubmit from their completion path in a few µs. Earlier, before the polling
 (20000 reads at 42k IOPS), ~190 µs of each slot's 377 µs cycle were outside the disk, in the
 event loop's and the guest's wake-ups; on this 2-vCPU host VM every cross-CPU wake-up is itself
