@@ -234,7 +234,7 @@ prepare() {
 # in its vCPU thread (stack guard page hit in error_entry); with vgif=0, 32 of 32 booted.
 # LAB_KVM_AMD_OPTS overrides it (commas between options; empty for kvm_amd's defaults).
 qemu_cmd() {
-    QCMD=("$QEMU" -accel tcg -cpu "${LAB_CPU:-max}" -M q35 -m "$MEM" -smp "$SMP"
+    QCMD=("$QEMU" -accel "${LAB_ACCEL:-tcg}" -cpu "${LAB_CPU:-max}" -M q35 -m "$MEM" -smp "$SMP"
           -bios /usr/share/qemu/qboot.rom -nodefaults -no-user-config -display none -no-reboot
           -kernel "$GUEST/vmlinux" -initrd "$RUNDIR/initrd"
           -append "console=ttyS0 quiet panic=-1 softlockup_panic=1 KVM_AMD_OPTS=${LAB_KVM_AMD_OPTS-vgif=0} ${LAB_CMDLINE:-}")

@@ -53,7 +53,8 @@ boot() {
             killed=1
         fi
     else
-        ( sleep 120; kill -9 "$pid" 2>/dev/null ) &
+        # A guest that has not powered off by then is stuck: its VMM's threads show where.
+        ( sleep 120; kill -0 "$pid" 2>/dev/null && lab-threads "$pid" > "/tmp/t-$name.txt"; kill -9 "$pid" 2>/dev/null ) &
     fi
     wait "$pid"
     echo "L-$name rc=$?"
@@ -63,6 +64,7 @@ boot() {
     if [ "$killed" = 0 ] && ! tr -d '\r' < "/tmp/c-$name.txt" | grep -q '^G-END'; then
         echo "--- console tail of $name"; tr -d '\r' < "/tmp/c-$name.txt" | tail -40
         echo "--- stderr of $name"; cat "/tmp/e-$name.txt"
+        [ -s "/tmp/t-$name.txt" ] && { echo "--- threads of $name's VMM before the kill"; cat "/tmp/t-$name.txt"; }
     fi
     echo "L-$name qcow2-check: $(qemu-img check /lab/q.qcow2 2>&1 | tr '\n' ' ')"
 }
