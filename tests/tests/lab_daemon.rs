@@ -41,7 +41,7 @@ fn daemon_runs_a_debian_vm_from_a_template_inside_the_lab() {
             debian.join("debian-initrd.cpio.gz").display()
         ),
     ];
-    lab_check("daemon_debian.sh", &adds, 1500, |console| {
+    lab_check("daemon_debian.sh", &adds, 600, |console| {
         assert!(line(console, "D-FAIL").is_none(), "{console}");
         assert!(line(console, "D-done ").is_some(), "{console}");
         let addr = line(console, "D-address ").unwrap_or_default();

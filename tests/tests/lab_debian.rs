@@ -41,7 +41,7 @@ fn debian_template_boots_from_a_qcow2_overlay_serves_tcp_and_keeps_its_writes() 
         format!("{}:/lab/vm.qcow2", overlay.display()),
     ];
     // The overlay stays until both attempts are over: a retry boots from it again.
-    lab_check("debian_disk.sh", &adds, 1500, |console| {
+    lab_check("debian_disk.sh", &adds, 900, |console| {
         assert!(console.contains("lab-debian-disk: done"), "{console}");
         assert!(
             line(console, "L-READY1 ").is_some(),
