@@ -274,17 +274,15 @@ LAB_HB_LIMIT=${LAB_HB_LIMIT:-60}
 # then reports a soft lockup (softlockup_panic=1 makes that a panic, which ends QEMU), or
 # prints nothing and its user space stops: the heartbeat goes quiet. Neither recovers.
 watch_lab() {
-    local hb=$1 pid="" age why
+    local hb=$1 pid="" age
     while :; do
         sleep 2
         [[ -n $pid ]] || pid=$(cat "$RUNDIR/qemu.pid" 2>/dev/null || true)
         [[ -n $pid ]] || continue
         kill -0 "$pid" 2>/dev/null || return 0
-        why=""
         age=$(( $(date +%s) - $(stat -c %Y "$hb") ))
-        (( age <= LAB_HB_LIMIT )) || why="the lab's heartbeat stopped $age s ago (lab kernel stuck)"
-        if [[ -n $why ]]; then
-            echo "$why; ended it" > "$STUCK"
+        if (( age > LAB_HB_LIMIT )); then
+            echo "the lab's heartbeat stopped $age s ago (lab kernel stuck); ended it" > "$STUCK"
             kill -TERM "$pid" 2>/dev/null || true
             sleep 5
             kill -KILL "$pid" 2>/dev/null || true

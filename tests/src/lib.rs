@@ -337,7 +337,7 @@ pub fn console_line<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
 
 /// How many times a KVM-lab test runs before its failure counts. The lab is QEMU's software CPU
 /// emulating AMD-V, and its nested SVM is not perfect. Measured here, about one nested 2-vCPU
-/// Linux boot in twenty goes wrong in a way the same guest and VMM never show outside the lab:
+/// Linux boot in twenty goes wrong in a way that does not repeat on the next run:
 /// the whole lab freezes (lab.sh ends it, exit 125), the lab kernel locks up in kvm_amd's run
 /// loop (a panic, 125), a nested vCPU stops taking timer interrupts (RCU stall), or a nested
 /// vCPU triple-faults. A test boots up to four such guests, so one run in five or so can fail

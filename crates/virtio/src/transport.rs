@@ -247,14 +247,25 @@ impl VirtioPciDevice {
         self.device.device_type()
     }
 
+    /// Runs `work` on the device for the event loop, unless the device is not serving (not
+    /// activated, or stopped after an error until the driver resets it); an error stops it.
+    /// The default answer when it does not run or fails.
+    fn serving<T: Default>(
+        &mut self,
+        work: impl FnOnce(&mut dyn VirtioDevice) -> Result<T, DeviceError>,
+    ) -> T {
+        if !self.active || self.regs.status & status::DEVICE_NEEDS_RESET != 0 {
+            return T::default();
+        }
+        work(self.device.as_mut()).unwrap_or_else(|e| {
+            self.needs_reset(e);
+            T::default()
+        })
+    }
+
     /// The event loop saw a kick of queue `queue`: let the device process it.
     pub fn queue_event(&mut self, queue: u16) {
-        if !self.active || self.regs.status & status::DEVICE_NEEDS_RESET != 0 {
-            return;
-        }
-        if let Err(e) = self.device.queue_notified(queue) {
-            self.needs_reset(e);
-        }
+        self.serving(|d| d.queue_notified(queue));
     }
 
     /// The device's host-side file descriptor ([`VirtioDevice::host_fd`]), for the event loop.
@@ -270,35 +281,18 @@ impl VirtioPciDevice {
     /// The event loop polls: let the device take what its driver made available
     /// ([`VirtioDevice::poll_queues`]). Whether there was anything.
     pub fn poll_queues(&mut self) -> bool {
-        if !self.active || self.regs.status & status::DEVICE_NEEDS_RESET != 0 {
-            return false;
-        }
-        self.device.poll_queues().unwrap_or_else(|e| {
-            self.needs_reset(e);
-            false
-        })
+        self.serving(|d| d.poll_queues())
     }
 
     /// The event loop stops polling ([`VirtioDevice::poll_done`]). Whether the device found
     /// more to do, so the loop must not sleep yet.
     pub fn poll_done(&mut self) -> bool {
-        if !self.active || self.regs.status & status::DEVICE_NEEDS_RESET != 0 {
-            return false;
-        }
-        self.device.poll_done().unwrap_or_else(|e| {
-            self.needs_reset(e);
-            false
-        })
+        self.serving(|d| d.poll_done())
     }
 
     /// The event loop saw the device's host fd readable: let the device move data.
     pub fn host_event(&mut self) {
-        if !self.active || self.regs.status & status::DEVICE_NEEDS_RESET != 0 {
-            return;
-        }
-        if let Err(e) = self.device.host_ready() {
-            self.needs_reset(e);
-        }
+        self.serving(|d| d.host_ready());
     }
 
     /// Stops the device until the driver resets it, and tells the driver.

@@ -122,8 +122,14 @@ pub struct Block {
     /// Requests of the current activation in flight (ring and workers), for the event loop's
     /// polling ([`VirtioDevice::poll_counter`]).
     busy: Arc<AtomicUsize>,
-    /// The event loop is polling the ring: take requests with the driver's kicks left off.
-    polling: bool,
+}
+
+/// A request-queue access that failed (the ring lies outside guest memory).
+fn ring_error(e: virtio_queue::Error) -> DeviceError {
+    DeviceError::Ring {
+        queue: 0,
+        what: e.to_string(),
+    }
 }
 
 /// Whether `disk` is one plain file that vectored I/O can reach directly (a raw image).
@@ -170,7 +176,6 @@ impl Block {
             pool: None,
             uring,
             busy: Arc::new(AtomicUsize::new(0)),
-            polling: false,
         }
     }
 
@@ -202,8 +207,9 @@ impl Block {
     }
 
     /// Takes every available request: parses it, answers what needs no disk, and hands the
-    /// rest to the ring or the workers. Returns how many requests it took.
-    fn serve(&mut self, queue: u16) -> Result<usize, DeviceError> {
+    /// rest to the ring or the workers; leaves the driver's kicks off with `kicks_off` (see
+    /// [`Active::pop_all`]). Returns how many requests it took.
+    fn serve(&mut self, queue: u16, kicks_off: bool) -> Result<usize, DeviceError> {
         let indirect = self.negotiated & features::RING_INDIRECT_DESC != 0;
         let lim = self.limits();
         let Some(a) = self.active.as_mut() else {
@@ -223,7 +229,7 @@ impl Block {
             return Ok(0);
         }
         a.heads.clear();
-        a.pop_all(self.polling)?;
+        a.pop_all(kicks_off)?;
         let taken = a.heads.len();
         let ctx = a.ctx.clone();
         let mut result = Ok(());
@@ -316,12 +322,11 @@ impl Active {
         let ctx = &self.ctx;
         let mut q = ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
         loop {
-            q.disable_notification(&ctx.mem)
-                .map_err(|e| ring(e.to_string()))?;
+            q.disable_notification(&ctx.mem).map_err(ring_error)?;
             loop {
                 let avail = q
                     .avail_idx(&ctx.mem, Ordering::Acquire)
-                    .map_err(|e| ring(e.to_string()))?;
+                    .map_err(ring_error)?;
                 let pending = avail.0.wrapping_sub(q.next_avail());
                 if pending == 0 {
                     break;
@@ -341,10 +346,7 @@ impl Active {
             if kicks_off {
                 return Ok(());
             }
-            if !q
-                .enable_notification(&ctx.mem)
-                .map_err(|e| ring(e.to_string()))?
-            {
+            if !q.enable_notification(&ctx.mem).map_err(ring_error)? {
                 return Ok(());
             }
         }
@@ -425,7 +427,9 @@ impl VirtioDevice for Block {
     }
 
     fn queue_notified(&mut self, queue: u16) -> Result<(), DeviceError> {
-        let r = self.serve(queue).map(|_| ());
+        // Kicks stay as they are: off while the event loop polls the ring.
+        let kicks_off = self.active.as_ref().is_some_and(|a| a.kicks_off);
+        let r = self.serve(queue, kicks_off).map(|_| ());
         if r.is_err() {
             // The transport stops serving the device until a reset: finish the ring's
             // requests now, so its descriptor does not stay readable for an event loop that
@@ -451,13 +455,8 @@ impl VirtioDevice for Block {
             if !a.kicks_off {
                 let mut q = a.ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
                 if q.ready() {
-                    q.disable_notification(&a.ctx.mem)
-                        .map_err(|e| DeviceError::Ring {
-                            queue: 0,
-                            what: e.to_string(),
-                        })?;
+                    q.disable_notification(&a.ctx.mem).map_err(ring_error)?;
                     a.kicks_off = true;
-                    self.polling = true;
                 }
             }
         }
@@ -481,22 +480,17 @@ impl VirtioDevice for Block {
             if !q.ready() {
                 return Ok(false);
             }
-            let avail =
-                q.avail_idx(&a.ctx.mem, Ordering::Acquire)
-                    .map_err(|e| DeviceError::Ring {
-                        queue: 0,
-                        what: e.to_string(),
-                    })?;
+            let avail = q
+                .avail_idx(&a.ctx.mem, Ordering::Acquire)
+                .map_err(ring_error)?;
             if avail.0 == q.next_avail() {
                 return Ok(false);
             }
         }
-        self.polling = true;
-        Ok(self.serve(0)? > 0)
+        Ok(self.serve(0, true)? > 0)
     }
 
     fn poll_done(&mut self) -> Result<bool, DeviceError> {
-        self.polling = false;
         let Some(a) = self.active.as_mut() else {
             return Ok(false);
         };
@@ -508,15 +502,11 @@ impl VirtioDevice for Block {
         // its read of the flags, enable_notification its flag store before this read).
         let more = {
             let mut q = a.ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
-            q.enable_notification(&a.ctx.mem)
-                .map_err(|e| DeviceError::Ring {
-                    queue: 0,
-                    what: e.to_string(),
-                })?
+            q.enable_notification(&a.ctx.mem).map_err(ring_error)?
         };
         a.kicks_off = false;
         if more {
-            self.serve(0)?;
+            self.serve(0, false)?;
         }
         Ok(more)
     }
