@@ -89,6 +89,12 @@ pub trait BlockBackend: Send + Sync {
         let _ = (iov, offset, write);
         None
     }
+    /// A write of `len` bytes at `offset` that a caller ran itself on a descriptor from
+    /// [`BlockBackend::vectored_fd`] has ended (whatever its result); called before the guest
+    /// is told. Default: nothing to do.
+    fn wrote(&self, offset: u64, len: u64) {
+        let _ = (offset, len);
+    }
     /// Makes every completed write durable, data and metadata.
     fn flush(&self) -> Result<(), DiskError>;
     /// Hints that a range is unused; its contents are unspecified afterwards.

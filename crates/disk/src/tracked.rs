@@ -6,9 +6,10 @@
 //! every [`TRACK_BLOCK`]-byte block a write, discard or write-zeroes touched — *after* the
 //! call returned. A copier that takes (and clears) the bits before reading the blocks then
 //! never misses a change: a write that completed before the take is in what it reads, one
-//! that completes after sets its bit again for the next round. Writes never go to io_uring
-//! (the block device only queues reads there), and [`BlockBackend::vectored_fd`] refuses
-//! writes while the log is on, so every write passes through here.
+//! that completes after sets its bit again for the next round. A write the block device
+//! runs itself through io_uring on [`BlockBackend::vectored_fd`]'s descriptor is marked by
+//! [`BlockBackend::wrote`], which it calls when the write has ended, before the guest is told,
+//! so that write is ordered like one that passes through here.
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -145,11 +146,12 @@ impl BlockBackend for Tracked {
     }
 
     fn vectored_fd(&self, iov: &[IoVec], offset: u64, write: bool) -> Option<RawFd> {
-        // A write someone else runs on the descriptor would complete unseen by the log.
-        if write && self.log.is_on() {
-            return None;
-        }
         self.inner.vectored_fd(iov, offset, write)
+    }
+
+    fn wrote(&self, offset: u64, len: u64) {
+        self.inner.wrote(offset, len);
+        self.log.mark(offset, len);
     }
 
     fn flush(&self) -> Result<(), DiskError> {
@@ -261,11 +263,15 @@ mod tests {
     }
 
     #[test]
-    fn write_descriptors_are_refused_while_logging() {
-        let d = disk(1 << 20);
-        // The in-memory disk has none anyway; the wrapper must not offer one for writes.
-        assert!(d.vectored_fd(&[], 0, true).is_none());
+    fn a_write_run_elsewhere_is_marked_when_it_ends() {
+        let d = disk((TRACK_BLOCK * 8) as usize);
+        d.wrote(TRACK_BLOCK * 3, 512);
         d.log().start();
-        assert!(d.vectored_fd(&[], 0, true).is_none());
+        assert!(marked(&d.log().take()).is_empty());
+        d.wrote(TRACK_BLOCK * 3 + 10, TRACK_BLOCK);
+        assert_eq!(marked(&d.log().take()), [3, 4]);
+        d.log().stop();
+        d.wrote(0, 512);
+        assert!(marked(&d.log().take()).is_empty());
     }
 }

@@ -6,9 +6,10 @@
 //! device ask for a reset, as every device does), parses the request ([`request::parse`]) and
 //! hands it to this disk's worker threads ([`worker::Pool`], [`WORKERS`] of them, started at
 //! the first activation so they inherit the vCPU thread's signal mask). Requests refused while
-//! parsing, and GET_ID, are completed on the event loop at once. Reads of a raw image (single
-//! or merged runs) go to an io_uring the event loop submits and reaps itself (its descriptor
-//! is the device's host fd; see [`uring`]); everything else goes to the workers. Either does the disk I/O
+//! parsing, and GET_ID, are completed on the event loop at once. Reads and writes of a raw
+//! image (single or merged runs) go to an io_uring the event loop submits, one entry at a
+//! time, and reaps itself (its descriptor is the device's host fd; see [`uring`]); flushes,
+//! discard, write-zeroes, qcow2 and write-through go to the workers. Either does the disk I/O
 //! straight between the image and guest memory (a bounce buffer only where O_DIRECT or qcow2
 //! needs one), writes the status, puts the chain in the used ring and raises the queue's
 //! MSI-X vector, one interrupt per batch (see [`worker`]). The event loop never waits for the

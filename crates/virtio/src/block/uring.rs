@@ -14,15 +14,23 @@
 //! request in its submitter's context: a separate reaping thread cost a wake-up of the event
 //! loop and one of the reaper per completion, and was slower.
 //!
-//! What stays with the workers: writes. Their cost is the submission itself (pinning 256 KiB
-//! of pages, the host disk's own queueing), which 16 threads spread over both CPUs while the
-//! event loop would do it alone: through the ring, sequential 64 KiB writes fell from
-//! ~1400-1600 to ~1100-1300 MB/s (host load 4-5), and on a quiet host they were no faster
-//! (medians ~2260 against ~2330 MB/s, 6 alternating runs). Merged sequential reads once stayed
-//! with the workers too (~10 % slower through the ring on that loaded host); on a quiet host
-//! the ring was faster in 8 of 8 alternating pairs (medians ~2660 against ~2410 MB/s, 448 MiB
-//! of 64 KiB reads), so reads now all go through it. Flushes, discard, write-zeroes, qcow2,
-//! buffers O_DIRECT cannot take and write-through go to the workers as well.
+//! Each entry is submitted the moment it is queued, one `io_uring_enter` per request, not
+//! one for the whole kick: io_uring plugs a submission of more than two entries, so the
+//! host's disk saw none of a batch of 16 until the last was prepared (~11 µs later on the PVM
+//! host), and its backend (the outer hypervisor's virtio disk, which works through a batch
+//! in order and completes it at once) started late on every batch. Traced with block and
+//! io_uring tracepoints, a batch's cycle was the disk's ~155 µs plus ~35 µs from its last
+//! completion to the next issue; fio, which submits one at a time, had a shorter disk part.
+//! Unplugged, 4 KiB random reads at queue depth 16 went from a median of ~84k to ~95k IOPS
+//! (5 alternating runs, quiet host).
+//!
+//! Writes of a plain file go through the ring too (write-through ones excepted: they need a
+//! flush after each write, which the workers do). Unplugged, 448 MiB of sequential 64 KiB
+//! writes (merged into 256 KiB runs) rose from a median of ~2450 to ~3050 MB/s against the
+//! workers (6 alternating runs, quiet host); with the batch plugged they had been no faster
+//! than the workers. A write's completion is reported to the disk ([`ferro_disk::BlockBackend::wrote`])
+//! before the guest sees it, so a disk that logs writes for storage migration misses none.
+//! Flushes, discard, write-zeroes, qcow2 and buffers O_DIRECT cannot take go to the workers.
 //!
 //! Lifetimes: an in-flight entry owns its [`Job`] (and through it the activation's guest
 //! memory and the disk, which owns the descriptor) and the iovec array the kernel reads, so
@@ -51,6 +59,7 @@ const IOV_MAX: usize = 1024;
 struct InFlight {
     job: Job,
     op: Op,
+    offset: u64,
     len: u64,
     /// What the kernel reads the buffers from: it must not move or be freed until the
     /// completion is reaped (the Vec's heap block does not move when the entry does).
@@ -136,13 +145,15 @@ impl Uring {
         self.slots.used
     }
 
-    /// Queues `job` when it is a read (one request or a merged run) that the disk can do with one
-    /// vectored call on a plain file descriptor; else gives it back for the workers (see the
-    /// module text for why). Queued entries reach the kernel at [`Uring::submit`].
+    /// Submits `job` when it is a read or a write (one request or a merged run) that the disk
+    /// can do with one vectored call on a plain file descriptor; else gives it back for the
+    /// workers (see the module text for why).
     pub fn push(&mut self, job: Job) -> Result<(), Job> {
         let c = job.ctx.clone();
-        if job.req.op != Op::Read {
-            return Err(job);
+        match job.req.op {
+            Op::Read => {}
+            Op::Write if !c.writethrough => {}
+            _ => return Err(job),
         }
         let mut parts = Vec::with_capacity(job.requests());
         parts.push((job.segs.as_slice(), &job.req));
@@ -173,6 +184,7 @@ impl Uring {
         let slot = self.slots.insert(InFlight {
             job,
             op,
+            offset,
             len,
             _iov: iov,
         });
@@ -193,6 +205,8 @@ impl Uring {
         let pushed = unsafe { self.ring.submission().push(&entry) };
         debug_assert!(pushed.is_ok());
         self.queued += 1;
+        // At once, unplugged: see the module text.
+        self.submit();
         Ok(())
     }
 
@@ -231,6 +245,10 @@ impl Uring {
                 continue;
             };
             let c = f.job.ctx.clone();
+            if f.op == Op::Write {
+                // Whatever the result: the file may have changed.
+                c.disk.wrote(f.offset, f.len);
+            }
             let mut parts = Vec::with_capacity(f.job.requests());
             parts.push((f.job.segs.as_slice(), &f.job.req));
             parts.extend(f.job.more.iter().map(|p| (p.segs.as_slice(), &p.req)));
