@@ -1024,58 +1024,42 @@ MB/s in an earlier check. The host-threads rows use MADV_HUGEPAGE buffers for th
 buffers are ordinary heap memory.
 ";
 
-/// ferro-vmm's disk data path, and what bounds the rows against the host (checked 2026-12-05).
+/// ferro-vmm's disk data path, and how its rows against the host got there (checked 2026-12-05).
 const DISK_NOTE: &str = "
-ferro-vmm's disk path: no copy (preadv/pwritev and io_uring on iovecs of guest RAM, in huge
-pages with `cache=none`); reads, single or merged into sequential runs of up to 256 KiB, go
-to an io_uring the event loop submits and reaps itself, one interrupt per batch of completions;
-writes (merged the same way) go to 16 worker threads, which spread the submission over both
-CPUs (through the ring they were ~20 % slower on a loaded host, no faster on a quiet one).
-Merged reads went to the workers too until the ring beat them in 8 of 8 alternating pairs on a
-quiet host (448 MiB of 64 KiB reads: medians ~2660 against ~2410 MB/s). While the disk has requests in flight the event loop polls epoll
-without sleeping for up to 100 µs after its last event, and 100 µs more after the last
-completion (QEMU's `poll-max-ns` idea): with kvm/io_uring tracepoints, a kick took 63 µs (p50)
-to reach the ring when the loop had gone to sleep after a batch, a wake-up through the outer
-hypervisor. Medians of 10 alternating runs of 40000 4 KiB random reads on a quiet host: no
-polling ~60k IOPS, polling only while reads were in flight ~57-64k, polling also after the last
-completion ~67-72k; sequential reads +5 %, writes unchanged (8 alternating runs). Traced again
-with it (30000 reads at 69k IOPS): each slot's cycle is 16 / 69k = 231 µs, of which the ring
-holds a read p50 139 µs (mean 160); a kick reaches the ring p50 7 µs after the guest makes it,
-and the guest's kick comes p50 42 µs after the completion that freed its slot, most of which is
-the guest's side (PVM emulates the MMIO write of the kick). The probe then became a polling
-driver (as Linux's virtio-blk poll queues are): it sets VIRTQ_AVAIL_F_NO_INTERRUPT while it
-spins on the used ring and clears it before it sleeps, which ferro-vmm and QEMU both honour. An
-MSI the spinning vCPU does not need still costs it an exit: over 40000 random reads the MSIs
-fell from 3412 to 806 and the IOPS rose in 8 of 8 alternating pairs (medians 66k to 74k).
-It also spins longer before it sleeps (`blk_spin`, 1000 µs, was 200): syscall tracepoints
-showed a 256 KiB O_DIRECT write of a merged run taking ~280 µs, longer than the spin, so the
-probe slept and took the interrupt through PVM's emulated CPL0 path: 82 µs from its EOI to its
-next kick, 137 µs from a batch's last completion to the next write on the disk. With 1000 µs
-the kick follows the completion by ~3 µs; sequential writes medians ~2600 to ~2800 MB/s in 5
-alternating runs. Then the kicks themselves: the probe times its notify writes, and over the
-bench's disk passes it made ~7400 kicks at ~30 µs of vCPU time each (on PVM a kick is a trapped
-MMIO write). The event loop now takes requests off the available ring while it polls, with the
-guest's kicks off (virtio-blk turns them off as it posts completions, before the guest refills,
-and back on, with one more look at the ring, before the loop sleeps): ~800 kicks per run, and
-4 KiB random reads won 7 of 10 alternating pairs (medians ~75k to ~82k IOPS; the host disk
-swung 59-90k between runs). Also tried and dropped: the probe sleeping for the interrupt instead of spinning (`blk_spin=0`), polling the avail ring with the
-driver's notifications left on (no change), 8 or 32 workers, and merged runs of 64 KiB (no merging: writes ~20 % lower),
-128 KiB or 512 KiB; the event loop yielding the CPU while it polls; a worker spinning for the
-next job before it sleeps (writes ~25 % lower: the 2 CPUs are already taken by the spinning vCPU
-and the polling loop); writes through the ring as well (no clear gain); publishing a reap's
-used entries in one burst (the guest then refills all 16 with one kick, but the IOPS did not
-move). What bounds the rest, measured on this host: **4 KiB random reads**: the host's disk (a
-virtio disk of the outer hypervisor, one queue) completes the 16 reads of a batch together, so
-each VMM's slots move in lock-step. Traced with block, io_uring and kvm tracepoints (30000
-reads at 71-80k IOPS, with the burst variant above, whose batches stay whole): a batch's cycle is p50 201 µs, of which p50 32 µs from the disk's last
-completion to the next read at the disk (25 µs to the guest's kick: the event loop posting the
-completions, the guest seeing them and refilling, PVM's MMIO exit; the kicks are now mostly
-gone, see above), the rest the disk; the host
-threads and fio resubmit from their completion path in a few µs. Earlier, before the polling
-(20000 reads at 42k IOPS), ~190 µs of each slot's 377 µs cycle were outside the disk, in the
-event loop's and the guest's wake-ups; on this 2-vCPU host VM every cross-CPU wake-up is itself
-an IPI through the outer hypervisor. **Sequential writes** were ~20 % below the host's threads
-until the probe's spin covered a write's ~280 µs (above).
+ferro-vmm's disk path: no copy (io_uring, or preadv/pwritev on the workers, on iovecs of guest
+RAM, in huge pages with `cache=none`). Reads and writes of a raw image, single or merged into
+sequential runs of up to 256 KiB, go to an io_uring the event loop submits and reaps itself,
+one interrupt decision per batch of completions; each entry is submitted the moment it is
+prepared. Flushes, discard, write-zeroes, qcow2 and write-through go to 16 worker threads.
+While the disk has requests in flight the event loop polls epoll without sleeping for up to
+100 µs after its last event, and 100 µs more after the last completion (QEMU's `poll-max-ns`
+idea), and while it polls it takes requests off the available ring itself, with the guest's
+kicks off (on PVM a kick is a trapped MMIO write, ~30 µs of vCPU time): ~10 kicks per run,
+against ~7400 before. The probe is a polling driver (as Linux's virtio-blk poll queues are): it
+sets VIRTQ_AVAIL_F_NO_INTERRUPT while it spins on the used ring (up to `blk_spin`, 1000 µs) and
+clears it before it sleeps; ferro-vmm and QEMU both honour it.
+
+How the rows got here (alternating A/B runs of the probe on a quiet host, medians): polling
+the loop 60k to 67-72k random-read IOPS; the probe's NO_INTERRUPT 66k to 74k (MSIs 3412 to 806
+over 40000 reads; an MSI costs the spinning vCPU an exit); its 1000 µs spin (a 256 KiB O_DIRECT
+write takes ~280 µs; a probe that slept took the interrupt through PVM's emulated CPL0 path,
+137 µs from a batch's last completion to the next write) sequential writes ~2600 to ~2800 MB/s;
+the loop taking requests without kicks 75k to 82k IOPS. The last step was the submission
+itself: the host's disk (a virtio disk of the outer hypervisor, one queue) works through a batch
+in order and completes it at once, so the 16 slots move in lock-step, and block and io_uring
+tracepoints showed p50 26 µs from a batch's last completion to the next read at the disk
+against fio's 10 µs. io_uring plugs a submission of more than two entries, so none of a batch
+reached the disk until the last was prepared (~11 µs) and the disk started late on every
+batch; fio submits one entry per call. Submitting each entry at once: random reads ~79k to ~89k
+IOPS (8 of 8 alternating pairs), and writes, which had gone to the workers because through the
+plugged ring they were no faster, now gain from the ring: ~2250 to ~2490 MB/s (6 of 8 pairs).
+Also tried and dropped: the probe sleeping for the interrupt instead of spinning
+(`blk_spin=0`), polling the available ring with the driver's kicks left on (no change), 8 or 32
+workers, merged runs of 64 KiB (writes ~20 % lower on the workers), 128 KiB or 512 KiB, the
+event loop yielding the CPU while it polls, a worker spinning for the next job before it sleeps
+(writes ~25 % lower: the 2 CPUs are already taken by the spinning vCPU and the polling loop),
+publishing a reap's used entries in one burst (no change), and polling 400 µs instead of 100 µs
+while requests are in flight (no clear change).
 ";
 
 /// The section's text.
