@@ -18,8 +18,12 @@
 //! Polling: while the event loop polls ([`VirtioDevice::poll_queues`]), requests are taken
 //! from the available ring without a kick and the driver's kicks stay off; reaping the ring's
 //! completions ([`VirtioDevice::host_ready`]) turns them off too, before the driver sees the
-//! completions and refills. [`VirtioDevice::poll_done`] turns them back on and takes what
-//! arrived meanwhile. Restore always leaves them on.
+//! completions and refills. That reaping goes [`REAP_STEP`] completions at a time and takes,
+//! between two steps, the requests the driver has already put in the freed slots, so the next
+//! batch's first request reaches the host disk before the last completions of this one are
+//! posted (4 KiB random reads: 9 to 10 of 12 alternating runs faster, medians +5-6 %).
+//! [`VirtioDevice::poll_done`] turns them back on and takes what arrived meanwhile. Restore
+//! always leaves them on.
 //!
 //! Features: SEG_MAX, SIZE_MAX, BLK_SIZE (512), FLUSH, DISCARD and WRITE_ZEROES (writable
 //! disks), RO (read-only disks); the transport adds VERSION_1, EVENT_IDX and INDIRECT_DESC. A
@@ -57,6 +61,9 @@ use worker::{Ctx, Job, Part, Pool};
 pub const QUEUE_SIZE: u16 = 256;
 /// Worker threads per disk.
 pub const WORKERS: usize = 16;
+/// Completions the event loop reaps before it looks at the available ring again (1 measured
+/// the same as 2).
+pub const REAP_STEP: usize = 2;
 /// Bytes of the device configuration we present (virtio_blk_config up to
 /// `write_zeroes_may_unmap` and its padding).
 pub const CONFIG_SIZE: usize = 60;
@@ -308,6 +315,17 @@ impl Block {
         result.map(|()| taken)
     }
 
+    /// Whether the driver has made requests not taken yet.
+    fn avail_moved(&self) -> bool {
+        let Some(a) = &self.active else {
+            return false;
+        };
+        let q = a.ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
+        q.ready()
+            && q.avail_idx(&a.ctx.mem, Ordering::Acquire)
+                .is_ok_and(|i| i.0 != q.next_avail())
+    }
+
     /// Requests in flight now (0 when not active).
     pub fn inflight(&self) -> usize {
         self.active.as_ref().map_or(0, |a| a.ctx.inflight())
@@ -461,8 +479,20 @@ impl VirtioDevice for Block {
                 }
             }
         }
-        if let Some(mut u) = self.ring() {
-            u.reap();
+        // A few completions at a time, taking between two steps what the driver has already
+        // put in the slots the last step freed: the host disk gets the next batch's first
+        // request while the rest of this one is still being reaped.
+        loop {
+            let n = match self.ring() {
+                Some(mut u) => u.reap_some(REAP_STEP),
+                None => 0,
+            };
+            if n < REAP_STEP {
+                break;
+            }
+            if self.avail_moved() {
+                self.serve(0, true)?;
+            }
         }
         Ok(())
     }

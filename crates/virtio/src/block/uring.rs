@@ -236,9 +236,18 @@ impl Uring {
     /// Finishes every completion the kernel has posted: status bytes, used ring, then one
     /// interrupt decision per activation for the whole batch.
     pub fn reap(&mut self) {
+        self.reap_some(usize::MAX);
+    }
+
+    /// Like [`Uring::reap`], for at most `max` completions; returns how many it took.
+    pub fn reap_some(&mut self, max: usize) -> usize {
         self.done.clear();
-        self.done
-            .extend(self.ring.completion().map(|e| (e.user_data(), e.result())));
+        self.done.extend(
+            self.ring
+                .completion()
+                .take(max)
+                .map(|e| (e.user_data(), e.result())),
+        );
         for i in 0..self.done.len() {
             let (ud, res) = self.done[i];
             let Some(f) = self.slots.take(ud as usize) else {
@@ -285,6 +294,7 @@ impl Uring {
         for (c, n) in self.batch.drain(..) {
             c.notify(n);
         }
+        self.done.len()
     }
 
     /// Waits up to `timeout` for at least one completion (and reaps what came).

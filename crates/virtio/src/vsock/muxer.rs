@@ -198,7 +198,7 @@ impl Muxer {
     }
 
     /// Takes what the sockets have to say (called when [`Muxer::fd`] is readable). Host
-    /// programs that have not sent their CONNECT line within [`CONNECT_TIMEOUT`] are dropped.
+    /// programs that have not sent their CONNECT line within `CONNECT_TIMEOUT` are dropped.
     pub fn process_events(&mut self) {
         let epoll = &self.epoll;
         self.pending.retain(|_, p| {
