@@ -348,6 +348,14 @@ pub const LAB_ATTEMPTS: u32 = 3;
 /// `timeout_s` seconds, and hands its console to `check`, which asserts. The lab and the script
 /// must end with status 0. A failing run is repeated (see [`LAB_ATTEMPTS`]); the last failure
 /// fails the test, showing the console and the lab's stderr.
+/// A line for the CI log even when the test passes: written to the process's stderr directly,
+/// which the test harness does not capture (it captures `print!`/`eprint!`), so a lab test
+/// that passed only on a later attempt shows it.
+fn notice(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 pub fn lab_check(script: &str, adds: &[String], timeout_s: u32, check: impl Fn(&str)) {
     for attempt in 1..=LAB_ATTEMPTS {
         let mut cmd = Command::new("bash");
@@ -379,7 +387,9 @@ pub fn lab_check(script: &str, adds: &[String], timeout_s: u32, check: impl Fn(&
         match result {
             Ok(()) => {
                 if attempt > 1 {
-                    println!("lab: {script}: passed on attempt {attempt} of {LAB_ATTEMPTS}");
+                    notice(&format!(
+                        "lab: {script}: passed on attempt {attempt} of {LAB_ATTEMPTS}"
+                    ));
                 }
                 return;
             }
@@ -390,7 +400,9 @@ pub fn lab_check(script: &str, adds: &[String], timeout_s: u32, check: impl Fn(&
                     .or_else(|| e.downcast_ref::<&str>().copied())
                     .unwrap_or("panic");
                 let first = why.lines().next().unwrap_or_default();
-                println!("lab: {script}: attempt {attempt} failed ({first}); running it again");
+                notice(&format!(
+                    "lab: {script}: attempt {attempt} failed ({first}); running it again"
+                ));
             }
             Err(e) => std::panic::resume_unwind(e),
         }
