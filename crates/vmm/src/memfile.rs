@@ -105,7 +105,7 @@ pub struct MemRegion {
     pub file_offset: u64,
 }
 
-/// What [`write`] wrote.
+/// What [`write()`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
     /// The regions, in file order.
@@ -308,7 +308,7 @@ pub(crate) fn touched_pages(addr: usize, pages: u64) -> Option<Vec<bool>> {
     Some(out)
 }
 
-/// Checks that `regions` is a layout [`write`] could have produced for a file of `file_size`.
+/// Checks that `regions` is a layout [`write()`] could have produced for a file of `file_size`.
 pub fn check_layout(regions: &[MemRegion], file_size: u64) -> Result<(), MemFileError> {
     let bad = |w: String| Err(MemFileError::Layout(w));
     if regions.is_empty() {
