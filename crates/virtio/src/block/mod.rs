@@ -292,8 +292,8 @@ impl Block {
                         rest.push(j);
                     }
                 }
-                u.submit();
-                // Whatever finished meanwhile, in the same interrupt decision round.
+                // Each entry went to the kernel as it was pushed; whatever finished meanwhile
+                // joins the same interrupt decision round.
                 u.reap();
                 a.jobs.extend(rest);
             }
@@ -315,15 +315,19 @@ impl Block {
         result.map(|()| taken)
     }
 
-    /// Whether the driver has made requests not taken yet.
-    fn avail_moved(&self) -> bool {
+    /// Whether the driver has made requests not taken yet: one load of the available index.
+    fn avail_moved(&self) -> Result<bool, DeviceError> {
         let Some(a) = &self.active else {
-            return false;
+            return Ok(false);
         };
         let q = a.ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
-        q.ready()
-            && q.avail_idx(&a.ctx.mem, Ordering::Acquire)
-                .is_ok_and(|i| i.0 != q.next_avail())
+        if !q.ready() {
+            return Ok(false);
+        }
+        let avail = q
+            .avail_idx(&a.ctx.mem, Ordering::Acquire)
+            .map_err(ring_error)?;
+        Ok(avail.0 != q.next_avail())
     }
 
     /// Requests in flight now (0 when not active).
@@ -490,7 +494,7 @@ impl VirtioDevice for Block {
             if n < REAP_STEP {
                 break;
             }
-            if self.avail_moved() {
+            if self.avail_moved()? {
                 self.serve(0, true)?;
             }
         }
@@ -505,18 +509,9 @@ impl VirtioDevice for Block {
         let Some(a) = &self.active else {
             return Ok(false);
         };
-        if a.kicks_off {
-            // The common case while polling: one load of the available index.
-            let q = a.ctx.queue.lock().unwrap_or_else(|e| e.into_inner());
-            if !q.ready() {
-                return Ok(false);
-            }
-            let avail = q
-                .avail_idx(&a.ctx.mem, Ordering::Acquire)
-                .map_err(ring_error)?;
-            if avail.0 == q.next_avail() {
-                return Ok(false);
-            }
+        // The common case while polling (kicks off): nothing new, seen with one load.
+        if a.kicks_off && !self.avail_moved()? {
+            return Ok(false);
         }
         Ok(self.serve(0, true)? > 0)
     }

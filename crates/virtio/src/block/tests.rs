@@ -887,6 +887,39 @@ fn raw_direct(
     (dir, path, init, disk)
 }
 
+/// Header (status byte at +16) of page request `i` (see [`page_request`]).
+fn page_hdr(i: u64) -> u64 {
+    BUF + 0x8000 + 32 * i
+}
+
+/// Data of page request `i`: a page-aligned 4 KiB of its own, which O_DIRECT can take.
+fn page_data(i: u64) -> u64 {
+    DATA + 0x1000 * i
+}
+
+/// Writes page request `i`: a 4 KiB read or write (`ty`) of `sector` on [`page_data`],
+/// descriptors `3i..3i+2`, status 0xff until the device answers. Returns its head.
+fn page_request(d: &Driver, i: u64, ty: u32, sector: u64) -> u16 {
+    let mut h = [0u8; 16];
+    h[0..4].copy_from_slice(&ty.to_le_bytes());
+    h[8..16].copy_from_slice(&sector.to_le_bytes());
+    d.mem.write_slice(&h, GuestAddress(page_hdr(i))).unwrap();
+    d.mem
+        .write_obj(0xffu8, GuestAddress(page_hdr(i) + 16))
+        .unwrap();
+    let dir = if ty == kind::IN { DESC_F_WRITE } else { 0 };
+    let k = 3 * i as u16;
+    d.desc(k, page_hdr(i), 16, DESC_F_NEXT, k + 1);
+    d.desc(k + 1, page_data(i), 4096, dir | DESC_F_NEXT, k + 2);
+    d.desc(k + 2, page_hdr(i) + 16, 1, DESC_F_WRITE, 0);
+    k
+}
+
+/// The status byte of page request `i`.
+fn page_status(d: &Driver, i: u64) -> u8 {
+    d.mem.read_obj(GuestAddress(page_hdr(i) + 16)).unwrap()
+}
+
 /// A raw image opened with O_DIRECT: page-aligned guest buffers go straight between the file
 /// and guest memory, unaligned ones through the bounce buffer; both read and write right.
 #[test]
@@ -960,18 +993,8 @@ fn reset_reaps_ring_reads_submitted_by_a_blocked_thread() {
         return;
     }
     // Four single 4 KiB reads of sectors 0, 16, 32, 48 (not contiguous: four ring entries).
-    let hdr = |i: u64| BUF + 0x8000 + 32 * i;
-    let data = |i: u64| DATA + 0x1000 * i;
     for i in 0..4u64 {
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind::IN.to_le_bytes());
-        h[8..16].copy_from_slice(&(16 * i).to_le_bytes());
-        d.mem.write_slice(&h, GuestAddress(hdr(i))).unwrap();
-        d.mem.write_obj(0xffu8, GuestAddress(hdr(i) + 16)).unwrap();
-        let k = 3 * i as u16;
-        d.desc(k, hdr(i), 16, DESC_F_NEXT, k + 1);
-        d.desc(k + 1, data(i), 4096, DESC_F_WRITE | DESC_F_NEXT, k + 2);
-        d.desc(k + 2, hdr(i) + 16, 1, DESC_F_WRITE, 0);
+        page_request(&d, i, kind::IN, 16 * i);
     }
     let d = Arc::new(Mutex::new(d));
     let gate = Arc::new(Mutex::new(()));
@@ -1001,12 +1024,11 @@ fn reset_reaps_ring_reads_submitted_by_a_blocked_thread() {
         "every read completed before the reset ended"
     );
     for i in 0..4u64 {
-        assert_eq!(
-            d.mem.read_obj::<u8>(GuestAddress(hdr(i) + 16)).unwrap(),
-            st::OK
-        );
+        assert_eq!(page_status(&d, i), st::OK);
         let mut b = vec![0u8; 4096];
-        d.mem.read_slice(&mut b, GuestAddress(data(i))).unwrap();
+        d.mem
+            .read_slice(&mut b, GuestAddress(page_data(i)))
+            .unwrap();
         let at = 16 * 512 * i as usize;
         assert_eq!(b, init[at..at + 4096], "read {i}");
     }
@@ -1064,33 +1086,19 @@ fn ring_writes_reach_the_file_and_the_write_log() {
     tracked.log().start();
     let mut d = driver_with(tracked.clone(), None, all_features());
     // Four page-aligned 4 KiB writes of sectors 0, 8, 16, 24: one contiguous run.
-    let hdr = |i: u64| BUF + 0x8000 + 32 * i;
-    let data = |i: u64| DATA + 0x1000 * i;
     let mut expect = Vec::new();
     for i in 0..4u64 {
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind::OUT.to_le_bytes());
-        h[8..16].copy_from_slice(&(8 * i).to_le_bytes());
-        d.mem.write_slice(&h, GuestAddress(hdr(i))).unwrap();
-        d.mem.write_obj(0xffu8, GuestAddress(hdr(i) + 16)).unwrap();
         let pat: Vec<u8> = (0..4096u64).map(|b| (b * 7 + i + 1) as u8).collect();
-        d.mem.write_slice(&pat, GuestAddress(data(i))).unwrap();
+        d.mem.write_slice(&pat, GuestAddress(page_data(i))).unwrap();
         expect.extend_from_slice(&pat);
-        let k = 3 * i as u16;
-        d.desc(k, hdr(i), 16, DESC_F_NEXT, k + 1);
-        d.desc(k + 1, data(i), 4096, DESC_F_NEXT, k + 2);
-        d.desc(k + 2, hdr(i) + 16, 1, DESC_F_WRITE, 0);
-        d.publish(k);
+        let head = page_request(&d, i, kind::OUT, 8 * i);
+        d.publish(head);
     }
     assert!(tracked.log().take().iter().all(|w| *w == 0));
     d.kick();
     wait_used(&mut d, 4);
     for i in 0..4u64 {
-        assert_eq!(
-            d.mem.read_obj::<u8>(GuestAddress(hdr(i) + 16)).unwrap(),
-            st::OK,
-            "status {i}"
-        );
+        assert_eq!(page_status(&d, i), st::OK, "status {i}");
     }
     assert_eq!(tracked.log().take()[0] & 1, 1, "block 0 is marked");
     assert_eq!(std::fs::read(&path).unwrap()[..4 * 4096], expect[..]);
@@ -1110,19 +1118,9 @@ fn reaping_takes_requests_made_meanwhile() {
     }
     // Five single 4 KiB reads of sectors 0, 16, 32, 48, 8 (none contiguous with the one
     // before it: five ring entries).
-    let hdr = |i: u64| BUF + 0x8000 + 32 * i;
-    let data = |i: u64| DATA + 0x1000 * i;
     let sector = |i: u64| if i < 4 { 16 * i } else { 8 };
     for i in 0..5u64 {
-        let mut h = [0u8; 16];
-        h[0..4].copy_from_slice(&kind::IN.to_le_bytes());
-        h[8..16].copy_from_slice(&sector(i).to_le_bytes());
-        d.mem.write_slice(&h, GuestAddress(hdr(i))).unwrap();
-        d.mem.write_obj(0xffu8, GuestAddress(hdr(i) + 16)).unwrap();
-        let k = 3 * i as u16;
-        d.desc(k, hdr(i), 16, DESC_F_NEXT, k + 1);
-        d.desc(k + 1, data(i), 4096, DESC_F_WRITE | DESC_F_NEXT, k + 2);
-        d.desc(k + 2, hdr(i) + 16, 1, DESC_F_WRITE, 0);
+        page_request(&d, i, kind::IN, sector(i));
     }
     for i in 0..4u16 {
         d.publish(3 * i);
@@ -1135,13 +1133,11 @@ fn reaping_takes_requests_made_meanwhile() {
     // Only what the event loop does when the ring's descriptor is readable: no kick.
     wait_used(&mut d, 5);
     for i in 0..5u64 {
-        assert_eq!(
-            d.mem.read_obj::<u8>(GuestAddress(hdr(i) + 16)).unwrap(),
-            st::OK,
-            "status {i}"
-        );
+        assert_eq!(page_status(&d, i), st::OK, "status {i}");
         let mut b = vec![0u8; 4096];
-        d.mem.read_slice(&mut b, GuestAddress(data(i))).unwrap();
+        d.mem
+            .read_slice(&mut b, GuestAddress(page_data(i)))
+            .unwrap();
         let at = 512 * sector(i) as usize;
         assert_eq!(b, init[at..at + 4096], "read {i}");
     }

@@ -211,7 +211,7 @@ impl Uring {
     }
 
     /// Hands every queued entry to the kernel.
-    pub fn submit(&mut self) {
+    fn submit(&mut self) {
         while self.queued > 0 {
             match self.ring.submit() {
                 Ok(_) => self.queued = 0,
@@ -312,7 +312,6 @@ impl Uring {
 
     /// Reaps until nothing is in the kernel's hands.
     pub fn wait_all(&mut self) {
-        self.submit();
         self.reap();
         while self.slots.used > 0 {
             self.wait(Duration::from_millis(100));
