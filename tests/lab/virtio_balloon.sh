@@ -5,6 +5,9 @@
 # falls. The lab prints ferro-vmm's VmRSS at each step. Output lines start with `G-` (guest)
 # or `L-` (lab) for tests/tests/lab_virtio_balloon.rs.
 set -u
+# A VMM that died leaves the console FIFO without a reader: the next write must fail, not kill
+# the script before it prints what the VMM said.
+trap '' PIPE
 cd /lab
 RD="--initrd /guest/initramfs.cpio.gz"
 CL="console=ttyS0 quiet panic=-1 probe.exit=shell"
@@ -70,10 +73,11 @@ n=0
 while kill -0 "$pid" 2>/dev/null && [ "$n" -lt 60 ]; do sleep 1; n=$((n + 1)); done
 kill -9 "$pid" 2>/dev/null
 wait "$pid"
-echo "L-VMM rc=$?"
+rc=$?
+echo "L-VMM rc=$rc"
 tr -d '\r' < /tmp/c.txt | grep -v 'echo ' | grep -o 'G-[A-Z]* .*'
 echo "--- stderr"; cat /tmp/e.txt
-if ! grep -q 'G-MEMFREE' /tmp/c.txt; then
+if ! grep -q 'G-MEMFREE' /tmp/c.txt || [ "$rc" != 0 ]; then
     echo "--- console tail"; tr -d '\r' < /tmp/c.txt | tail -60
 fi
 echo "lab-virtio-balloon: done"

@@ -266,19 +266,18 @@ impl Balloon {
     }
 }
 
-/// Discards the pages of `pfns`, merging neighbours into runs.
+/// Discards the pages of `pfns`, merging neighbours into runs. The PFNs are sorted first:
+/// Linux's driver pops its freshly allocated pages off a stack, so a batch of 256 neighbouring
+/// pages arrives in descending order, and taken as given every page was one `madvise` (134k
+/// calls for 384 MiB inflated twice, each a TLB shootdown of every vCPU in KVM); sorted, a
+/// batch is a run or a few. A PFN listed twice is discarded (and counted) once.
 fn discard_runs(
     mem: &GuestMemory,
     pfns: impl Iterator<Item = u32>,
     reclaim: &dyn PageReclaim,
     shared: &Shared,
 ) -> Result<(), DeviceError> {
-    let mut run: Option<(u64, u64)> = None;
-    let flush = |r: (u64, u64)| -> Result<(), DeviceError> {
-        reclaim
-            .discard(GuestAddress(r.0 * PAGE), r.1 * PAGE)
-            .map_err(|e| DeviceError::Host(format!("discarding guest pages: {e}")))
-    };
+    let mut sorted: Vec<u64> = Vec::new();
     for pfn in pfns {
         let pfn = u64::from(pfn);
         if !mem.address_in_range(GuestAddress(pfn * PAGE))
@@ -287,7 +286,20 @@ fn discard_runs(
             shared.bad_pfns.fetch_add(1, Ordering::Relaxed);
             continue;
         }
-        shared.inflated.fetch_add(1, Ordering::Relaxed);
+        sorted.push(pfn);
+    }
+    sorted.sort_unstable();
+    sorted.dedup();
+    shared
+        .inflated
+        .fetch_add(sorted.len() as u64, Ordering::Relaxed);
+    let flush = |r: (u64, u64)| -> Result<(), DeviceError> {
+        reclaim
+            .discard(GuestAddress(r.0 * PAGE), r.1 * PAGE)
+            .map_err(|e| DeviceError::Host(format!("discarding guest pages: {e}")))
+    };
+    let mut run: Option<(u64, u64)> = None;
+    for pfn in sorted {
         run = match run {
             // Every page of a run was checked; a run may span two adjacent regions.
             Some((start, n)) if start + n == pfn => Some((start, n + 1)),

@@ -80,6 +80,20 @@ fn inflation_discards_the_pages_in_runs() {
 }
 
 #[test]
+fn pages_in_any_order_make_one_run() {
+    let mut t = setup();
+    // Linux hands a batch over in descending order; a repeated PFN counts once.
+    let n = pfns(&t, BUF, &[0x203, 0x202, 0x300, 0x201, 0x200, 0x202]);
+    t.rig.post(0, &[(BUF, n, false)]);
+    t.dev.queue_notified(INFLATE).unwrap();
+    assert_eq!(
+        *t.log.0.lock().unwrap(),
+        vec![(0x20_0000, 4 * PAGE), (0x30_0000, PAGE)]
+    );
+    assert_eq!(t.h.counts(), (5, 0, 0));
+}
+
+#[test]
 fn statistics_are_kept_and_the_buffer_returned_on_request() {
     let mut t = setup();
     let mut b = Vec::new();
