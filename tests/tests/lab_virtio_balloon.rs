@@ -1,7 +1,7 @@
-//! virtio-balloon under a stock Linux guest, in the KVM lab: with `--balloon target=384` and
-//! 512 MiB, the guest unloads virtio_balloon (deflating it), fills and frees 350 MiB of tmpfs
-//! so ferro-vmm's RSS grows, then loads the driver again; it inflates to the target and the
-//! VMM's RSS falls, because inflated pages go back to the host (MADV_DONTNEED). Driven by
+//! virtio-balloon under a stock Linux guest, in the KVM lab: with `--balloon target=384`, one
+//! vCPU and 512 MiB, the guest unloads virtio_balloon (deflating it), fills and frees 350 MiB of
+//! tmpfs so ferro-vmm's RSS grows, then loads the driver again; it inflates to the target and
+//! the VMM's RSS falls, because inflated pages go back to the host (MADV_DONTNEED). Driven by
 //! `tests/lab/virtio_balloon.sh`.
 
 use ferro_tests::{build_linux_guest, console_line as line, lab_available, lab_check, vmm};
