@@ -42,13 +42,18 @@ stop() {
     echo 'poweroff' >&3
     n=0
     while kill -0 "$pid" 2>/dev/null && [ "$n" -lt 180 ]; do sleep 1; n=$((n + 1)); done
+    # A guest that did not power off: where each of the VMM's threads is, for the report.
+    kill -0 "$pid" 2>/dev/null && lab-threads "$pid" > "/tmp/t$1.txt"
     kill -9 "$pid" 2>/dev/null
     wait "$pid"
-    echo "L-VMM$1 rc=$?"
+    rc=$?
+    echo "L-VMM$1 rc=$rc"
+    [ "$rc" = 0 ] || echo "$1" >> /tmp/bad
     exec 3>&-
 }
 elapsed() { awk -v s="$t0" '{printf "%.1f", $1 - s}' /proc/uptime; }
 
+: > /tmp/bad
 boot 1
 if waitfor /tmp/c1.txt 'ferro-guest: ready' 240; then
     echo "L-READY1 $(elapsed) s"
@@ -58,7 +63,7 @@ if waitfor /tmp/c1.txt 'ferro-guest: ready' 240; then
     echo 'echo ferro-persist-$((6*7)) > /root/persist && sync && echo "G-WROTE $(cat /root/persist)"' >&3
     # Anywhere on a line (bash may put terminal control bytes first), but not the echoed
     # command, where `$(` follows the tag.
-    waitfor /tmp/c1.txt 'G-WROTE [^$]' 120 || echo "L-NO-WRITE"
+    waitfor /tmp/c1.txt 'G-WROTE [^$]' 120 || { echo "L-NO-WRITE"; echo 1 >> /tmp/bad; }
 else
     echo "L-NO-READY1"
     lab-threads "$pid"
@@ -69,7 +74,7 @@ boot 2
 if waitfor /tmp/c2.txt 'ferro-guest: ready' 240; then
     echo "L-READY2 $(elapsed) s"
     echo 'echo "G-READ $(cat /root/persist 2>&1)"' >&3
-    waitfor /tmp/c2.txt 'G-READ [^$]' 120 || echo "L-NO-READ"
+    waitfor /tmp/c2.txt 'G-READ [^$]' 120 || { echo "L-NO-READ"; echo 2 >> /tmp/bad; }
 else
     echo "L-NO-READY2"
     lab-threads "$pid"
@@ -80,8 +85,10 @@ for n in 1 2; do
     tr -d '\r' < "/tmp/c$n.txt" | grep -v 'echo ' | grep -o 'G-[A-Z]* .*'
 done
 for n in 1 2; do
-    if ! tr -d '\r' < "/tmp/c$n.txt" | grep -q 'ferro-guest: ready'; then
+    # A boot that never got ready, lost its shell or did not power off: its console and threads.
+    if ! tr -d '\r' < "/tmp/c$n.txt" | grep -q 'ferro-guest: ready' || grep -qx "$n" /tmp/bad; then
         echo "--- console $n tail"; tr -d '\r' < "/tmp/c$n.txt" | tail -60; cat "/tmp/e$n.txt"
+        [ -s "/tmp/t$n.txt" ] && { echo "--- threads of VMM $n before the kill"; cat "/tmp/t$n.txt"; }
     fi
 done
 echo "lab-debian-disk: done"
