@@ -5,8 +5,8 @@
 # falls. The lab prints ferro-vmm's VmRSS at each step. Output lines start with `G-` (guest)
 # or `L-` (lab) for tests/tests/lab_virtio_balloon.rs.
 # One vCPU, because inflating under the lab's emulated AMD-V lost the nested guest's second vCPU
-# too often: with two, 3 of 14 runs here failed while the balloon inflated (vCPU 1 triple-faulted,
-# or CPU 0 locked up waiting for CPU 1, or the VMM died) and the project's CI lost all three
+# too often: with two, 5 of 22 runs here failed while the balloon inflated (vCPU 1 triple-faulted
+# or stalled, CPU 0 locked up waiting for CPU 1, or the VMM died) and the project's CI lost all three
 # attempts so (once the lab kernel itself crashed in the VMM's vCPU 1 thread); with one, 8 of 8
 # passed. The balloon's work does not depend on the vCPU count; SMP guests are tested elsewhere.
 set -u
