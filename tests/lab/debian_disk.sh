@@ -51,6 +51,18 @@ stop() {
     [ "$rc" = 0 ] || echo "$1" >> /tmp/bad
     exec 3>&-
 }
+# ask N CMD PATTERN: types CMD into boot N's shell until PATTERN shows on its console, again every
+# 20 s, for at most 120 s. "ferro-guest: ready" does not wait for the autologin shell: a line typed
+# while login still sets the terminal up can be flushed, so the commands here are safe to repeat.
+ask() {
+    tries=0
+    while [ "$tries" -lt 6 ]; do
+        echo "$2" >&3
+        waitfor "/tmp/c$1.txt" "$3" 20 && return 0
+        tries=$((tries + 1))
+    done
+    return 1
+}
 elapsed() { awk -v s="$t0" '{printf "%.1f", $1 - s}' /proc/uptime; }
 
 : > /tmp/bad
@@ -60,10 +72,10 @@ if waitfor /tmp/c1.txt 'ferro-guest: ready' 240; then
     echo "L-ECHO $(echo hello-ferro | timeout 20 nc $IP 7)"
     echo "L-HTTP $(printf 'GET /t HTTP/1.0\r\n\r\n' | timeout 20 nc $IP 80 | tr -d '\r' | tail -n 1)"
     if ping -c 2 -W 5 $IP >/dev/null 2>&1; then echo "L-PING ok"; else echo "L-PING failed"; fi
-    echo 'echo ferro-persist-$((6*7)) > /root/persist && sync && echo "G-WROTE $(cat /root/persist)"' >&3
-    # Anywhere on a line (bash may put terminal control bytes first), but not the echoed
-    # command, where `$(` follows the tag.
-    waitfor /tmp/c1.txt 'G-WROTE [^$]' 120 || { echo "L-NO-WRITE"; echo 1 >> /tmp/bad; }
+    # The pattern: anywhere on a line (bash may put terminal control bytes first), but not the
+    # echoed command, where `$(` follows the tag.
+    ask 1 'echo ferro-persist-$((6*7)) > /root/persist && sync && echo "G-WROTE $(cat /root/persist)"' \
+        'G-WROTE [^$]' || { echo "L-NO-WRITE"; echo 1 >> /tmp/bad; }
 else
     echo "L-NO-READY1"
     lab-threads "$pid"
@@ -73,8 +85,8 @@ stop 1
 boot 2
 if waitfor /tmp/c2.txt 'ferro-guest: ready' 240; then
     echo "L-READY2 $(elapsed) s"
-    echo 'echo "G-READ $(cat /root/persist 2>&1)"' >&3
-    waitfor /tmp/c2.txt 'G-READ [^$]' 120 || { echo "L-NO-READ"; echo 2 >> /tmp/bad; }
+    ask 2 'echo "G-READ $(cat /root/persist 2>&1)"' 'G-READ [^$]' ||
+        { echo "L-NO-READ"; echo 2 >> /tmp/bad; }
 else
     echo "L-NO-READY2"
     lab-threads "$pid"
