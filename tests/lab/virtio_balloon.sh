@@ -7,7 +7,7 @@
 # One vCPU, because inflating under the lab's emulated AMD-V lost the nested guest's second vCPU
 # too often: with two, 5 of 22 runs here failed while the balloon inflated (vCPU 1 triple-faulted
 # or stalled, CPU 0 locked up waiting for CPU 1, or the VMM died) and the project's CI lost all three
-# attempts so (once the lab kernel itself crashed in the VMM's vCPU 1 thread); with one, 8 of 8
+# attempts so (once the lab kernel itself crashed in the VMM's vCPU 1 thread); with one, 14 of 14
 # passed. The balloon's work does not depend on the vCPU count; SMP guests are tested elsewhere.
 set -u
 # A VMM that died leaves the console FIFO without a reader: the next write must fail, not kill
