@@ -344,10 +344,6 @@ pub fn console_line<'a>(console: &'a str, prefix: &str) -> Option<&'a str> {
 /// on the lab alone; three runs keep that out of CI, and a failure of ours fails all three.
 pub const LAB_ATTEMPTS: u32 = 3;
 
-/// Runs `tests/lab/SCRIPT` inside the KVM lab with the `--add SRC:DEST` files `adds`, for at most
-/// `timeout_s` seconds, and hands its console to `check`, which asserts. The lab and the script
-/// must end with status 0. A failing run is repeated (see [`LAB_ATTEMPTS`]); the last failure
-/// fails the test, showing the console and the lab's stderr.
 /// A line for the CI log even when the test passes: written to the process's stderr directly,
 /// which the test harness does not capture (it captures `print!`/`eprint!`), so a lab test
 /// that passed only on a later attempt shows it.
@@ -356,6 +352,10 @@ fn notice(line: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
+/// Runs `tests/lab/SCRIPT` inside the KVM lab with the `--add SRC:DEST` files `adds`, for at most
+/// `timeout_s` seconds, and hands its console to `check`, which asserts. The lab and the script
+/// must end with status 0. A failing run is repeated (see [`LAB_ATTEMPTS`]); the last failure
+/// fails the test, showing the console and the lab's stderr.
 pub fn lab_check(script: &str, adds: &[String], timeout_s: u32, check: impl Fn(&str)) {
     for attempt in 1..=LAB_ATTEMPTS {
         let mut cmd = Command::new("bash");

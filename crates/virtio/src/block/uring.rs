@@ -1,9 +1,10 @@
-//! io_uring for virtio-blk's reads of a plain file, on the event loop itself (QEMU's
-//! `aio=io_uring` scheme): a kick's reads become submission entries straight from the image
-//! into guest memory, submitted with one system call; the ring's descriptor is the device's
-//! host fd ([`crate::VirtioDevice::host_fd`]), so when reads finish the event loop reaps every
-//! completion at once, completes them into the used ring and decides on one interrupt for
-//! the batch.
+//! io_uring for virtio-blk's reads and writes of a plain file, on the event loop itself (QEMU's
+//! `aio=io_uring` scheme): a kick's requests become submission entries straight between the
+//! image and guest memory, each submitted as it is queued (below); the ring's descriptor is the
+//! device's host fd ([`crate::VirtioDevice::host_fd`]), so when requests finish the event loop
+//! reaps the completions, completes them into the used ring and decides on one interrupt per
+//! reaped group (the device reaps a few at a time and takes new requests in between:
+//! `REAP_STEP` in the module above).
 //!
 //! Against the worker pool this saves, per request, a futex wake-up of a worker, a context
 //! switch into it and out of it, and most interrupts: on the 2-CPU PVM host, 50000 4 KiB
@@ -169,7 +170,7 @@ impl Uring {
             return Err(job);
         };
         if self.ring.submission().is_full() {
-            // Not expected (a kick pops at most a ring's worth between two submits).
+            // Not expected: every entry is submitted as it is pushed.
             return Err(job);
         }
         let iov: Vec<libc::iovec> = self
