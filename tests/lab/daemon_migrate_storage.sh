@@ -156,10 +156,14 @@ say "daemons up"
 say "b-sees $(nsenter -t "$bpid" -m sh -c 'ls -A /tmp/a-only /tmp/data-a /guest | grep -cv -e ":$" -e "^$"') of A's files, the lab $(ls -A /tmp/a-only | wc -l)"
 
 # ---------------------------------------------------------------- the VM, on A only
+# One vCPU: what moves here is the disk, and the lab's emulated AMD-V loses a nested guest's
+# second vCPU now and then (3 of this script's last 8 CI attempts failed in the lab: its kernel
+# panicked or froze, or vCPU 1 triple-faulted; see lab/README.md). Multi-vCPU guests migrate in
+# daemon_migrate.sh and migrate_linux.sh.
 # shellcheck disable=SC2086
 ferro $A vm create orig --kernel /tmp/a-only/bzImage --initrd /tmp/a-only/initramfs.cpio.gz \
     --cmdline "console=ttyS0 quiet panic=-1 probe.exit=wait probe.echo=7 probe.shell=8" \
-    --cpus 2 --memory 256 --net auto --disk path=/tmp/a-only/disk.raw,format=raw > /dev/null \
+    --cpus 1 --memory 256 --net auto --disk path=/tmp/a-only/disk.raw,format=raw > /dev/null \
     || fail "vm create"
 # shellcheck disable=SC2086
 ferro $A vm clone orig web > /dev/null 2> /tmp/clone.txt || fail "vm clone: $(tail -c 300 /tmp/clone.txt)"
